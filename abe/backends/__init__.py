@@ -1,0 +1,1 @@
+"""Backend families of Abstract Backend."""

@@ -1,0 +1,92 @@
+"""The default consumer runtime: an asyncio loop over ``backend.consume()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .base import EventConsumer, MessageQueueBackend
+
+__all__ = ["AsyncLoopConsumer"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class AsyncLoopConsumer(EventConsumer):
+    """Feeds every payload from ``backend.consume(group=group)`` to an async handler.
+
+    Exceptions raised by the handler are logged with their traceback and the loop goes on;
+    ``asyncio.CancelledError`` propagates. Subclasses change how one run consumes by overriding
+    :meth:`_consume` and keep the lifecycle rules of :meth:`run` and :meth:`shutdown`.
+
+    Args:
+        backend: The backend to consume from, for example the one ``load_backend()`` returns.
+        group: Consumer group forwarded to ``backend.consume()``.
+    """
+
+    def __init__(self, backend: MessageQueueBackend, group: str | None = None) -> None:
+        self.backend = backend
+        self.group = group
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self, handler: Handler) -> None:
+        """Consume until the backend's iterator ends, the task is cancelled, or shutdown.
+
+        A second call while the consumer runs returns at once.
+
+        Raises:
+            asyncio.CancelledError: the caller's task was cancelled.
+        """
+        if self._running:
+            return
+        self._running = True
+        task = asyncio.create_task(self._consume(handler))
+        self._task = task
+        try:
+            await task
+        finally:
+            if self._task is task:
+                self._task = None
+                self._running = False
+
+    async def _consume(self, handler: Handler) -> None:
+        """Iterate the backend and await the handler per payload (the overridable core)."""
+        async for message in self.backend.consume(group=self.group):
+            try:
+                await handler(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.error("Error processing message: %s", exc, exc_info=True)
+
+    async def shutdown(self) -> None:
+        """Cancel the consumer task and reset the state; idempotent and safe before run()."""
+        task = self._task
+        if not self._running or task is None:
+            logger.debug("Shutdown called on consumer that is not running")
+            self._running = False
+            self._task = None
+            return
+        self._running = False
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # Shutdown itself is being cancelled: honour that after resetting state.
+                    self._task = None
+                    raise
+                logger.debug("Consumer task cancelled")
+            except TimeoutError as exc:
+                logger.warning("Timeout during consumer shutdown: %s", exc, exc_info=True)
+            except Exception as exc:
+                logger.warning("Unexpected error during consumer shutdown: %s", exc, exc_info=True)
+        self._task = None
+        logger.debug("Consumer shutdown complete")

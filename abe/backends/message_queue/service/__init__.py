@@ -1,0 +1,1 @@
+"""Message-queue providers shipped with this distribution."""

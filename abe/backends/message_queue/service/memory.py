@@ -1,0 +1,270 @@
+"""In-process message-queue backend for development, tests and the demo.
+
+Messages live in process memory: they are lost when the process exits and are visible only to
+consumers in the same process. Instances made with ``MemoryBackend()`` or ``from_env()`` share one
+queue (the published behaviour); :meth:`MemoryBackend.isolated` gives a private queue, which is what
+tests and the demo use.
+
+Besides the plain protocol the backend implements the at-least-once extensions
+(:class:`~abe.backends.message_queue.base.SettlingBackend`,
+:class:`~abe.backends.message_queue.base.DeadLetteringBackend`,
+:class:`~abe.backends.message_queue.base.HeaderPublishingBackend`): deliveries stay *unacked*
+until settled, a released delivery comes back with its delivery count raised, and
+:meth:`MemoryBackend.recover` hands back what a crashed consumer left unacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import time
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, ClassVar
+
+from abe.backends.message_queue.base.extensions import InboundMessage
+from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
+
+__all__ = ["MemoryBackend", "MemoryChannel"]
+
+
+class MemoryChannel:
+    """The store behind one or more :class:`MemoryBackend` instances.
+
+    Keeps one FIFO per key and a global sequence so that a consumer of several keys sees
+    messages in publish order. Not bound to any event loop, so one channel can outlive a loop.
+    """
+
+    __slots__ = ("_queues", "_seq", "_unacked", "_waiters")
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[tuple[int, InboundMessage]]] = {}
+        self._seq = itertools.count(1)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._unacked: dict[str, tuple[int, InboundMessage]] = {}
+
+    def put(self, message: InboundMessage, seq: int | None = None, *, front: bool = False) -> None:
+        """Queue ``message`` (at the front when redelivering) and wake the waiting consumers."""
+        if seq is None:
+            seq = next(self._seq)
+        queue = self._queues.get(message.key)
+        if queue is None:
+            queue = self._queues[message.key] = deque()
+        if front:
+            queue.appendleft((seq, message))
+        else:
+            queue.append((seq, message))
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done() and not fut.get_loop().is_closed():
+                    fut.set_result(None)
+
+    def next_id(self) -> int:
+        """Return the next sequence number."""
+        return next(self._seq)
+
+    def _pop(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
+        best: deque[tuple[int, InboundMessage]] | None = None
+        queues: Iterable[deque[tuple[int, InboundMessage]] | None]
+        queues = self._queues.values() if keys is None else (self._queues.get(k) for k in keys)
+        for queue in queues:
+            if queue and (best is None or queue[0][0] < best[0][0]):
+                best = queue
+        return None if best is None else best.popleft()
+
+    async def get(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage]:
+        """Wait for and remove the oldest message of ``keys`` (all keys when ``None``)."""
+        while True:
+            item = self._pop(keys)
+            if item is not None:
+                return item
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+
+    def track(self, seq: int, message: InboundMessage) -> None:
+        """Remember ``message`` as handed out and not yet settled."""
+        if message.message_id is not None:
+            self._unacked[message.message_id] = (seq, message)
+
+    def settle(self, message: InboundMessage) -> tuple[int, InboundMessage] | None:
+        """Forget ``message`` as unacked; returns what was tracked, if anything."""
+        if message.message_id is None:
+            return None
+        return self._unacked.pop(message.message_id, None)
+
+    def size(self, key: str | None = None) -> int:
+        """Messages waiting (not handed out) under ``key``, or under all keys."""
+        if key is not None:
+            return len(self._queues.get(key, ()))
+        return sum(len(q) for q in self._queues.values())
+
+    def peek(self, key: str) -> list[InboundMessage]:
+        """The messages waiting under ``key``, oldest first, without removing them."""
+        return [m for _, m in self._queues.get(key, ())]
+
+    def unacked(self) -> list[InboundMessage]:
+        """Deliveries handed out and not yet acked or released."""
+        return [m for _, m in self._unacked.values()]
+
+    def recover(self) -> int:
+        """Requeue every unacked delivery, as a broker does for a dead consumer."""
+        items = sorted(self._unacked.values(), key=lambda item: item[0], reverse=True)
+        self._unacked.clear()
+        for seq, message in items:
+            redelivery = dataclasses.replace(message, delivery_count=message.delivery_count + 1)
+            self.put(redelivery, seq, front=True)
+        return len(items)
+
+
+class MemoryBackend:
+    """In-memory message-queue backend (development and tests only).
+
+    Args:
+        channel: The store to use. ``None`` means the process-wide shared store, which is what
+            ``MemoryBackend()`` and :meth:`from_env` give (the published behaviour).
+        keys: Keys that :meth:`consume` and :meth:`deliveries` read. ``None`` (the default) reads
+            every key, as the published backend does; naming keys keeps, for example, a
+            ``<key>.dlq`` destination away from the consumer that dead-letters into it.
+    """
+
+    _shared: ClassVar[MemoryChannel] = MemoryChannel()
+
+    def __init__(
+        self,
+        channel: MemoryChannel | None = None,
+        *,
+        keys: Iterable[MessageQueueKey] | None = None,
+    ) -> None:
+        self.channel = channel if channel is not None else MemoryBackend._shared
+        if isinstance(keys, str):
+            raise TypeError("keys must be an iterable of key names, not a single string")
+        self.keys: frozenset[str] | None = None if keys is None else frozenset(keys)
+        if self.keys is not None and not self.keys:
+            raise ValueError("keys must name at least one key, or be None for every key")
+
+    @classmethod
+    def from_env(cls) -> MemoryBackend:
+        """Return a backend on the shared in-process queue (warns: development only)."""
+        warnings.warn(
+            "MemoryBackend is for development and testing only: messages are lost on restart "
+            "and are visible only to consumers in the same process.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return cls()
+
+    @classmethod
+    def isolated(cls, *, keys: Iterable[MessageQueueKey] | None = None) -> MemoryBackend:
+        """Return a backend with a private queue of its own."""
+        return cls(MemoryChannel(), keys=keys)
+
+    @classmethod
+    def reset_shared(cls) -> None:
+        """Drop everything in the process-wide shared queue (for tests)."""
+        cls._shared = MemoryChannel()
+
+    def view(self, *, keys: Iterable[MessageQueueKey] | None = None) -> MemoryBackend:
+        """Another backend on the same store that reads ``keys``."""
+        return MemoryBackend(self.channel, keys=keys)
+
+    # -- plain protocol ------------------------------------------------------------------------
+
+    async def publish(self, key: MessageQueueKey, payload: MessageQueuePayload) -> None:
+        """Queue ``payload`` under ``key``."""
+        await self.publish_message(key, payload)
+
+    async def consume(self, *, group: ConsumerGroup = None) -> AsyncIterator[MessageQueueMessage]:
+        """Yield payloads in publish order until cancelled (at-most-once; ``group`` ignored)."""
+        while True:
+            _, message = await self.channel.get(self.keys)
+            yield message.payload
+
+    # -- extensions -----------------------------------------------------------------------------
+
+    async def publish_message(
+        self,
+        key: MessageQueueKey,
+        payload: MessageQueuePayload,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """Queue ``payload`` with ``headers``; returns the message id."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        if not isinstance(payload, dict):
+            raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+        seq = self.channel.next_id()
+        message = InboundMessage(
+            payload=payload,
+            key=key,
+            message_id=str(seq),
+            headers=dict(headers) if headers else {},
+            enqueued_at=time.time(),
+        )
+        self.channel.put(message, seq)
+        return message.message_id
+
+    async def deliveries(self, *, group: ConsumerGroup = None) -> AsyncIterator[InboundMessage]:
+        """Yield deliveries that stay unacked until :meth:`ack` or :meth:`release`."""
+        channel = self.channel
+        while True:
+            seq, message = await channel.get(self.keys)
+            if group is not None:
+                message = dataclasses.replace(message, group=group)
+            channel.track(seq, message)
+            yield message
+
+    async def ack(self, message: InboundMessage) -> None:
+        """Settle ``message`` as done."""
+        self.channel.settle(message)
+
+    async def release(self, message: InboundMessage) -> None:
+        """Give ``message`` back: it is redelivered first, with its delivery count raised."""
+        tracked = self.channel.settle(message)
+        if tracked is None:
+            return
+        seq, _ = tracked
+        redelivery = dataclasses.replace(
+            message, delivery_count=message.delivery_count + 1, group=None
+        )
+        self.channel.put(redelivery, seq, front=True)
+
+    async def dead_letter(
+        self,
+        message: InboundMessage,
+        destination: MessageQueueKey,
+        record: Mapping[str, Any],
+    ) -> str | None:
+        """Queue ``record`` under ``destination`` and ack ``message`` in one step."""
+        record_id = await self.publish_message(destination, dict(record))
+        self.channel.settle(message)
+        return record_id
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def size(self, key: MessageQueueKey | None = None) -> int:
+        """Messages waiting under ``key`` (or all keys), not counting unacked deliveries."""
+        return self.channel.size(key)
+
+    def peek(self, key: MessageQueueKey) -> list[InboundMessage]:
+        """Messages waiting under ``key``, oldest first."""
+        return self.channel.peek(key)
+
+    def unacked(self) -> list[InboundMessage]:
+        """Deliveries handed out and not yet settled."""
+        return self.channel.unacked()
+
+    def recover(self) -> int:
+        """Requeue all unacked deliveries (what a broker does when a consumer dies)."""
+        return self.channel.recover()
