@@ -1,0 +1,141 @@
+"""The one injectable clock behind every timer in the package.
+
+Retry waits, breaker windows and open-state timers, timeouts and deadlines all read time and
+sleep through a :class:`Clock`. Production code uses :class:`LoopClock` (the event loop's
+monotonic time, so fast-forwarding loop-time tools such as ``looptime`` also work); tests use
+:class:`FakeClock`, which advances instantly and records every sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "FakeClock", "LoopClock", "TimerHandle", "default_clock"]
+
+
+@runtime_checkable
+class TimerHandle(Protocol):
+    """What :meth:`Clock.call_later` returns."""
+
+    def cancel(self) -> None:
+        """Stop the callback from running (a no-op once it ran)."""
+        ...
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Monotonic time, sleeping, and one-shot timers."""
+
+    def monotonic(self) -> float:
+        """Seconds on a monotonic scale (only differences are meaningful)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Suspend the calling task for ``seconds``."""
+        ...
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> TimerHandle:
+        """Run ``callback`` after ``seconds``; returns a handle that can cancel it."""
+        ...
+
+
+class LoopClock:
+    """The running event loop's clock (the default)."""
+
+    __slots__ = ()
+
+    def monotonic(self) -> float:
+        """Loop time, or ``time.monotonic()``'s scale when no loop runs."""
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            import time
+
+            return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """``asyncio.sleep``."""
+        await asyncio.sleep(seconds)
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> TimerHandle:
+        """``loop.call_later``."""
+        return asyncio.get_running_loop().call_later(seconds, callback)
+
+    def __repr__(self) -> str:
+        return "LoopClock()"
+
+
+default_clock: Clock = LoopClock()
+"""The clock used when none is given."""
+
+
+class _FakeTimer:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A virtual clock for tests: sleeping advances time at once and is recorded.
+
+    ``await clock.sleep(2)`` moves :meth:`monotonic` forward by 2 seconds, appends 2 to
+    :attr:`sleeps`, fires every timer that became due (timeouts, breaker timers) and yields to
+    the event loop once. :meth:`advance` moves time without a sleep being recorded.
+
+    Args:
+        start: The initial reading of :meth:`monotonic`.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = float(start)
+        self.sleeps: list[float] = []
+        self._timers: list[tuple[float, int, _FakeTimer]] = []
+        self._seq = itertools.count()
+
+    def monotonic(self) -> float:
+        """The virtual time."""
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        """Record ``seconds``, advance by it, fire due timers, then yield once."""
+        seconds = max(0.0, float(seconds))
+        self.sleeps.append(seconds)
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds`` and run the timers that became due, in order."""
+        if seconds < 0:
+            raise ValueError(f"cannot move a clock backwards (advance({seconds!r}))")
+        target = self._now + seconds
+        while self._timers and self._timers[0][0] <= target:
+            when, _, timer = heapq.heappop(self._timers)
+            self._now = max(self._now, when)
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+        self._now = target
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> TimerHandle:
+        """Schedule ``callback`` at virtual time ``now + seconds``."""
+        timer = _FakeTimer(self._now + max(0.0, seconds), callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    @property
+    def pending_timers(self) -> int:
+        """Timers scheduled and not yet fired or cancelled."""
+        return sum(1 for _, _, t in self._timers if not t.cancelled)
+
+    def __repr__(self) -> str:
+        return f"FakeClock(now={self._now!r}, sleeps={len(self.sleeps)})"

@@ -1,0 +1,387 @@
+"""ResilientConsumer: AsyncLoopConsumer with a resilience pipeline around the handler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from abe.backends.message_queue.base.extensions import SettlingBackend
+from abe.backends.message_queue.consumer import AsyncLoopConsumer
+
+from .classify import Classifier, Verdict, default_classifier, terminal_reason
+from .clock import Clock, default_clock
+from .delivery import Delivery
+from .errors import ConfigError, DeadLetterWriteError
+from .events import EventBus, MessageSettled, Outcome
+from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from abe.backends.message_queue.base import MessageQueueBackend
+
+    from .pipeline import CallNext, Handler, Middleware
+    from .policy import Policy
+
+__all__ = ["Gate", "ResilientConsumer"]
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """A middleware that can ask the consumer to stop pulling messages for a while.
+
+    The circuit breaker is one: while it is open the consumer holds off instead of feeding it
+    messages that would only fail.
+    """
+
+    @property
+    def paused(self) -> bool:
+        """Whether the consumer should stop pulling now."""
+        ...
+
+    async def wait_resumed(self) -> None:
+        """Return once pulling may go on."""
+        ...
+
+
+class ResilientConsumer(AsyncLoopConsumer):
+    """An :class:`~abe.backends.message_queue.consumer.AsyncLoopConsumer` that runs every message
+    through a resilience pipeline and settles it according to the outcome.
+
+    It keeps the base rules: same ``backend`` and ``group`` arguments, ``run()`` / ``shutdown()``
+    lifecycle, ``asyncio.CancelledError`` propagates, and an exception escaping the pipeline is
+    logged and never stops the loop.
+
+    Settlement: with a backend implementing
+    :class:`~abe.backends.message_queue.base.SettlingBackend` a message is acknowledged only once
+    its outcome is final (success, dead-lettered, dropped, or failed without a dead-letter
+    destination); a cancelled message, or one whose dead-letter write failed, is released and
+    delivered again. With a plain backend, messages are at-most-once: the backend considers a
+    message delivered as soon as ``consume()`` yields it.
+
+    Args:
+        backend: The backend to consume from.
+        group: Consumer group forwarded to the backend.
+        policy: A :class:`~resilience.policy.Policy`, a ready
+            :class:`~resilience.pipeline.Pipeline`, or a sequence of middleware; ``None`` uses
+            ``Policy()`` (the defaults).
+        concurrency: Messages processed at once (1 keeps stream order).
+        drain_timeout: Seconds :meth:`shutdown` lets in-flight messages finish before cancelling.
+        clock: Time source for every timer (the event loop's by default).
+        events: Bus for event records (one is created when ``None``).
+        classifier: Decides what an escaping exception means (defaults to the policy's).
+    """
+
+    def __init__(
+        self,
+        backend: MessageQueueBackend,
+        group: str | None = None,
+        *,
+        policy: Policy | Pipeline | Sequence[Middleware] | None = None,
+        concurrency: int = 1,
+        drain_timeout: float = 30.0,
+        clock: Clock | None = None,
+        events: EventBus | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        super().__init__(backend, group)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if not drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout must be >= 0 seconds, got {drain_timeout!r}")
+        self.policy = policy
+        self.concurrency = concurrency
+        self.drain_timeout = float(drain_timeout)
+        self.clock: Clock = clock or default_clock
+        self.events = events if events is not None else EventBus()
+        self._classifier = classifier
+        self._pipeline: Pipeline | None = None
+        self._stopping = False
+        self._busy = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _resolve(self, handler: Handler) -> tuple[Pipeline, Handler, Classifier]:
+        from .policy import Policy, policy_of
+
+        handler_policy, inner = policy_of(handler)
+        policy = self.policy
+        if handler_policy is not None:
+            if policy is not None:
+                raise ConfigError(
+                    "the handler is decorated with @resilient and the consumer was given a "
+                    "policy too: use one of them"
+                )
+            policy, handler = handler_policy, inner
+        if policy is None:
+            policy = Policy()
+        classifier = self._classifier
+        if isinstance(policy, Policy):
+            pipeline = policy.pipeline(
+                clock=self.clock,
+                backend=self.backend,
+                group=self.group,
+                handler=handler,
+                events=self.events,
+            )
+            classifier = classifier or policy.classifier()
+        elif isinstance(policy, Pipeline):
+            pipeline = policy
+        else:
+            pipeline = Pipeline(*policy)
+        return pipeline, handler, classifier or default_classifier
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def _consume(self, handler: Handler) -> None:
+        pipeline, handler, classifier = self._resolve(handler)
+        self._pipeline = pipeline
+        call = pipeline.build(handler)
+        gates = tuple(layer for layer in pipeline.layers if isinstance(layer, Gate))
+        self._stopping = False
+        backend = self.backend
+        settling = isinstance(backend, SettlingBackend)
+        source: AsyncIterator[Any]
+        if settling:
+            source = backend.deliveries(group=self.group)  # type: ignore[attr-defined]
+        else:
+            source = backend.consume(group=self.group)
+        try:
+            if self.concurrency == 1:
+                await self._loop_inline(source, call, classifier, gates, settling)
+            else:
+                await self._loop_concurrent(source, call, classifier, gates, settling)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._stopping or task is None or task.cancelling() > 1:
+                await self._abort_in_flight()
+                raise
+            # Graceful shutdown interrupted the pull: stop pulling, let in-flight work finish.
+            task.uncancel()
+            await self._drain_in_flight()
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _loop_inline(
+        self,
+        source: AsyncIterator[Any],
+        call: CallNext,
+        classifier: Classifier,
+        gates: tuple[Gate, ...],
+        settling: bool,
+    ) -> None:
+        clock = self.clock
+        events = self.events
+        async for message in source:
+            if settling:
+                delivery = Delivery.from_message(
+                    message, started_at=clock.monotonic(), events=events
+                )
+            else:
+                delivery = Delivery(message, started_at=clock.monotonic(), events=events)
+            self._busy = True
+            try:
+                await self._process(delivery, call, classifier)
+            finally:
+                self._busy = False
+            if self._stopping:
+                return
+            for gate in gates:
+                if gate.paused:
+                    await gate.wait_resumed()
+
+    async def _loop_concurrent(
+        self,
+        source: AsyncIterator[Any],
+        call: CallNext,
+        classifier: Classifier,
+        gates: tuple[Gate, ...],
+        settling: bool,
+    ) -> None:
+        clock = self.clock
+        events = self.events
+        slots = asyncio.Semaphore(self.concurrency)
+        in_flight = self._in_flight
+        iterator = source.__aiter__()
+        while not self._stopping:
+            await slots.acquire()
+            for gate in gates:
+                if gate.paused:
+                    await gate.wait_resumed()
+            try:
+                message = await iterator.__anext__()
+            except StopAsyncIteration:
+                slots.release()
+                break
+            if settling:
+                delivery = Delivery.from_message(
+                    message, started_at=clock.monotonic(), events=events
+                )
+            else:
+                delivery = Delivery(message, started_at=clock.monotonic(), events=events)
+            task = asyncio.create_task(self._process(delivery, call, classifier))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            task.add_done_callback(lambda _t: slots.release())
+        await self._drain_in_flight()
+
+    async def _drain_in_flight(self) -> None:
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _abort_in_flight(self) -> None:
+        tasks = set(self._in_flight)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _process(self, delivery: Delivery, call: CallNext, classifier: Classifier) -> None:
+        """Run one delivery through the pipeline and settle it."""
+        try:
+            await call(delivery)
+        except asyncio.CancelledError:
+            delivery.outcome = Outcome.CANCELLED
+            await self._release(delivery)
+            self._settled(delivery, None)
+            raise
+        except DeadLetterWriteError as exc:
+            delivery.outcome = Outcome.UNSETTLED
+            logger.error(
+                "Dead-letter write failed; message %s left unacknowledged for redelivery: %s",
+                delivery.message_id,
+                exc,
+                exc_info=True,
+            )
+            await self._release(delivery)
+            self._settled(delivery, exc)
+            return
+        except Exception as exc:
+            verdict = classifier.classify(exc)
+            if verdict is Verdict.IGNORED:
+                delivery.outcome = Outcome.DROPPED
+                logger.info("Message %s dropped: %r", delivery.message_id, exc)
+            else:
+                delivery.outcome = Outcome.FAILED
+                if delivery.reason is None:
+                    delivery.reason = terminal_reason(exc, verdict)
+                logger.error(
+                    "Error processing message %s (%s): %s",
+                    delivery.message_id,
+                    delivery.reason,
+                    exc,
+                    exc_info=True,
+                )
+            await self._ack(delivery)
+            self._settled(delivery, exc)
+            return
+        if delivery.outcome is None:
+            delivery.outcome = (
+                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
+            )
+        await self._ack(delivery)
+        if self.events:
+            self._settled(delivery, None)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if message is None:
+            return
+        try:
+            await self.backend.ack(message)  # type: ignore[attr-defined]
+        except Exception as exc:
+            logger.error(
+                "Acknowledging message %s failed; it will be delivered again: %s",
+                delivery.message_id,
+                exc,
+                exc_info=True,
+            )
+
+    async def _release(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if message is None:
+            return
+        try:
+            await self.backend.release(message)  # type: ignore[attr-defined]
+        except Exception as exc:
+            logger.warning(
+                "Releasing message %s failed; the broker redelivers it after its timeout: %s",
+                delivery.message_id,
+                exc,
+            )
+
+    def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
+        if not self.events:
+            return
+        assert delivery.outcome is not None
+        self.events.emit(
+            MessageSettled(
+                delivery.message_id,
+                delivery.key,
+                delivery.outcome,
+                delivery.attempt - delivery.delivery_count + 1,
+                self.clock.monotonic() - delivery.started_at,
+                delivery.reason,
+                None if exc is None else type(exc).__qualname__,
+            )
+        )
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop pulling, let in-flight messages finish until ``drain_timeout``, then cancel them.
+
+        Cancelled messages are released, never acknowledged or dead-lettered. Idempotent and safe
+        before :meth:`run`.
+        """
+        task = self._task
+        if not self._running or task is None:
+            self._running = False
+            self._task = None
+            return
+        self._stopping = True
+        if not task.done() and not self._busy:
+            task.cancel()  # interrupt the pull; _consume turns this into a drain
+        if not task.done():
+            await self._wait(task, self.drain_timeout)
+        if not task.done():
+            logger.warning(
+                "Drain timeout (%.3gs) reached; cancelling %d in-flight message(s)",
+                self.drain_timeout,
+                max(len(self._in_flight), int(self._busy)),
+            )
+            for inner in list(self._in_flight):
+                inner.cancel()
+            if self._busy:
+                task.cancel()
+        await super().shutdown()
+
+    async def _wait(self, task: asyncio.Task[None], seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        expired: asyncio.Future[None] = loop.create_future()
+        handle = self.clock.call_later(
+            seconds, lambda: None if expired.done() else expired.set_result(None)
+        )
+        try:
+            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            handle.cancel()
+            if not expired.done():
+                expired.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages being processed right now."""
+        return len(self._in_flight) + int(self._busy)
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The pipeline built at start (``None`` before :meth:`run`)."""
+        return self._pipeline

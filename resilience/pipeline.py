@@ -1,0 +1,165 @@
+"""Middleware types and the pipeline that composes them around a handler.
+
+A middleware is any callable ``async (delivery, call_next) -> None``. It may call ``call_next``
+zero times (reject, short-circuit), once (observe, time-limit) or several times (retry), and it
+can keep a context open around the whole call (a span, a log binding).
+
+The pipeline is built once, at consumer start: layers are folded in reverse so the first one
+listed is the outermost, and the pipeline is frozen (adding a layer afterwards raises).
+
+Recommended order, outermost first, which the declarative :class:`~resilience.policy.Policy`
+uses::
+
+    telemetry -> dead_letter -> total timeout -> retry -> circuit breaker -> attempt timeout
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .classify import Classifier
+    from .clock import Clock
+    from .delivery import Delivery
+    from .retry import Backoff, RetryBudget
+
+__all__ = ["CallNext", "Handler", "Middleware", "Pipeline"]
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+"""The user's handler: ``async def handler(payload: dict) -> None``."""
+
+CallNext = Callable[["Delivery"], Awaitable[None]]
+"""The rest of the pipeline, as seen from one middleware."""
+
+
+class Middleware(Protocol):
+    """``async def __call__(self, delivery, call_next) -> None``."""
+
+    def __call__(self, delivery: Delivery, call_next: CallNext) -> Awaitable[None]:
+        """Process ``delivery``, calling ``call_next(delivery)`` as often as it decides."""
+        ...
+
+
+def _link(layer: Middleware, call_next: CallNext) -> CallNext:
+    # functools.partial adds no Python frame per layer; it needs the parameter to be called
+    # ``call_next``. Anything else gets a closure (a fresh one per layer, never a loop variable).
+    try:
+        params = inspect.signature(layer).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if "call_next" in params:
+        return functools.partial(layer, call_next=call_next)
+
+    async def step(delivery: Delivery) -> None:
+        await layer(delivery, call_next)
+
+    return step
+
+
+class Pipeline:
+    """An ordered list of middleware, first listed = outermost.
+
+    The convenience methods read like the policy they build::
+
+        pipeline = Pipeline().dead_letter(sink).retry(attempts=5).timeout(2.0)
+
+    Args:
+        *layers: Middleware to start with, outermost first.
+    """
+
+    __slots__ = ("_frozen", "_layers")
+
+    def __init__(self, *layers: Middleware) -> None:
+        self._layers: list[Middleware] = []
+        self._frozen = False
+        for layer in layers:
+            self.use(layer)
+
+    @property
+    def layers(self) -> tuple[Middleware, ...]:
+        """The middleware, outermost first."""
+        return tuple(self._layers)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`build` has run (no more layers can be added)."""
+        return self._frozen
+
+    def use(self, layer: Middleware) -> Pipeline:
+        """Append ``layer`` (inside every layer added before it).
+
+        Raises:
+            RuntimeError: the pipeline was already built.
+            TypeError: ``layer`` is not callable.
+        """
+        if self._frozen:
+            raise RuntimeError("the pipeline is frozen: it was built when the consumer started")
+        if not callable(layer):
+            raise TypeError(f"middleware must be callable, got {layer!r}")
+        self._layers.append(layer)
+        return self
+
+    def retry(
+        self,
+        *,
+        attempts: int = 3,
+        wait: Backoff | None = None,
+        max_elapsed: float | timedelta | None = None,
+        max_retry_after: float | timedelta = 60.0,
+        classifier: Classifier | None = None,
+        budget: RetryBudget | None = None,
+        clock: Clock | None = None,
+    ) -> Pipeline:
+        """Append a :class:`~resilience.retry.Retry` layer (see its arguments)."""
+        from .retry import Retry
+
+        return self.use(
+            Retry(
+                attempts=attempts,
+                wait=wait,
+                max_elapsed=max_elapsed,
+                max_retry_after=max_retry_after,
+                classifier=classifier,
+                budget=budget,
+                clock=clock,
+            )
+        )
+
+    def timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
+        """Append a per-attempt :class:`~resilience.timeout.Timeout` (put it inside retry)."""
+        from .timeout import Timeout
+
+        return self.use(Timeout(seconds, clock=clock))
+
+    def total_timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
+        """Append a whole-message :class:`~resilience.timeout.Timeout` (put it outside retry)."""
+        from .timeout import Timeout
+
+        return self.use(Timeout(seconds, total=True, clock=clock))
+
+    def build(self, handler: Handler) -> CallNext:
+        """Freeze the pipeline and compose it around ``handler``.
+
+        Returns:
+            ``async (delivery) -> None`` running every layer and finally
+            ``handler(delivery.payload)``.
+        """
+        if not callable(handler):
+            raise TypeError(f"handler must be an async callable, got {handler!r}")
+        self._frozen = True
+
+        async def terminal(delivery: Delivery) -> None:
+            await handler(delivery.payload)
+
+        call: CallNext = terminal
+        for layer in reversed(self._layers):
+            call = _link(layer, call)
+        return call
+
+    def __repr__(self) -> str:
+        inner = ", ".join(type(layer).__name__ for layer in self._layers)
+        return f"Pipeline({inner})"

@@ -1,0 +1,555 @@
+"""Declarative policies: from a dict, a TOML file and environment overrides; ``@resilient``.
+
+A policy is a frozen description; :meth:`Policy.pipeline` turns it into middleware in the
+recommended order (outermost first)::
+
+    telemetry -> dead_letter -> total timeout -> retry -> circuit_breaker -> attempt timeout
+
+Example TOML::
+
+    [retry]
+    attempts = 5
+    backoff = "full_jitter"        # fixed | exponential | full_jitter | decorrelated_jitter
+    initial = 0.2                  # seconds
+    maximum = 10
+    max_elapsed = 60
+    budget = { ratio = 0.2, min_per_second = 5 }
+
+    [timeout]
+    attempt = 2.5
+    total = 30
+
+    [classify]
+    terminal = ["ValueError", "myapp.errors.InvalidOrder"]
+    ignored = ["myapp.errors.Duplicate"]
+
+Sections ``circuit_breaker``, ``dead_letter`` and ``telemetry`` are read by the modules that
+implement them (:data:`SECTION_MODULES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from ._config import Reader, resolve_exception
+from .classify import Classifier
+from .clock import Clock, default_clock
+from .errors import ConfigError
+from .events import EventBus
+from .pipeline import Pipeline
+from .retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
+from .timeout import Timeout
+
+if TYPE_CHECKING:
+    from abe.backends.message_queue.base import MessageQueueBackend
+
+    from .pipeline import Handler, Middleware
+
+__all__ = [
+    "BuildContext",
+    "ClassifyConfig",
+    "Policy",
+    "PolicySection",
+    "RetryConfig",
+    "SECTION_MODULES",
+    "TimeoutConfig",
+    "policy_of",
+    "resilient",
+]
+
+BACKOFFS = ("fixed", "exponential", "full_jitter", "decorrelated_jitter")
+
+ORDER_TELEMETRY = 10
+ORDER_DEAD_LETTER = 20
+ORDER_TOTAL_TIMEOUT = 30
+ORDER_RETRY = 40
+ORDER_CIRCUIT_BREAKER = 50
+ORDER_ATTEMPT_TIMEOUT = 60
+
+SECTION_MODULES: dict[str, str] = {
+    "telemetry": "resilience.telemetry",
+    "dead_letter": "resilience.dead_letter",
+    "circuit_breaker": "resilience.breaker",
+}
+"""Policy sections implemented by other modules; each exposes ``policy_section``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """What a policy section may need to build its middleware."""
+
+    clock: Clock
+    classifier: Classifier
+    backend: MessageQueueBackend | None = None
+    group: str | None = None
+    handler: Handler | None = None
+    events: EventBus | None = None
+    """The consumer's event bus, for sections that subscribe to or emit events."""
+
+
+class PolicySection(Protocol):
+    """A policy section provided by another module (``policy_section`` in that module)."""
+
+    name: str
+    order: int
+
+    def parse(self, reader: Reader) -> Any:
+        """Validate the section (call ``reader.finish()``) and return its frozen config."""
+        ...
+
+    def to_dict(self, config: Any) -> dict[str, Any]:
+        """The section as plain data (the inverse of :meth:`parse`)."""
+        ...
+
+    def middleware(self, config: Any, context: BuildContext) -> Middleware | None:
+        """The middleware for ``config`` (``None`` when it contributes none)."""
+        ...
+
+
+def _section(name: str) -> PolicySection:
+    module_name = SECTION_MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ConfigError(f"policy section [{name}] is not available in this version") from None
+        raise
+    section: PolicySection = module.policy_section
+    return section
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """``[retry.budget]``: see :class:`~resilience.retry.RetryBudget`."""
+
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """``[retry]``: see :class:`~resilience.retry.Retry`."""
+
+    attempts: int = 3
+    backoff: str = "exponential"
+    initial: float = 0.1
+    maximum: float = 30.0
+    multiplier: float = 2.0
+    max_elapsed: float | None = None
+    max_retry_after: float = 60.0
+    budget: BudgetConfig | None = None
+
+    @classmethod
+    def parse(cls, reader: Reader) -> RetryConfig:
+        """Validate ``[retry]``."""
+        d = cls()
+        budget = None
+        sub = reader.section("budget")
+        if sub is not None:
+            budget = BudgetConfig(
+                ratio=sub.number("ratio", 0.2, minimum=0),
+                min_per_second=sub.number("min_per_second", 10.0, minimum=0),
+                window=sub.seconds("window", 10.0, positive=True),
+            )
+            sub.finish()
+        config = cls(
+            attempts=reader.integer("attempts", d.attempts, minimum=1),
+            backoff=reader.string("backoff", d.backoff, choices=BACKOFFS),
+            initial=reader.seconds("initial", d.initial),
+            maximum=reader.seconds("maximum", d.maximum),
+            multiplier=reader.number("multiplier", d.multiplier, minimum=1),
+            max_elapsed=reader.seconds("max_elapsed", None, positive=True),
+            max_retry_after=reader.seconds("max_retry_after", d.max_retry_after),
+            budget=budget,
+        )
+        reader.finish()
+        if config.maximum < config.initial:
+            raise ConfigError(
+                f"retry.maximum ({config.maximum:g}) must be >= retry.initial ({config.initial:g})"
+            )
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        data = dataclasses.asdict(self)
+        if data["max_elapsed"] is None:
+            del data["max_elapsed"]
+        if data["budget"] is None:
+            del data["budget"]
+        return data
+
+    def middleware(self, context: BuildContext) -> Retry:
+        """The :class:`~resilience.retry.Retry` layer."""
+        wait: Fixed | Exponential | FullJitter | DecorrelatedJitter
+        if self.backoff == "fixed":
+            wait = Fixed(self.initial)
+        elif self.backoff == "exponential":
+            wait = Exponential(self.initial, self.maximum, self.multiplier)
+        elif self.backoff == "full_jitter":
+            wait = FullJitter(self.initial, self.maximum, self.multiplier)
+        else:
+            wait = DecorrelatedJitter(self.initial, self.maximum)
+        budget = None
+        if self.budget is not None:
+            budget = RetryBudget(
+                self.budget.ratio, self.budget.min_per_second, self.budget.window, context.clock
+            )
+        return Retry(
+            attempts=self.attempts,
+            wait=wait,
+            max_elapsed=self.max_elapsed,
+            max_retry_after=self.max_retry_after,
+            classifier=context.classifier,
+            budget=budget,
+            clock=context.clock,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    """``[timeout]``: ``attempt`` (per attempt) and ``total`` (whole message), in seconds."""
+
+    attempt: float | None = 30.0
+    total: float | None = None
+
+    @classmethod
+    def parse(cls, reader: Reader) -> TimeoutConfig:
+        """Validate ``[timeout]`` (``0`` or ``false`` disables a limit)."""
+        values: list[float | None] = []
+        defaults: tuple[tuple[str, float | None], ...] = (("attempt", 30.0), ("total", None))
+        for key, default in defaults:
+            raw = reader.get(key, default)
+            if raw is False or raw == 0:
+                values.append(None)
+            else:
+                values.append(reader.seconds(key, default, positive=True))
+        reader.finish()
+        return cls(attempt=values[0], total=values[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (a disabled limit is written as ``0``)."""
+        return {"attempt": self.attempt or 0, "total": self.total or 0}
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyConfig:
+    """``[classify]``: exception names (``"ValueError"``, ``"pkg.mod.Error"``) per verdict."""
+
+    retryable: tuple[str, ...] = ()
+    terminal: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, reader: Reader) -> ClassifyConfig:
+        """Validate ``[classify]`` and check every name imports."""
+        config = cls(
+            retryable=reader.strings("retryable", ()),
+            terminal=reader.strings("terminal", ()),
+            ignored=reader.strings("ignored", ()),
+        )
+        reader.finish()
+        config.classifier()
+        return config
+
+    def classifier(self) -> Classifier:
+        """The :class:`~resilience.classify.Classifier` (``retryable`` defaults to Exception)."""
+
+        def types(names: tuple[str, ...], key: str) -> tuple[type[BaseException], ...]:
+            return tuple(resolve_exception(n, f"classify.{key}") for n in names)
+
+        return Classifier(
+            retryable=types(self.retryable, "retryable") or (Exception,),
+            terminal=types(self.terminal, "terminal"),
+            ignored=types(self.ignored, "ignored"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {k: list(v) for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A declarative resilience policy.
+
+    Args:
+        retry: Retry settings; ``None`` disables retries.
+        timeout: Per-attempt and total timeouts.
+        classify: Which exceptions are retryable, terminal or ignored.
+        sections: Parsed configs of the sections other modules implement (``circuit_breaker``,
+            ``dead_letter``, ``telemetry``), by name.
+    """
+
+    retry: RetryConfig | None = field(default_factory=RetryConfig)
+    timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Validate ``data`` (the TOML layout) into a policy.
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or an impossible value, named.
+        """
+        reader = Reader(data, "")
+        retry: RetryConfig | None = RetryConfig()
+        if reader.has("retry"):
+            raw = reader.get("retry")
+            retry = None if raw is False else RetryConfig.parse(Reader(raw, "retry"))
+        timeout = TimeoutConfig()
+        if reader.has("timeout"):
+            timeout = TimeoutConfig.parse(Reader(reader.get("timeout"), "timeout"))
+        classify = ClassifyConfig()
+        if reader.has("classify"):
+            classify = ClassifyConfig.parse(Reader(reader.get("classify"), "classify"))
+        sections: dict[str, Any] = {}
+        for name in SECTION_MODULES:
+            if reader.has(name):
+                raw = reader.get(name)
+                if raw is False or raw is None:
+                    continue
+                sections[name] = _section(name).parse(Reader(raw, name))
+        unknown = sorted(set(data) - {"retry", "timeout", "classify", *SECTION_MODULES})
+        if unknown:
+            raise ConfigError(
+                f"unknown policy section{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
+                f"(allowed: retry, timeout, classify, {', '.join(SECTION_MODULES)})"
+            )
+        return cls(retry=retry, timeout=timeout, classify=classify, sections=sections)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Policy:
+        """Load a TOML policy file.
+
+        Raises:
+            ConfigError: the file is missing, not valid TOML, or not a valid policy.
+        """
+        return cls.from_dict(read_toml(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        prefix: str = "RESILIENCE_",
+    ) -> Policy:
+        """TOML file (optional) with environment overrides applied on top.
+
+        ``RESILIENCE_RETRY__ATTEMPTS=5`` sets ``retry.attempts``; ``__`` separates levels and
+        values are parsed as JSON when they can be (numbers, booleans, lists), else kept as text.
+        """
+        data: dict[str, Any] = read_toml(path) if path is not None else {}
+        apply_env(data, os.environ if environ is None else environ, prefix)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the TOML layout; ``Policy.from_dict(p.to_dict()) == p``."""
+        data: dict[str, Any] = {
+            "retry": False if self.retry is None else self.retry.to_dict(),
+            "timeout": self.timeout.to_dict(),
+        }
+        classify = self.classify.to_dict()
+        if classify:
+            data["classify"] = classify
+        for name, config in self.sections.items():
+            data[name] = _section(name).to_dict(config)
+        return data
+
+    def to_toml(self) -> str:
+        """The policy as a TOML document that :meth:`from_toml` reads back."""
+        return dump_toml(self.to_dict())
+
+    # -- building ----------------------------------------------------------------------------------
+
+    def classifier(self) -> Classifier:
+        """The shared failure classifier."""
+        return self.classify.classifier()
+
+    def layers(
+        self,
+        *,
+        clock: Clock | None = None,
+        backend: MessageQueueBackend | None = None,
+        group: str | None = None,
+        handler: Handler | None = None,
+        events: EventBus | None = None,
+    ) -> list[Middleware]:
+        """The middleware, outermost first, in the recommended order."""
+        context = BuildContext(
+            clock=clock or default_clock,
+            classifier=self.classifier(),
+            backend=backend,
+            group=group,
+            handler=handler,
+            events=events,
+        )
+        ordered: list[tuple[int, Middleware]] = []
+        if self.timeout.total is not None:
+            ordered.append(
+                (ORDER_TOTAL_TIMEOUT, Timeout(self.timeout.total, total=True, clock=context.clock))
+            )
+        if self.retry is not None:
+            ordered.append((ORDER_RETRY, self.retry.middleware(context)))
+        if self.timeout.attempt is not None:
+            ordered.append(
+                (ORDER_ATTEMPT_TIMEOUT, Timeout(self.timeout.attempt, clock=context.clock))
+            )
+        for name, config in self.sections.items():
+            section = _section(name)
+            layer = section.middleware(config, context)
+            if layer is not None:
+                ordered.append((section.order, layer))
+        ordered.sort(key=lambda item: item[0])
+        return [layer for _, layer in ordered]
+
+    def pipeline(
+        self,
+        *,
+        clock: Clock | None = None,
+        backend: MessageQueueBackend | None = None,
+        group: str | None = None,
+        handler: Handler | None = None,
+    ) -> Pipeline:
+        """A new :class:`~resilience.pipeline.Pipeline` for this policy."""
+        return Pipeline(*self.layers(clock=clock, backend=backend, group=group, handler=handler))
+
+
+# -- files and environment ---------------------------------------------------------------------
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into a one-line :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"policy file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"policy file {p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy file {p}: {exc.strerror}") from None
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str], prefix: str) -> None:
+    """Apply ``PREFIX_SECTION__KEY=value`` overrides to ``data`` in place."""
+    for name in sorted(environ):
+        if not name.startswith(prefix) or "__" not in name[len(prefix) :]:
+            continue
+        parts = [p.lower() for p in name[len(prefix) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"environment variable {name}: empty path segment")
+        raw = environ[name]
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = data
+        for part in parts[:-1]:
+            nested = target.get(part)
+            if nested is None or nested is False:
+                nested = target[part] = {}
+            if not isinstance(nested, dict):
+                raise ConfigError(f"environment variable {name}: {part} is not a table")
+            target = nested
+        target[parts[-1]] = value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if not isinstance(value, float) or value == value else "nan"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Write a policy mapping as TOML (tables of scalars, lists and inline tables)."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            lines.append(f"[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+            lines.append("")
+        else:
+            lines.insert(0, f"{key} = {_toml_value(value)}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the decorator -----------------------------------------------------------------------------
+
+H = TypeVar("H", bound=Callable[[dict[str, Any]], Awaitable[None]])
+
+_POLICY_ATTR = "__resilience_policy__"
+_WRAPPED_ATTR = "__resilience_handler__"
+
+
+def resilient(
+    policy: Policy | Mapping[str, Any] | None = None,
+    *,
+    clock: Clock | None = None,
+    **sections: Any,
+) -> Callable[[H], H]:
+    """Wrap ``async def handler(payload)`` with a policy, declaratively.
+
+    ``@resilient(retry={"attempts": 5}, timeout={"attempt": 2})`` builds the policy from
+    keyword sections (the TOML layout); ``@resilient(Policy.from_toml("policy.toml"))`` takes a
+    ready one. Calling the decorated function runs the whole pipeline around the call; handing
+    it to :class:`~resilience.consumer.ResilientConsumer` or ``resilience run`` makes the
+    consumer use the policy (and settle messages by its outcome) instead.
+
+    Raises:
+        ConfigError: the policy is invalid (at decoration time).
+    """
+    if policy is None:
+        resolved = Policy.from_dict(sections)
+    elif isinstance(policy, Policy):
+        if sections:
+            raise ConfigError("pass either a Policy or keyword sections to @resilient, not both")
+        resolved = policy
+    else:
+        resolved = Policy.from_dict({**policy, **sections})
+
+    def decorate(handler: H) -> H:
+        from .delivery import Delivery
+
+        the_clock = clock or default_clock
+        call = resolved.pipeline(clock=the_clock, handler=handler).build(handler)
+
+        @functools.wraps(handler)
+        async def wrapper(payload: dict[str, Any]) -> None:
+            await call(Delivery(payload, started_at=the_clock.monotonic()))
+
+        setattr(wrapper, _POLICY_ATTR, resolved)
+        setattr(wrapper, _WRAPPED_ATTR, handler)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def policy_of(handler: Handler) -> tuple[Policy | None, Handler]:
+    """The policy ``@resilient`` attached to ``handler`` and the undecorated handler."""
+    policy = getattr(handler, _POLICY_ATTR, None)
+    if isinstance(policy, Policy):
+        return policy, getattr(handler, _WRAPPED_ATTR)
+    return None, handler
