@@ -423,9 +423,13 @@ class Policy:
         backend: MessageQueueBackend | None = None,
         group: str | None = None,
         handler: Handler | None = None,
+        events: EventBus | None = None,
     ) -> Pipeline:
         """A new :class:`~resilience.pipeline.Pipeline` for this policy."""
-        return Pipeline(*self.layers(clock=clock, backend=backend, group=group, handler=handler))
+        layers = self.layers(
+            clock=clock, backend=backend, group=group, handler=handler, events=events
+        )
+        return Pipeline(*layers)
 
 
 # -- files and environment ---------------------------------------------------------------------

@@ -16,6 +16,12 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _cancelling() -> bool:
+    """Whether the current task has a cancellation request pending."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class AsyncLoopConsumer(EventConsumer):
     """Feeds every payload from ``backend.consume(group=group)`` to an async handler.
 
@@ -62,7 +68,12 @@ class AsyncLoopConsumer(EventConsumer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if _cancelling():
+                    raise  # the handler turned our cancellation into an error: stop, don't loop
                 logger.error("Error processing message: %s", exc, exc_info=True)
+            if _cancelling():
+                # The handler swallowed our cancellation; honour it or shutdown() waits forever.
+                raise asyncio.CancelledError
 
     async def shutdown(self) -> None:
         """Cancel the consumer task and reset the state; idempotent and safe before run()."""
@@ -81,12 +92,17 @@ class AsyncLoopConsumer(EventConsumer):
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     # Shutdown itself is being cancelled: honour that after resetting state.
-                    self._task = None
+                    self._forget(task)
                     raise
                 logger.debug("Consumer task cancelled")
             except TimeoutError as exc:
                 logger.warning("Timeout during consumer shutdown: %s", exc, exc_info=True)
             except Exception as exc:
                 logger.warning("Unexpected error during consumer shutdown: %s", exc, exc_info=True)
-        self._task = None
+        self._forget(task)
         logger.debug("Consumer shutdown complete")
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        # A run() started while shutdown() awaited ``task`` owns _task now; keep tracking it.
+        if self._task is task:
+            self._task = None
