@@ -40,6 +40,18 @@ __all__ = [
 log = structlog.get_logger("resilience.retry")
 
 
+class _TestingMode:
+    """The process-wide switch behind :func:`resilience.testing.set_testing`."""
+
+    __slots__ = ("zero_waits",)
+
+    def __init__(self) -> None:
+        self.zero_waits = False
+
+
+testing_mode = _TestingMode()
+
+
 def seconds(value: float | timedelta | None, name: str, *, allow_none: bool = False) -> float:
     """Normalise ``float | timedelta`` to float seconds, rejecting negatives and NaN."""
     if value is None:
@@ -399,6 +411,8 @@ class _RetryState:
             wait = min(exc.delay, float(policy.max_retry_after))  # type: ignore[arg-type]
         else:
             wait = self.base_wait(rs)
+        if testing_mode.zero_waits:
+            return 0.0
         remaining = self.delivery.remaining(self.clock.monotonic())
         if remaining is not None:
             wait = min(wait, max(0.0, remaining))

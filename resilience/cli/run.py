@@ -1,0 +1,147 @@
+"""``resilience run MODULE:HANDLER``: a production consumer on the configured backend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from resilience.cli import CliError
+from resilience.cli._common import import_handler, load_policy, setup_otel
+from resilience.errors import ConfigError
+
+log = logging.getLogger("resilience.cli.run")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``run`` sub-command."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a handler as a resilient consumer on the configured backend",
+        description="Consume from load_backend()'s backend (QUEUE_BACKEND picks a provider) and "
+        "run every message through the policy around HANDLER. SIGINT/SIGTERM drain and stop; "
+        "exit code 0 after a clean drain.",
+    )
+    parser.add_argument("handler", metavar="MODULE:HANDLER", help="async def handler(payload)")
+    parser.add_argument(
+        "--policy", metavar="FILE", help="TOML policy file (RESILIENCE_* env vars override it)"
+    )
+    parser.add_argument("--group", metavar="NAME", help="consumer group")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="messages in flight (default 1: keeps order)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long shutdown lets in-flight messages finish (default 30)",
+    )
+    parser.add_argument(
+        "--max-messages", type=int, metavar="N", help="stop gracefully after N messages are settled"
+    )
+    parser.add_argument("--otel", choices=("console", "otlp"), help="export traces and metrics")
+    parser.add_argument("--service-name", default="resilience", help="service name for telemetry")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.max_messages is not None and args.max_messages < 0:
+        raise CliError(f"--max-messages must be >= 0, got {args.max_messages}")
+    handler = import_handler(args.handler)
+    policy = load_policy(args.policy)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    shutdown_otel = setup_otel(args.otel, args.service_name)
+    try:
+        return asyncio.run(_serve(args, handler, policy))
+    finally:
+        shutdown_otel()
+
+
+async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:
+    from abe.backends.message_queue.loader import load_backend
+    from resilience.consumer import ResilientConsumer
+    from resilience.policy import policy_of
+    from resilience.testing import Outcomes
+
+    try:
+        backend = load_backend()
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    decorated, _ = policy_of(handler)
+    try:
+        consumer = ResilientConsumer(
+            backend,
+            args.group,
+            policy=None if decorated is not None else policy,
+            concurrency=args.concurrency,
+            drain_timeout=args.drain_timeout,
+        )
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    outcomes = Outcomes()
+    consumer.events.subscribe(outcomes)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop_requested.set()
+        if signals > 1:
+            log.warning("second signal: stopping without waiting for the drain")
+            consumer.drain_timeout = 0.0
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    run_task = asyncio.create_task(consumer.run(handler))
+    waiters = {run_task, asyncio.create_task(stop_requested.wait())}
+    if args.max_messages is not None:
+        waiters.add(asyncio.create_task(outcomes.wait_for(args.max_messages)))
+    try:
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            if task is not run_task:
+                task.cancel()
+        if run_task not in done:
+            log.info("stopping: draining in-flight messages")
+            await consumer.shutdown()
+        try:
+            await run_task
+        except asyncio.CancelledError:
+            pass
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        closer = getattr(backend, "aclose", None) or getattr(backend, "close", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+    counts = ", ".join(
+        f"{o.value} {n}" for o, n in sorted(outcomes.counts.items(), key=lambda x: x[0].value)
+    )
+    print(
+        f"resilience run: settled {outcomes.total} message(s){': ' + counts if counts else ''}",
+        file=sys.stderr,
+    )
+    return 0
