@@ -30,6 +30,7 @@ __all__ = [
     "SettlingBackend",
 ]
 
+
 @dataclass(slots=True, eq=False)
 class InboundMessage:
     """One delivery of one message, as handed out by a :class:`SettlingBackend`.

@@ -122,7 +122,9 @@ class MemoryChannel:
         items = sorted(self._unacked.values(), key=lambda item: item[0], reverse=True)
         self._unacked.clear()
         for seq, message in items:
-            redelivery = dataclasses.replace(message, delivery_count=message.delivery_count + 1)
+            redelivery = dataclasses.replace(
+                message, delivery_count=message.delivery_count + 1, group=None
+            )
             self.put(redelivery, seq, front=True)
         return len(items)
 
