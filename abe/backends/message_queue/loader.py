@@ -25,6 +25,15 @@ SERVICE_ENTRY_POINT_GROUP = "abe.backends.message_queue.service"
 
 _MEMORY = "memory"
 
+_BUILTIN_DISTRIBUTION = "abe-resilience"
+"""This distribution: its providers (memory, redis) are used only when named."""
+
+
+def _is_builtin(ep: EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) if dist is not None else None
+    return isinstance(name, str) and name.replace("_", "-").lower() == _BUILTIN_DISTRIBUTION
+
 
 def available_backends() -> dict[str, EntryPoint]:
     """Return the installed providers by name.
@@ -42,9 +51,12 @@ def _instantiate(name: str, ep: EntryPoint) -> MessageQueueBackend:
     try:
         backend_class = ep.load()
     except Exception as exc:
+        hint = ""
+        if _is_builtin(ep) and isinstance(exc, ImportError):
+            hint = f" (install it with `pip install 'abe-resilience[{name}]'`)"
         raise RuntimeError(
             f"Message-queue backend {name!r} ({ep.value}) is registered but failed to import: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}{hint}"
         ) from exc
     from_env = getattr(backend_class, "from_env", None)
     if not callable(from_env):
@@ -59,8 +71,11 @@ def load_backend() -> MessageQueueBackend:
 
     Resolution order:
 
-    1. ``QUEUE_BACKEND`` names a provider by entry-point name (``memory`` is always available).
-    2. Otherwise the first installed provider that is not ``memory``.
+    1. ``QUEUE_BACKEND`` names a provider by entry-point name (``memory`` is always available;
+       this distribution also ships ``redis``, installed with the ``redis`` extra).
+    2. Otherwise the first installed third-party provider that is not ``memory`` (this
+       distribution's own providers are used only when named, so installing it changes nothing
+       for applications that rely on auto-selection).
     3. Otherwise :class:`MemoryBackend`, with a ``UserWarning`` (development only).
 
     Providers are looked up in ``abe.backends.message_queue`` and in
@@ -89,10 +104,11 @@ def load_backend() -> MessageQueueBackend:
             "or unset QUEUE_BACKEND to auto-select."
         )
     for name, ep in backends.items():
-        if name != _MEMORY:
+        if name != _MEMORY and not _is_builtin(ep):
             return _instantiate(name, ep)
     warnings.warn(
-        "No external message-queue backend is installed; using MemoryBackend (development only).",
+        "No external message-queue backend is installed and QUEUE_BACKEND is not set; using "
+        "MemoryBackend (development only: messages are lost on restart and stay in-process).",
         UserWarning,
         stacklevel=2,
     )
