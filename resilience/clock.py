@@ -90,7 +90,11 @@ class FakeClock:
 
     ``await clock.sleep(2)`` moves :meth:`monotonic` forward by 2 seconds, appends 2 to
     :attr:`sleeps`, fires every timer that became due (timeouts, breaker timers) and yields to
-    the event loop once. :meth:`advance` moves time without a sleep being recorded.
+    the event loop. :meth:`advance` moves time without a sleep being recorded.
+
+    Each sleep advances the one shared time by itself, so the fake clock suits one message at a
+    time (retry schedules, breaker windows). For many concurrent messages on virtual time, run
+    on :class:`LoopClock` under a loop-time fast-forwarding tool such as ``looptime``.
 
     Args:
         start: The initial reading of :meth:`monotonic`.
@@ -107,10 +111,18 @@ class FakeClock:
         return self._now
 
     async def sleep(self, seconds: float) -> None:
-        """Record ``seconds``, advance by it, fire due timers, then yield once."""
+        """Record ``seconds`` and advance by it, firing due timers on the way.
+
+        Time moves timer by timer: after each timer fires the sleeper yields once, so a timer
+        that cancels the sleeping task (a timeout) stops the sleep at the timer's time.
+        """
         seconds = max(0.0, float(seconds))
         self.sleeps.append(seconds)
-        self.advance(seconds)
+        wake = self._now + seconds
+        while self._timers and self._timers[0][0] <= wake:
+            self.advance(self._timers[0][0] - self._now)
+            await asyncio.sleep(0)
+        self._now = max(self._now, wake)
         await asyncio.sleep(0)
 
     def advance(self, seconds: float) -> None:

@@ -23,6 +23,6 @@ async def test_builtin_redis_is_not_auto_selected(monkeypatch: pytest.MonkeyPatc
     }
     if third_party:
         pytest.skip(f"third-party providers installed here: {sorted(third_party)}")
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="MemoryBackend"):
         backend = loader.load_backend()
     assert isinstance(backend, MemoryBackend)
