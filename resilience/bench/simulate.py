@@ -1,0 +1,380 @@
+"""The policy-comparison engine: a ResilientConsumer against a simulated dependency.
+
+Each run publishes a seeded Poisson stream of messages to an in-memory backend, consumes it with
+a real :class:`~resilience.consumer.ResilientConsumer` built from the policy (at-least-once
+settlement, the full pipeline), and lets the handler call a :class:`~.scenarios.Scenario`. The
+whole run happens on a :class:`~._vloop.VirtualTimeLoop`: an hour of outage takes a fraction of
+a second, and the same seed gives the same numbers on every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.clock import LoopClock
+from resilience.consumer import ResilientConsumer
+from resilience.errors import ConfigError, RetryAfter
+from resilience.events import EventBus, MessageSettled, Outcome
+from resilience.testing import zero_waits
+
+from ._vloop import run_virtual
+from .policies import NamedPolicy
+from .scenarios import RateLimitedError, Scenario, scenario_name
+
+__all__ = ["RunResult", "Workload", "compare", "percentile", "simulate"]
+
+WORK_KEY = "bench.work"
+
+Progress = Callable[[float], None]
+"""Called with the fraction of the run's messages settled so far (0..1)."""
+
+_FINAL = {
+    Outcome.SUCCESS,
+    Outcome.RETRIED,
+    Outcome.DEAD_LETTERED,
+    Outcome.DROPPED,
+    Outcome.FAILED,
+}
+
+_BREAKER_OPEN = ("BreakerOpened", "CircuitOpened")
+_BREAKER_LEFT_OPEN = ("BreakerHalfOpened", "BreakerClosed", "CircuitHalfOpened", "CircuitClosed")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The traffic every policy faces.
+
+    Args:
+        messages: Messages published per run.
+        rate: Mean arrival rate (messages per simulated second, Poisson arrivals).
+        concurrency: The consumer's ``concurrency``.
+        seed: Seeds arrivals, poison messages, the dependency's randomness and backoff jitter.
+        horizon: Simulated seconds after the last arrival before a run gives up; messages
+            not settled by then are reported as ``pending``.
+
+    Raises:
+        ConfigError: a value is out of range.
+    """
+
+    messages: int = 10_000
+    rate: float = 2.0
+    concurrency: int = 8
+    seed: int = 1
+    horizon: float = 6 * 3600.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.messages, bool) or not isinstance(self.messages, int):
+            raise ConfigError(f"messages must be an integer, got {self.messages!r}")
+        if self.messages < 1:
+            raise ConfigError(f"messages must be >= 1, got {self.messages}")
+        if not self.rate > 0 or math.isinf(self.rate):
+            raise ConfigError(f"rate must be a positive number of messages/s, got {self.rate!r}")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
+            raise ConfigError(f"concurrency must be an integer, got {self.concurrency!r}")
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not self.horizon > 0:
+            raise ConfigError(f"horizon must be > 0 seconds, got {self.horizon!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one policy did in one scenario. Times are simulated seconds.
+
+    Attributes:
+        policy: The policy's label.
+        scenario: The scenario's name.
+        messages: Messages published.
+        succeeded: Handled successfully (first attempt or after retries).
+        retried: Of ``succeeded``, how many needed more than one attempt.
+        dead_lettered: Written to the dead-letter destination.
+        dropped: Dropped on purpose (ignored failures, ``Drop``).
+        lost: Acknowledged after a terminal failure with no dead-letter record: gone.
+        pending: Not settled when the horizon ended (still queued, retrying or hanging).
+        calls: Calls that reached the dependency.
+        amplification: ``calls / messages``: load against the no-retry baseline (1.0).
+        latency_p50: Median publish-to-settlement time of settled messages.
+        latency_p95: 95th percentile of the same.
+        latency_p99: 99th percentile of the same.
+        drain_time: From the dependency's recovery until the last message published before it
+            settled (``None``: the scenario has no recovery, or the backlog never drained).
+        breaker_open: Time the circuit breaker spent open (``None``: no breaker).
+        simulated: Simulated duration of the run.
+        wall: Real seconds the run took (not part of the deterministic result).
+        reasons: Terminal reasons (``retries_exhausted``, ``budget_exhausted``, ...) by count.
+    """
+
+    policy: str
+    scenario: str
+    messages: int
+    succeeded: int
+    retried: int
+    dead_lettered: int
+    dropped: int
+    lost: int
+    pending: int
+    calls: int
+    amplification: float
+    latency_p50: float | None
+    latency_p95: float | None
+    latency_p99: float | None
+    drain_time: float | None
+    breaker_open: float | None
+    simulated: float
+    wall: float = field(compare=False)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted values (``None`` when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class _Stats:
+    """Listens to the consumer's events and tallies the run."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: int, recovery: float | None):
+        self.loop = loop
+        self.total = total
+        self.recovery = recovery
+        self.published: dict[str | None, float] = {}
+        self.outcomes: Counter[Outcome] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self.settled = 0
+        self.calls = 0
+        self.last_backlog_settled: float | None = None
+        self.done = asyncio.Event()
+        self.progress: Progress | None = None
+        self._step = max(1, total // 100)
+        self.open_since: float | None = None
+        self.open_total = 0.0
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, MessageSettled):
+            self._settled(event)
+            return
+        kind = type(event).__name__
+        if kind in _BREAKER_OPEN and self.open_since is None:
+            self.open_since = self.loop.time()
+        elif kind in _BREAKER_LEFT_OPEN and self.open_since is not None:
+            self.open_total += self.loop.time() - self.open_since
+            self.open_since = None
+
+    def _settled(self, event: MessageSettled) -> None:
+        if event.outcome not in _FINAL:
+            return  # cancelled or unsettled: released, it comes back
+        published = self.published.pop(event.message_id, None)
+        if published is None:
+            return
+        now = self.loop.time()
+        self.outcomes[event.outcome] += 1
+        if event.reason and event.outcome is not Outcome.SUCCESS:
+            self.reasons[event.reason] += 1
+        self.latencies.append(now - published)
+        if self.recovery is not None and published < self.recovery:
+            self.last_backlog_settled = now
+        self.settled += 1
+        if self.progress is not None and self.settled % self._step == 0:
+            self.progress(self.settled / self.total)
+        if self.settled >= self.total:
+            self.done.set()
+
+    def breaker_open(self, end: float) -> float:
+        if self.open_since is not None:
+            return self.open_total + end - self.open_since
+        return self.open_total
+
+
+async def _run(
+    named: NamedPolicy, scenario: Scenario, workload: Workload, progress: Progress | None
+) -> RunResult:
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    seed = workload.seed
+    arrivals = random.Random(f"{seed}:arrivals")
+    scenario.reset(random.Random(f"{seed}:dependency"))
+    clock = LoopClock()
+    backend = MemoryBackend.isolated(keys=[WORK_KEY])
+    bus = EventBus()
+    stats = _Stats(loop, workload.messages, scenario.recovery_at)
+    stats.progress = progress
+    bus.subscribe(stats)
+    consumer = ResilientConsumer(
+        backend,
+        policy=named.policy,
+        concurrency=workload.concurrency,
+        drain_timeout=0.0,
+        clock=clock,
+        events=bus,
+    )
+    reply = scenario.reply
+
+    async def handler(payload: dict[str, Any]) -> None:
+        stats.calls += 1
+        answer = reply(loop.time(), payload["poison"])
+        if answer.latency > 0:
+            await clock.sleep(answer.latency)
+        error = answer.error
+        if error is not None:
+            if isinstance(error, RateLimitedError):
+                raise RetryAfter(error.retry_after, "rate limited") from error
+            raise error
+
+    run_task = asyncio.create_task(consumer.run(handler))
+    for n in range(workload.messages):
+        await asyncio.sleep(arrivals.expovariate(workload.rate))
+        poison = arrivals.random() < scenario.poison_rate
+        message_id = await backend.publish_message(WORK_KEY, {"n": n, "poison": poison})
+        stats.published[message_id] = loop.time()
+        if run_task.done():
+            break
+    waiter = asyncio.create_task(stats.done.wait())
+    await asyncio.wait({waiter, run_task}, timeout=workload.horizon, return_when="FIRST_COMPLETED")
+    end = loop.time()
+    if run_task.done():
+        waiter.cancel()
+        run_task.result()  # the consumer crashed: raise what it raised
+        raise RuntimeError("the consumer stopped before every message was settled")
+    waiter.cancel()
+    await consumer.shutdown()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_task
+
+    succeeded = stats.outcomes[Outcome.SUCCESS] + stats.outcomes[Outcome.RETRIED]
+    latencies = sorted(stats.latencies)
+    drain: float | None = None
+    recovery = scenario.recovery_at
+    if recovery is not None and not stats.published:
+        last = stats.last_backlog_settled
+        drain = 0.0 if last is None else max(0.0, last - recovery)
+    return RunResult(
+        policy=named.name,
+        scenario=scenario_name(scenario),
+        messages=workload.messages,
+        succeeded=succeeded,
+        retried=stats.outcomes[Outcome.RETRIED],
+        dead_lettered=stats.outcomes[Outcome.DEAD_LETTERED],
+        dropped=stats.outcomes[Outcome.DROPPED],
+        lost=stats.outcomes[Outcome.FAILED],
+        pending=len(stats.published),
+        calls=stats.calls,
+        amplification=stats.calls / workload.messages,
+        latency_p50=percentile(latencies, 0.50),
+        latency_p95=percentile(latencies, 0.95),
+        latency_p99=percentile(latencies, 0.99),
+        drain_time=drain,
+        breaker_open=stats.breaker_open(end) if named.has_breaker else None,
+        simulated=end,
+        wall=time.perf_counter() - started,
+        reasons=dict(sorted(stats.reasons.items())),
+    )
+
+
+@contextlib.contextmanager
+def _isolated(seed: int, verbose: bool) -> Iterator[None]:
+    """Seed the global random module (tenacity's jitter uses it), silence per-message logs,
+    and turn testing mode's zero waits off; restore all of it afterwards."""
+    state = random.getstate()
+    config = structlog.get_config()
+    loggers = [logging.getLogger(name) for name in ("resilience", "abe")]
+    levels = [logger.level for logger in loggers]
+    random.seed(f"{seed}:backoff")
+    if not verbose:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+    try:
+        with zero_waits(False):
+            yield
+    finally:
+        random.setstate(state)
+        structlog.configure(**config)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def simulate(
+    policy: NamedPolicy,
+    scenario: Scenario,
+    workload: Workload | None = None,
+    *,
+    progress: Progress | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Run one policy against one scenario on virtual time.
+
+    Args:
+        policy: The policy to run.
+        scenario: The simulated dependency (a fresh copy is used; ``scenario`` is not changed).
+        workload: Messages, arrival rate, concurrency, seed (defaults: :class:`Workload`).
+        progress: Called with the fraction of messages settled, every 1%.
+        verbose: Keep the pipeline's per-message log lines (silenced by default).
+
+    Returns:
+        The run's numbers; identical for identical arguments (apart from ``wall``).
+
+    Raises:
+        RuntimeError: called from a running event loop (use a thread), or the consumer stopped.
+        SimulationStalled: the run deadlocked.
+    """
+    workload = workload or Workload()
+    scenario = dataclasses.replace(scenario)
+    with _isolated(workload.seed, verbose):
+        return run_virtual(_run(policy, scenario, workload, progress))
+
+
+RunProgress = Callable[[int, int, str, float], None]
+"""Called with (runs done, runs in all, "scenario / policy", fraction of that run done)."""
+
+
+def compare(
+    policies: Sequence[NamedPolicy],
+    scenarios: Sequence[Scenario],
+    workload: Workload | None = None,
+    *,
+    progress: RunProgress | None = None,
+    verbose: bool = False,
+) -> list[RunResult]:
+    """Run every policy against every scenario (scenario-major order).
+
+    Returns:
+        One :class:`RunResult` per (scenario, policy) pair.
+    """
+    workload = workload or Workload()
+    results: list[RunResult] = []
+    total = len(policies) * len(scenarios)
+    for scenario in scenarios:
+        for policy in policies:
+            label = f"{scenario_name(scenario)} / {policy.name}"
+            run_progress = None
+            if progress is not None:
+                run_progress = functools.partial(progress, len(results), total, label)
+                run_progress(0.0)
+            results.append(
+                simulate(policy, scenario, workload, progress=run_progress, verbose=verbose)
+            )
+    if progress is not None:
+        progress(total, total, "done", 1.0)
+    return results
