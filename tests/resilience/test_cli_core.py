@@ -1,0 +1,187 @@
+"""The ``resilience`` command line: run, demo, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.cli import main
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current directory holding a handler module, with QUEUE_BACKEND=memory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    for name in list(os.environ):
+        if name.startswith("RESILIENCE_"):
+            monkeypatch.delenv(name)
+    MemoryBackend.reset_shared()
+    return tmp_path
+
+
+def write_handler(workdir: Path, name: str, body: str) -> None:
+    (workdir / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """resilience --help names the run and demo commands."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out
+    assert "demo" in out
+
+
+def test_run_processes_messages_from_the_configured_backend(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run MODULE:HANDLER consumes the memory backend under the policy file and exits 0."""
+    write_handler(
+        workdir,
+        "orders_handler",
+        """
+        import json
+        from pathlib import Path
+
+        calls = {}
+
+        async def handle(payload):
+            calls[payload["i"]] = calls.get(payload["i"], 0) + 1
+            if payload["i"] == 1 and calls[1] < 2:
+                raise ConnectionError("flaky")
+            with Path("seen.jsonl").open("a") as fh:
+                fh.write(json.dumps(payload) + "\\n")
+        """,
+    )
+    (workdir / "policy.toml").write_text(
+        '[retry]\nattempts = 3\nbackoff = "fixed"\ninitial = 0\nmaximum = 0\n'
+    )
+    shared = MemoryBackend()
+    import asyncio
+
+    async def fill() -> None:
+        for i in range(3):
+            await shared.publish("orders", {"i": i})
+
+    asyncio.run(fill())
+    with pytest.warns(UserWarning, match="MemoryBackend"):
+        code = main(
+            ["run", "orders_handler:handle", "--policy", "policy.toml", "--max-messages", "3"]
+        )
+    assert code == 0
+    seen = [json.loads(line)["i"] for line in (workdir / "seen.jsonl").read_text().splitlines()]
+    assert seen == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "settled 3 message(s)" in err
+    assert "retried 1" in err
+    assert shared.unacked() == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "no_colon"], "MODULE:FUNCTION"),
+        (["run", "missing_module:handle"], "cannot import module 'missing_module'"),
+        (["run", "sync_handler:missing"], "has no attribute 'missing'"),
+        (["run", "sync_handler:handle"], "must be an async function"),
+        (["run", "sync_handler:handle_async", "--policy", "nope.toml"], "policy file not found"),
+        (["run", "sync_handler:handle_async", "--concurrency", "0"], "--concurrency"),
+    ],
+)
+def test_run_errors_are_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Bad handler paths and policies give exit code 2 and one line, no traceback."""
+    write_handler(
+        workdir,
+        "sync_handler",
+        """
+        def handle(payload):
+            pass
+
+        async def handle_async(payload):
+            pass
+        """,
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_run_invalid_policy_names_the_key(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid policy file is reported with the offending key."""
+    write_handler(workdir, "h", "async def handle(payload):\n    pass\n")
+    (workdir / "bad.toml").write_text("[retry]\nattempts = -2\n")
+    assert main(["run", "h:handle", "--policy", "bad.toml"]) == 2
+    assert "retry.attempts must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_stops_cleanly_on_sigterm(workdir: Path) -> None:
+    """A running `resilience run` process drains and exits 0 on SIGTERM."""
+    write_handler(workdir, "idle", "async def handle(payload):\n    pass\n")
+    env = {**os.environ, "QUEUE_BACKEND": "memory", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilience", "run", "idle:handle"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        # Wait until the process is up (its imports done) before signalling it.
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+            if Path(f"/proc/{proc.pid}/status").exists():
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                if "SigCgt" in status and int(status.split("SigCgt:")[1].split()[0], 16) & (
+                    1 << (signal.SIGTERM - 1)
+                ):
+                    break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "settled 0 message(s)" in err
+
+
+def test_demo_json_accounts_for_every_message(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo processes every published order and reports retries and terminal failures."""
+    assert main(["demo", "--json", "--messages", "30", "--seed", "7"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["published"] == 30
+    assert summary["settled"] == 30
+    assert sum(summary["outcomes"].values()) == 30
+    assert summary["unacked"] == 0
+    assert summary["outcomes"].get("retried", 0) > 0
+    assert summary["retries"] >= summary["outcomes"].get("retried", 0)
+
+
+def test_demo_text_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """The readable demo summary names each outcome."""
+    assert main(["demo", "--messages", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "Processed 12 of 12 orders" in out
+    assert "succeeded after retry" in out
