@@ -1,0 +1,146 @@
+"""The wire format of stream entries, shared with the published ``abe-redis`` provider.
+
+An entry is a flat field map. Field ``data`` holds the payload as a JSON object (what
+``abe-redis`` writes and reads); each transport header travels in a field of its own named
+``h:<header>`` (for example ``h:traceparent``), which readers that know only ``data`` ignore.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from abe.backends.message_queue.base.extensions import InboundMessage
+
+__all__ = [
+    "DATA_FIELD",
+    "HEADER_PREFIX",
+    "NO_HEADERS",
+    "EntryDecodeError",
+    "decode_entry",
+    "encode_entry",
+]
+
+DATA_FIELD = b"data"
+"""The field holding the JSON payload."""
+
+HEADER_PREFIX = b"h:"
+"""Prefix of the fields holding transport headers."""
+
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+"""The shared, read-only headers of an entry that has none (saves one dict per entry)."""
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_loads = json.loads
+
+
+class EntryDecodeError(ValueError):
+    """A stream entry is not in the wire format: no ``data`` field, or not a JSON object."""
+
+
+def encode_entry(
+    payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> dict[str | bytes, str | bytes]:
+    """The XADD field map for ``payload`` and ``headers``.
+
+    Args:
+        payload: A JSON-serialisable mapping.
+        headers: Transport headers; names and values must be strings.
+
+    Returns:
+        ``{"data": <json>, "h:<name>": <value>, ...}``.
+
+    Raises:
+        TypeError: ``payload`` is not a mapping, is not JSON-serialisable, or a header is not a
+            string.
+        ValueError: ``payload`` holds a value JSON cannot represent (a circular reference).
+    """
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    try:
+        data = _dumps(payload if isinstance(payload, dict) else dict(payload))
+    except TypeError as exc:
+        raise TypeError(f"payload is not JSON-serialisable: {exc}") from exc
+    fields: dict[str | bytes, str | bytes] = {DATA_FIELD: data}
+    if headers:
+        for name, value in headers.items():
+            if not isinstance(name, str) or not isinstance(value, str) or not name:
+                raise TypeError(
+                    f"headers must map non-empty strings to strings, got {name!r}: {value!r}"
+                )
+            fields[HEADER_PREFIX + name.encode()] = value
+    return fields
+
+
+def decode_entry(
+    key: str,
+    entry_id: bytes,
+    fields: Mapping[bytes, bytes],
+    group: str | None,
+    delivery_count: int,
+    handle: Any,
+) -> InboundMessage:
+    """Turn one stream entry into an :class:`InboundMessage`.
+
+    An entry that is not in the wire format is returned as *poison*: an empty payload,
+    ``decode_error`` set and the raw ``data`` bytes kept in ``raw``.
+
+    Args:
+        key: The stream key.
+        entry_id: The entry id as Redis returned it.
+        fields: The entry's field map (bytes to bytes).
+        group: The consumer group it was read in.
+        delivery_count: How often the group has delivered it, this time included.
+        handle: Backend-private settlement data stored on the message.
+
+    Returns:
+        The message.
+    """
+    message_id = entry_id.decode()
+    enqueued_at = int(entry_id[: entry_id.index(b"-")]) * 0.001
+    data = fields.get(DATA_FIELD)
+    error: BaseException | None = None
+    payload: Any = None
+    if data is None:
+        error = EntryDecodeError(f"entry {message_id} of {key!r} has no 'data' field")
+    else:
+        try:
+            payload = _loads(data)
+        except ValueError as exc:
+            error = EntryDecodeError(f"entry {message_id} of {key!r}: data is not JSON: {exc}")
+        else:
+            if type(payload) is not dict:
+                error = EntryDecodeError(
+                    f"entry {message_id} of {key!r}: data is JSON "
+                    f"{type(payload).__name__}, not an object"
+                )
+    headers = NO_HEADERS
+    if len(fields) > 1:
+        found = {
+            name[2:].decode(errors="replace"): value.decode(errors="replace")
+            for name, value in fields.items()
+            if name.startswith(HEADER_PREFIX)
+        }
+        if found:
+            headers = found
+    if error is not None:
+        raw: bytes | None = data
+        if raw is None:
+            raw = b" ".join(name + b"=" + value for name, value in fields.items())
+        return InboundMessage(
+            {},
+            key,
+            message_id,
+            delivery_count,
+            headers,
+            enqueued_at,
+            group,
+            raw,
+            error,
+            handle,
+        )
+    return InboundMessage(
+        payload, key, message_id, delivery_count, headers, enqueued_at, group, None, None, handle
+    )

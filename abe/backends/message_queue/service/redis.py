@@ -1,0 +1,559 @@
+"""Redis Streams backend: at-least-once delivery, crash recovery, atomic dead-lettering.
+
+Many consumer processes on many hosts share the work of one consumer group on one Redis::
+
+    backend = RedisBackend("redis://localhost:6379/0", streams=["orders"], group="billing")
+    await backend.publish("orders", {"id": 7})
+    async for message in backend.deliveries():      # at-least-once: ack when done
+        ...
+        await backend.ack(message)
+
+The wire format is the published ``abe-redis`` provider's (field ``data`` holds the JSON
+payload), with transport headers in extra ``h:<name>`` fields, so both can share streams.
+
+Guarantees (see ``docs/redis.md``):
+
+* An entry is acknowledged (XACK) only when the consumer settles it. Acknowledgements are
+  buffered and sent as one multi-id XACK per stream together with the next read, after
+  ``ack_delay`` at the latest, and on close; a crash before that delivers those entries again.
+* Entries a consumer holds are kept alive; entries of a crashed (or stalled) consumer are
+  reclaimed by live consumers with XAUTOCLAIM once idle for ``claim_idle`` and counted in
+  :attr:`RedisBackend.stats`; their delivery count (from the pending-entries list) feeds the
+  attempt limit.
+* Dead-lettering writes the record and acknowledges the source entry in one MULTI/EXEC.
+* A lost connection or a Redis restart is retried with backoff; reading resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
+from typing import Any, NoReturn
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "The Redis backend needs redis-py: install it with `pip install 'abe-resilience[redis]'`"
+    ) from exc
+
+from abe.backends.message_queue.base.extensions import InboundMessage
+from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
+
+from ._redis_codec import encode_entry
+from ._redis_reader import TRANSIENT_ERRORS, Sleep, StreamReader
+from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "DEFAULT_STREAMS",
+    "DEFAULT_URL",
+    "RedisBackend",
+    "RedisBackendError",
+    "RedisSettings",
+    "RedisStats",
+    "RedisUnavailableError",
+]
+
+logger = logging.getLogger(__name__)
+
+_PUBLISH_CHUNK = 1000
+
+
+class RedisBackendError(Exception):
+    """A Redis operation of :class:`RedisBackend` failed; the Redis error is the ``__cause__``."""
+
+
+class RedisUnavailableError(RedisBackendError, ConnectionError):
+    """Redis could not be reached or did not answer in time (a transient failure)."""
+
+
+@dataclass(slots=True)
+class RedisStats:
+    """Running counters of one :class:`RedisBackend` (all readers together).
+
+    Attributes:
+        published: Entries written by ``publish*``.
+        delivered: Entries handed out (new and reclaimed).
+        reclaimed: Entries taken over from idle consumers (crashed, stalled, or released).
+        acked: Entries acknowledged.
+        ack_round_trips: XACK round trips (acks ride along with reads when they can).
+        released: Entries handed back for redelivery.
+        dead_lettered: Entries dead-lettered atomically.
+        poison: Entries that could not be decoded (yielded with ``decode_error``).
+        deleted_while_pending: Pending entries found deleted from their stream (trimmed).
+        reconnects: Failed attempts to reach Redis while reading (each followed by a backoff).
+    """
+
+    published: int = 0
+    delivered: int = 0
+    reclaimed: int = 0
+    acked: int = 0
+    ack_round_trips: int = 0
+    released: int = 0
+    dead_lettered: int = 0
+    poison: int = 0
+    deleted_while_pending: int = 0
+    reconnects: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+class RedisBackend:
+    """Message-queue backend on Redis Streams with consumer groups (at-least-once).
+
+    Implements the plain ``publish`` / ``consume`` protocol and the extensions
+    :class:`~abe.backends.message_queue.base.SettlingBackend`,
+    :class:`~abe.backends.message_queue.base.DeadLetteringBackend` and
+    :class:`~abe.backends.message_queue.base.HeaderPublishingBackend`.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``unix://``. Defaults to ``redis://localhost:6379/0``.
+        streams: Stream keys that ``consume()`` and ``deliveries()`` read (default
+            ``("events",)``). Publishing works on any key.
+        group: Consumer group used when ``consume()``/``deliveries()`` get ``group=None``
+            (default ``"abe"``). Groups are created on first read, starting at the beginning
+            of the stream.
+        consumer: This consumer's name in the group; unique per process (default
+            ``<hostname>-<pid>``).
+        batch_size: Entries per XREADGROUP (default 100).
+        block: Seconds one read waits for new entries (default 2).
+        claim_idle: Seconds after which entries a consumer stopped looking after are
+            reclaimed by others (default 60). Live consumers keep what they hold alive.
+        maxlen: Approximate cap on stream length when publishing (default: no trimming).
+        ack_batch: Acknowledgements buffered before one XACK is sent at once (default: twice
+            ``batch_size``).
+        ack_delay: Seconds an acknowledgement may wait for the next read (default 0.1).
+        settings: Ready :class:`RedisSettings`; the other arguments override its fields.
+        client: A ``redis.asyncio.Redis`` to use (``decode_responses=False``); the backend then
+            does not close it.
+        sleep: Awaited for reconnection backoff (tests pass a fake).
+
+    Raises:
+        ValueError: an invalid setting (the message names it and what is allowed).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        streams: Iterable[str] | None = None,
+        group: str | None = None,
+        consumer: str | None = None,
+        batch_size: int | None = None,
+        block: float | timedelta | None = None,
+        claim_idle: float | timedelta | None = None,
+        maxlen: int | None = None,
+        ack_batch: int | None = None,
+        ack_delay: float | timedelta | None = None,
+        settings: RedisSettings | None = None,
+        client: aioredis.Redis | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        overrides: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("url", url),
+                ("streams", streams),
+                ("group", group),
+                ("consumer", consumer),
+                ("batch_size", batch_size),
+                ("block", block),
+                ("claim_idle", claim_idle),
+                ("maxlen", maxlen),
+                ("ack_batch", ack_batch),
+                ("ack_delay", ack_delay),
+            )
+            if value is not None
+        }
+        if isinstance(streams, str):
+            raise TypeError("streams must be an iterable of stream keys, not a single string")
+        if "streams" in overrides:
+            overrides["streams"] = tuple(overrides["streams"])
+        base = settings if settings is not None else None
+        self._settings = (
+            replace(base, **overrides) if base is not None else RedisSettings(**overrides)
+        )
+        self._owns_client = client is None
+        if client is None:
+            client = _make_client(self._settings)
+        elif client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("the Redis client must be created with decode_responses=False")
+        self._client = client
+        self._sleep = sleep
+        self._stats = RedisStats()
+        self._readers: weakref.WeakSet[StreamReader] = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def from_env(cls) -> RedisBackend:
+        """Create a backend from ``REDIS_*`` environment variables.
+
+        ``REDIS_URL`` (default ``redis://localhost:6379/0``), ``REDIS_STREAMS``
+        (comma-separated, default ``events``), ``REDIS_GROUP`` (default ``abe``),
+        ``REDIS_CONSUMER`` (default ``<hostname>-<pid>``), ``REDIS_BATCH_SIZE``,
+        ``REDIS_BLOCK_MS``, ``REDIS_CLAIM_IDLE_MS``, ``REDIS_MAXLEN``, and ``REDIS_PASSWORD``
+        when the URL carries no password.
+
+        Returns:
+            The backend (it connects on first use).
+
+        Raises:
+            ValueError: a variable is invalid; the message names it, its value and what is
+                allowed.
+        """
+        return cls(settings=RedisSettings.from_environ())
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> RedisSettings:
+        """The validated settings."""
+        return self._settings
+
+    @property
+    def stats(self) -> RedisStats:
+        """Live counters (published, delivered, reclaimed, acked, dead-lettered, ...)."""
+        return self._stats
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The ``redis.asyncio.Redis`` client in use."""
+        return self._client
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, key: MessageQueueKey, payload: MessageQueuePayload) -> None:
+        """Append ``payload`` to stream ``key`` (XADD field ``data``, as abe-redis writes).
+
+        Raises:
+            TypeError: ``payload`` is not a JSON-serialisable dict.
+            ValueError: ``key`` is empty.
+            RedisUnavailableError: Redis could not be reached (after a few quick retries).
+            RedisBackendError: Redis refused the write.
+        """
+        await self.publish_message(key, payload)
+
+    async def publish_message(
+        self,
+        key: MessageQueueKey,
+        payload: MessageQueuePayload,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """Append ``payload`` with transport ``headers`` (fields ``h:<name>``) to stream ``key``.
+
+        Returns:
+            The entry id.
+
+        Raises:
+            TypeError: ``payload`` is not a JSON-serialisable dict, or a header is not a string.
+            ValueError: ``key`` is empty.
+            RedisUnavailableError: Redis could not be reached (after a few quick retries).
+            RedisBackendError: Redis refused the write.
+        """
+        _check_key(key)
+        fields = encode_entry(payload, headers)
+        maxlen = self._settings.maxlen
+        try:
+            entry_id = await self._client.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        except RedisError as exc:
+            self._fail(f"publishing to stream {key!r}", exc)
+        self._stats.published += 1
+        return _text(entry_id)
+
+    async def publish_many(
+        self,
+        key: MessageQueueKey,
+        payloads: Iterable[MessageQueuePayload],
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Append many payloads to stream ``key`` in pipelined round trips (1000 per trip).
+
+        Every payload is encoded before anything is sent, so an invalid one publishes nothing.
+
+        Returns:
+            The entry ids, in order.
+
+        Raises:
+            TypeError: a payload is not a JSON-serialisable dict.
+            ValueError: ``key`` is empty.
+            RedisUnavailableError: Redis could not be reached; the message says how many
+                entries were written before the failure.
+            RedisBackendError: Redis refused a write.
+        """
+        _check_key(key)
+        encoded = [encode_entry(payload, headers) for payload in payloads]
+        maxlen = self._settings.maxlen
+        ids: list[str] = []
+        for start in range(0, len(encoded), _PUBLISH_CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for fields in encoded[start : start + _PUBLISH_CHUNK]:
+                pipe.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            try:
+                results = await pipe.execute()
+            except RedisError as exc:
+                self._fail(
+                    f"publishing to stream {key!r} ({len(ids)} of {len(encoded)} written)", exc
+                )
+            ids.extend(_text(r) for r in results)
+            self._stats.published += len(results)
+        return ids
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    async def consume(self, *, group: ConsumerGroup = None) -> AsyncIterator[MessageQueueMessage]:
+        """Yield payloads from the configured streams in consumer group ``group``.
+
+        ``group=None`` uses the configured group (``"abe"`` by default), so several processes
+        share the work. An entry is acknowledged once the caller asks for the next one (its
+        handler has returned); one that was handed out when the iterator is closed, or whose
+        process died, is delivered again. Undecodable entries are logged and acknowledged
+        (they stay readable in the stream by id).
+        """
+        reader = self._reader(group)
+        source = reader.messages()  # an async generator: closed below
+        try:
+            async for message in source:
+                if message.decode_error is None:
+                    yield message.payload
+                else:
+                    logger.error(
+                        "Skipping undecodable entry %s of %r (acknowledged, still in the "
+                        "stream): %s",
+                        message.message_id,
+                        message.key,
+                        message.decode_error,
+                    )
+                await reader.ack(message)
+        finally:
+            await source.aclose()
+
+    def deliveries(self, *, group: ConsumerGroup = None) -> AsyncIterator[InboundMessage]:
+        """Yield deliveries (``InboundMessage``) that stay pending until acked or released.
+
+        ``group=None`` uses the configured group. Entries that cannot be decoded are yielded
+        with ``decode_error`` set and the raw ``data`` bytes in ``raw``.
+        """
+        return self._reader(group).messages()
+
+    def _reader(self, group: ConsumerGroup) -> StreamReader:
+        if self._closed:
+            raise RuntimeError("the Redis backend is closed")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ValueError(f"group must be a non-empty string or None, got {group!r}")
+        reader = StreamReader(
+            self._client, self._settings, group or self._settings.group, self._stats, self._sleep
+        )
+        self._readers.add(reader)
+        return reader
+
+    # -- settling --------------------------------------------------------------------------------
+
+    async def ack(self, message: InboundMessage) -> None:
+        """Acknowledge ``message`` (buffered; see the module docs for when it is sent).
+
+        Raises:
+            RedisBackendError: the acknowledgement had to be sent now (the reader is closed)
+                and Redis did not take it; the entry will be delivered again.
+        """
+        handle = message.handle
+        if type(handle) is StreamReader:
+            try:
+                await handle.ack(message)
+            except RedisError as exc:
+                self._fail(f"acknowledging entry {message.message_id}", exc)
+            return
+        try:
+            await self._client.xack(message.key, self._group_of(message), _id_of(message))
+        except RedisError as exc:
+            self._fail(f"acknowledging entry {message.message_id}", exc)
+        self._stats.acked += 1
+
+    async def release(self, message: InboundMessage) -> None:
+        """Hand ``message`` back to its group: the next reclaim by any consumer redelivers it.
+
+        The entry stays in the pending-entries list, marked idle, so it comes back at once
+        (with its delivery count raised) rather than after ``claim_idle``.
+
+        Raises:
+            RedisBackendError: Redis could not be told; the entry is then redelivered after
+                ``claim_idle``.
+        """
+        handle = message.handle
+        try:
+            if type(handle) is StreamReader:
+                await handle.release(message)
+                return
+            await self._client.xclaim(
+                message.key,
+                self._group_of(message),
+                self._settings.consumer,
+                0,
+                [_id_of(message)],
+                idle=self._settings.claim_idle_ms,
+                justid=True,
+            )
+        except RedisError as exc:
+            self._fail(f"releasing entry {message.message_id}", exc)
+        self._stats.released += 1
+
+    async def dead_letter(
+        self,
+        message: InboundMessage,
+        destination: MessageQueueKey,
+        record: Mapping[str, Any],
+    ) -> str | None:
+        """Append ``record`` to stream ``destination`` and acknowledge ``message``, atomically.
+
+        One MULTI/EXEC runs the XADD (field ``data`` holds the record as JSON; the message's
+        headers travel along) and the XACK, so a crash can neither lose the entry nor leave
+        it both dead-lettered and pending.
+
+        Returns:
+            The id of the dead-letter entry.
+
+        Raises:
+            TypeError: ``record`` is not JSON-serialisable.
+            ValueError: ``destination`` is empty, or ``message`` has no id.
+            RedisUnavailableError: Redis could not be reached; nothing was written or acked.
+            RedisBackendError: the transaction failed; nothing was written or acked.
+        """
+        _check_key(destination)
+        entry_id = _id_of(message)
+        fields = encode_entry(record, message.headers or None)
+        handle = message.handle
+        reader = handle if type(handle) is StreamReader else None
+        held = reader.settle(message) if reader is not None else False
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xadd(destination, fields)  # type: ignore[arg-type]
+        pipe.xack(message.key, self._group_of(message), entry_id)
+        try:
+            record_id, _ = await pipe.execute()
+        except RedisError as exc:
+            if held and reader is not None:
+                reader.hold(message)
+            what = f"dead-lettering entry {entry_id} of {message.key!r} to {destination!r}"
+            self._fail(what, exc)
+        self._stats.dead_lettered += 1
+        return _text(record_id)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    async def pending(
+        self, key: MessageQueueKey | None = None, *, group: ConsumerGroup = None
+    ) -> int:
+        """Entries delivered in ``group`` and not acknowledged yet (XPENDING).
+
+        Args:
+            key: One stream, or ``None`` for every configured stream.
+            group: The consumer group (the configured one when ``None``).
+
+        Returns:
+            The number of pending entries; 0 for a stream or group that does not exist.
+
+        Raises:
+            RedisBackendError: Redis could not be asked.
+        """
+        total = 0
+        for stream in (key,) if key is not None else self._settings.streams:
+            try:
+                summary = await self._client.xpending(stream, group or self._settings.group)
+            except RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    continue
+                self._fail(f"reading pending entries of {stream!r}", exc)
+            total += int(summary["pending"])
+        return total
+
+    async def flush(self) -> None:
+        """Send every buffered acknowledgement now.
+
+        Raises:
+            RedisBackendError: Redis did not take them (they stay buffered).
+        """
+        for reader in list(self._readers):
+            try:
+                await reader.flush()
+            except RedisError as exc:
+                self._fail("flushing acknowledgements", exc)
+
+    async def aclose(self) -> None:
+        """Flush acknowledgements, stop every reader and close the connection pool.
+
+        Idempotent. Entries read but never handed out are given back to the group.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for reader in list(self._readers):
+            await reader.close()
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def close(self) -> None:
+        """Same as :meth:`aclose`."""
+        await self.aclose()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return (
+            f"RedisBackend(url={redact(s.url)!r}, streams={list(s.streams)!r}, "
+            f"group={s.group!r}, consumer={s.consumer!r})"
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _group_of(self, message: InboundMessage) -> str:
+        return message.group or self._settings.group
+
+    def _fail(self, what: str, exc: RedisError) -> NoReturn:
+        where = redact(self._settings.url)
+        text = f"{what} on {where} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise RedisUnavailableError(text) from exc
+        raise RedisBackendError(text) from exc
+
+
+def _make_client(settings: RedisSettings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        settings.url,
+        decode_responses=False,
+        socket_timeout=max(10.0, settings.block + 5.0),
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+    )
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+
+
+def _id_of(message: InboundMessage) -> str:
+    if not message.message_id:
+        raise ValueError("the message has no id: it did not come from a Redis stream")
+    return message.message_id
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
