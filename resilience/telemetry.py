@@ -1,0 +1,433 @@
+"""OpenTelemetry traces and metrics for every message, following the messaging conventions.
+
+:class:`Telemetry` is the outermost middleware. Per delivery it opens one ``CONSUMER`` span named
+``process <destination>`` with the messaging attributes (``messaging.system``,
+``messaging.operation.type`` = ``process``, destination, consumer group, message id) and the
+project's own (``resilience.attempt``, ``resilience.delivery_count``, ``resilience.outcome``);
+links it to (or parents it on) the producer's span read from the message's W3C ``traceparent``
+header; adds a span event per failed attempt, scheduled retry, breaker state change and
+dead-lettering; marks the span as an error only when the outcome is terminal; and records
+``messaging.process.duration``. Log lines written meanwhile carry the message and trace ids
+(:mod:`resilience.logging`).
+
+Cost: the ``[telemetry]`` policy section decides when the pipeline is built. With no
+OpenTelemetry SDK configured (``enabled = "auto"``, the default) it adds no OpenTelemetry call
+at all, only :class:`~resilience.logging.LogContext`. Telemetry never breaks a handler: a
+failing tracer, span processor or meter is logged, and the message goes on.
+
+:func:`publish_with_context` publishes with the current trace context in the headers;
+:func:`configure_otel` sets up the SDK with a console or OTLP exporter (for the command line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from . import __version__
+from ._telemetry_events import (
+    ATTEMPT,
+    CONSUMER_GROUP,
+    DEAD_LETTER_REASON,
+    DELIVERY_COUNT,
+    DESTINATION,
+    ERROR_TYPE,
+    EVENT_DEAD_LETTERED,
+    MESSAGE_BODY_SIZE,
+    MESSAGE_ID,
+    OPERATION_NAME,
+    OPERATION_TYPE,
+    OUTCOME,
+    REASON,
+    SYSTEM,
+    EventRecorder,
+)
+from ._telemetry_metrics import Instruments, base_attributes, instruments_for
+from ._telemetry_policy import LINK_MODES, TelemetryConfig, policy_section
+from ._telemetry_publish import inject_context, publish_with_context
+from ._telemetry_setup import (
+    SCHEMA_URL,
+    configure_otel,
+    messaging_system,
+    metrics_configured,
+    tracing_configured,
+)
+from .classify import Classifier, Verdict, default_classifier
+from .clock import Clock, default_clock
+from .errors import ConfigError, DeadLetterWriteError
+from .events import EventBus, Outcome
+from .logging import _DELIVERY
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import Span, Tracer, TracerProvider
+
+    from .delivery import Delivery
+    from .pipeline import CallNext
+
+__all__ = [
+    "LINK_MODES",
+    "SCHEMA_URL",
+    "Telemetry",
+    "TelemetryConfig",
+    "configure_otel",
+    "inject_context",
+    "messaging_system",
+    "metrics_configured",
+    "policy_section",
+    "publish_with_context",
+    "tracing_configured",
+]
+
+logger = logging.getLogger(__name__)
+
+_TERMINAL = frozenset({Outcome.DEAD_LETTERED, Outcome.FAILED, Outcome.UNSETTLED})
+
+
+class _Destination:
+    """Per-destination constants, built once: span name, attributes, metric attributes, count."""
+
+    __slots__ = (
+        "consumed",
+        "delivery_group",
+        "metric_attrs",
+        "outcome_attrs",
+        "span_attrs",
+        "span_name",
+    )
+
+    def __init__(
+        self, system: str, key: str | None, delivery_group: str | None, group: str | None
+    ) -> None:
+        name = key if key is not None else "(unknown)"
+        self.delivery_group = delivery_group
+        self.span_name = f"process {name}"
+        self.span_attrs: dict[str, Any] = {
+            SYSTEM: system,
+            OPERATION_TYPE: "process",
+            OPERATION_NAME: "process",
+            DESTINATION: name,
+        }
+        if group is not None:
+            self.span_attrs[CONSUMER_GROUP] = group
+        self.metric_attrs = {**base_attributes(system, group), DESTINATION: name}
+        self.outcome_attrs = {
+            outcome: {**self.metric_attrs, OPERATION_NAME: "process", OUTCOME: outcome.value}
+            for outcome in Outcome
+        }
+        self.consumed = 0
+
+
+class Telemetry:
+    """Middleware: one CONSUMER span per delivery, span events, metrics and log context.
+
+    Put it outermost (the policy's order 10). Instances hold metric counters and breaker states
+    across messages; everything per message lives on the stack.
+
+    Args:
+        system: ``messaging.system`` (``"redis"``, ``"memory"``, ...).
+        link_mode: ``"link"`` (default) links the span to the producer's span from the message
+            headers; ``"parent"`` makes it the span's parent (one trace from publish to process).
+        group: Consumer group reported when a delivery does not carry one.
+        tracer_provider: Where spans go; the global provider when ``None``.
+        meter_provider: Where metrics go; the global provider when ``None``.
+        traces: Emit spans.
+        metrics: Record metrics.
+        events: The consumer's event bus, for attempt, retry, breaker and dead-letter events.
+            Without one, deliveries whose bus has no listener get a private bus.
+        clock: Time source for ``messaging.process.duration``.
+        classifier: Tells a dropped message (ignored failure) from a failed one.
+
+    Raises:
+        ConfigError: ``link_mode`` is not ``"link"`` or ``"parent"``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_bus",
+        "_classifier",
+        "_destinations",
+        "_fault_counts",
+        "_in_flight",
+        "_instruments",
+        "_monotonic",
+        "_parent",
+        "_recorder",
+        "_system",
+        "_tracer",
+        "group",
+        "link_mode",
+    )
+
+    def __init__(
+        self,
+        *,
+        system: str = "unknown",
+        link_mode: str = "link",
+        group: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        traces: bool = True,
+        metrics: bool = True,
+        events: EventBus | None = None,
+        clock: Clock | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        if link_mode not in LINK_MODES:
+            raise ConfigError(f"link_mode must be one of link, parent; got {link_mode!r}")
+        if not isinstance(system, str) or not system:
+            raise ConfigError(f"system must be a non-empty string, got {system!r}")
+        self._system = system
+        self.link_mode = link_mode
+        self._parent = link_mode == "parent"
+        self.group = group
+        self._classifier = classifier or default_classifier
+        self._monotonic = (clock or default_clock).monotonic
+        self._destinations: dict[Any, _Destination] = {}
+        self._in_flight = 0
+        self._fault_counts: dict[str, int] = {}
+        self._tracer: Tracer | None = None
+        if traces:
+            provider = tracer_provider or trace.get_tracer_provider()
+            self._tracer = provider.get_tracer("resilience", __version__, schema_url=SCHEMA_URL)
+        self._instruments: Instruments | None = None
+        if metrics:
+            self._instruments = instruments_for(meter_provider or _global_meters(), self)
+        self._recorder = EventRecorder(self._instruments, base_attributes(system, group))
+        if events is None:
+            events = EventBus()
+        events.subscribe(self._recorder)
+        self._bus = events
+
+    # -- the per-message path ------------------------------------------------------------------
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        """Process ``delivery`` inside its span.
+
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline.
+
+        Raises:
+            BaseException: whatever the rest of the pipeline raises, unchanged.
+        """
+        if delivery.events is not self._bus and not delivery.events:
+            delivery.events = self._bus
+        destination = self._destinations.get(delivery.key)
+        if destination is None or destination.delivery_group != delivery.group:
+            destination = self._destination(delivery)
+        destination.consumed += 1
+        span: Span | None = None
+        token: object = None
+        if self._tracer is not None:
+            try:
+                span, parent = self._start(delivery, destination)
+                token = otel_context.attach(trace.set_span_in_context(span, parent))
+            except Exception:
+                self._fault("start the message span")
+        log_token = _DELIVERY.set(delivery)
+        self._in_flight += 1
+        start = self._monotonic()
+        try:
+            await call_next(delivery)
+        except BaseException as exc:
+            self._finish(delivery, destination, span, exc, start)
+            raise
+        else:
+            self._finish(delivery, destination, span, None, start)
+        finally:
+            self._in_flight -= 1
+            _DELIVERY.reset(log_token)
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+
+    def _destination(self, delivery: Delivery) -> _Destination:
+        # Looked up by key on the hot path; several groups on one key fall back to (key, group).
+        both = (delivery.key, delivery.group)
+        destination = self._destinations.get(both)
+        if destination is None:
+            group = delivery.group if delivery.group is not None else self.group
+            destination = _Destination(self._system, delivery.key, delivery.group, group)
+            self._destinations[both] = destination
+            self._destinations.setdefault(delivery.key, destination)
+        return destination
+
+    def _start(self, delivery: Delivery, destination: _Destination) -> tuple[Span, Any]:
+        tracer = self._tracer
+        assert tracer is not None
+        attrs = destination.span_attrs.copy()
+        if delivery.message_id is not None:
+            attrs[MESSAGE_ID] = delivery.message_id
+        attrs[DELIVERY_COUNT] = delivery.delivery_count
+        message = delivery.message
+        if message is not None:
+            size = getattr(message, "body_size", None)
+            if size is None and message.raw is not None:
+                size = len(message.raw)
+            if size is not None:
+                attrs[MESSAGE_BODY_SIZE] = size
+        headers = delivery.headers
+        links = None
+        parent = None
+        if headers:
+            extracted = propagate.extract(headers)
+            producer = trace.get_current_span(extracted).get_span_context()
+            if producer.is_valid:
+                if self._parent:
+                    parent = extracted
+                else:
+                    links = (Link(producer),)
+        span = tracer.start_span(
+            destination.span_name,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attrs,
+            links=links,
+        )
+        return span, parent
+
+    def _finish(
+        self,
+        delivery: Delivery,
+        destination: _Destination,
+        span: Span | None,
+        exc: BaseException | None,
+        start: float,
+    ) -> None:
+        try:
+            outcome, error_type = self._outcome(delivery, exc)
+            if span is not None:
+                try:
+                    self._close(span, delivery, outcome, error_type, exc)
+                finally:
+                    span.end()
+            instruments = self._instruments
+            if instruments is not None:
+                if error_type is None:
+                    attrs = destination.outcome_attrs[outcome]
+                else:
+                    attrs = {**destination.outcome_attrs[outcome], ERROR_TYPE: error_type}
+                instruments.duration.record(self._monotonic() - start, attrs)
+                if outcome is Outcome.DEAD_LETTERED:
+                    instruments.dead_letters.add(
+                        1,
+                        {
+                            **destination.metric_attrs,
+                            DEAD_LETTER_REASON: delivery.reason or "unknown",
+                        },
+                    )
+        except Exception:
+            self._fault("finish the message span or metrics")
+
+    def _outcome(self, delivery: Delivery, exc: BaseException | None) -> tuple[Outcome, str | None]:
+        """The outcome the consumer will settle with, and ``error.type`` when terminal."""
+        if exc is None:
+            outcome = delivery.outcome
+            if outcome is None:
+                retried = delivery.attempt > delivery.delivery_count
+                return (Outcome.RETRIED if retried else Outcome.SUCCESS), None
+            if outcome in _TERMINAL:
+                return outcome, _last_failure(delivery) or delivery.reason or "unknown"
+            return outcome, None
+        if isinstance(exc, asyncio.CancelledError):
+            return Outcome.CANCELLED, None
+        if isinstance(exc, DeadLetterWriteError):
+            return Outcome.UNSETTLED, type(exc).__qualname__
+        if isinstance(exc, Exception) and self._classifier.classify(exc) is Verdict.IGNORED:
+            return Outcome.DROPPED, None
+        return Outcome.FAILED, type(exc).__qualname__
+
+    def _close(
+        self,
+        span: Span,
+        delivery: Delivery,
+        outcome: Outcome,
+        error_type: str | None,
+        exc: BaseException | None,
+    ) -> None:
+        if error_type is None:
+            span.set_attributes({OUTCOME: outcome.value, ATTEMPT: delivery.attempt})
+            return
+        attrs: dict[str, Any] = {
+            OUTCOME: outcome.value,
+            ATTEMPT: delivery.attempt,
+            ERROR_TYPE: error_type,
+        }
+        if delivery.reason is not None:
+            attrs[REASON] = delivery.reason
+        span.set_attributes(attrs)
+        if outcome is Outcome.DEAD_LETTERED and not any(
+            event.name == EVENT_DEAD_LETTERED for event in getattr(span, "events", ())
+        ):
+            span.add_event(EVENT_DEAD_LETTERED, {DEAD_LETTER_REASON: delivery.reason or "unknown"})
+        if exc is not None:
+            span.record_exception(exc)
+        description = delivery.reason or error_type
+        if exc is not None:
+            description = f"{description}: {exc}"
+        span.set_status(Status(StatusCode.ERROR, description))
+
+    # -- metric sources ------------------------------------------------------------------------
+
+    def consumed_counts(self) -> list[tuple[dict[str, Any], int]]:
+        """Messages handed to the pipeline so far, per destination and group.
+
+        Returns:
+            ``(attributes, cumulative count)`` pairs.
+        """
+        seen = {id(d): d for d in list(self._destinations.values())}
+        return [(d.metric_attrs, d.consumed) for d in seen.values()]
+
+    def in_flight_attributes(self) -> tuple[dict[str, Any], int]:
+        """Messages inside this middleware right now.
+
+        Returns:
+            ``(attributes, count)``.
+        """
+        return base_attributes(self._system, self.group), self._in_flight
+
+    def breaker_states(self) -> list[tuple[str, str]]:
+        """The last state of every breaker seen changing state.
+
+        Returns:
+            ``(name, state)`` pairs, state one of ``closed``, ``half_open``, ``open``.
+        """
+        return list(self._recorder.breakers.copy().items())
+
+    @property
+    def in_flight(self) -> int:
+        """Messages being processed inside this middleware right now."""
+        return self._in_flight
+
+    def _fault(self, what: str) -> None:
+        count = self._fault_counts.get(what, 0) + 1
+        self._fault_counts[what] = count
+        if count == 1 or count % 1000 == 0:
+            logger.warning(
+                "Telemetry failed to %s (%d time(s)); message processing goes on",
+                what,
+                count,
+                exc_info=True,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Telemetry(system={self._system!r}, link_mode={self.link_mode!r}, "
+            f"traces={self._tracer is not None}, metrics={self._instruments is not None})"
+        )
+
+
+def _global_meters() -> MeterProvider:
+    return metrics.get_meter_provider()
+
+
+def _last_failure(delivery: Delivery) -> str | None:
+    failures = delivery.failures
+    if not failures:
+        return None
+    return max(failures.items(), key=lambda item: item[1].last)[0]
