@@ -102,7 +102,7 @@ def test_replay_count_comes_from_the_header() -> None:
 
 def test_redaction_masks_configured_fields_at_any_depth() -> None:
     """Configured fields are masked in nested dicts and lists, whatever their case or dashes."""
-    payload = {
+    payload: dict[str, Any] = {
         "order": {"id": 1, "customer": {"Password": "hunter22", "name": "Ann"}},
         "items": [{"sku": "a"}, {"api-key": "k-123456"}],
         "token": {"nested": "whole subtree"},

@@ -247,7 +247,7 @@ async def test_validation_hook_returning_false_and_async_hooks() -> None:
     calls: list[dict[str, Any]] = []
 
     async def is_valid(payload: dict[str, Any]) -> bool:
-        return payload.get("order", 0) > 0
+        return int(payload.get("order", 0)) > 0
 
     async def handler(payload: dict[str, Any]) -> None:
         calls.append(payload)
