@@ -1,0 +1,413 @@
+"""Circuit breaker middleware: sliding windows, slow-call detection, and a consumer that pauses.
+
+A breaker stops calling a dependency that keeps failing and tries it again later with a few
+probe calls. It trips on any of:
+
+* ``failure_threshold`` consecutive failures;
+* a failure rate over a sliding window (:class:`CountWindow`: the last *n* calls, or
+  :class:`TimeWindow`: the last *n* seconds), once the window holds ``minimum_calls``;
+* a slow-call rate, where a call lasting at least ``slow_call_duration`` is slow.
+
+It then stays open for ``open_wait`` seconds (growing by ``open_wait_multiplier`` on repeated
+trips, up to ``open_wait_max``), goes half-open and admits ``half_open_probes`` probe calls;
+their outcome closes or reopens it. Further calls during half-open are not permitted.
+
+What "not permitted" means depends on the middleware's ``mode``:
+
+* ``"pause"`` (default): the delivery is *held* until a probe is admitted, and a delivery whose
+  call failed because of the outage is held and replayed too, so nothing is dead-lettered
+  however long the outage lasts. :class:`CircuitBreaker` is a
+  :class:`~resilience.consumer.Gate`, so :class:`~resilience.consumer.ResilientConsumer` also
+  stops pulling new messages while the breaker is open.
+* ``"fail_fast"``: the call raises :class:`~resilience.errors.CircuitOpen` at once (retryable
+  for the shared classifier, so retry waits and the dead-letter layer handle it).
+
+Failures are classified by the shared :class:`~resilience.classify.Classifier`: retryable
+counts as a failure, terminal as a success (the dependency answered; the message was bad),
+ignored and cancelled as neither. Breakers are named and shared through a
+:class:`BreakerRegistry`: every middleware with the same name (on the same clock) drives one
+breaker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
+
+from ._breaker_config import (
+    BreakerConfig,
+    BreakerState,
+    BreakerStateChanged,
+    BreakerStats,
+    CallNotPermitted,
+)
+from ._breaker_policy import CircuitBreakerConfig, policy_section
+from ._breaker_state import Breaker
+from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
+from .classify import Classifier, Verdict, default_classifier
+from .clock import Clock, default_clock
+from .errors import CircuitOpen, ConfigError
+
+if TYPE_CHECKING:
+    from .delivery import Delivery
+    from .events import EventBus
+    from .pipeline import CallNext
+
+__all__ = [
+    "Breaker",
+    "BreakerConfig",
+    "BreakerOptions",
+    "BreakerRegistry",
+    "BreakerState",
+    "BreakerStateChanged",
+    "BreakerStats",
+    "CallNotPermitted",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CountWindow",
+    "TimeWindow",
+    "Window",
+    "default_registry",
+    "get_breaker",
+    "policy_section",
+]
+
+Mode = Literal["pause", "fail_fast"]
+MODES: tuple[Mode, ...] = ("pause", "fail_fast")
+
+_CLOSED = BreakerState.CLOSED
+_FORCED_CLOSED = BreakerState.FORCED_CLOSED
+_IGNORED = Verdict.IGNORED
+_RETRYABLE = Verdict.RETRYABLE
+
+
+class BreakerOptions(TypedDict, total=False):
+    """Keyword form of :class:`BreakerConfig` (see its arguments)."""
+
+    failure_threshold: int | None
+    window: Window | None
+    failure_rate: float | None
+    slow_call_duration: float | timedelta | None
+    slow_call_rate: float | None
+    open_wait: float | timedelta
+    open_wait_multiplier: float
+    open_wait_max: float | timedelta
+    half_open_probes: int
+
+
+class BreakerRegistry:
+    """Named breakers, created on first use and shared afterwards.
+
+    A breaker is identified by its name *and* its clock: breakers on different clocks (a test's
+    :class:`~resilience.clock.FakeClock` and production's loop clock) never share state.
+    """
+
+    __slots__ = ("_breakers",)
+
+    def __init__(self) -> None:
+        self._breakers: dict[tuple[str, int], Breaker] = {}
+
+    def get(
+        self, name: str, config: BreakerConfig | None = None, *, clock: Clock | None = None
+    ) -> Breaker:
+        """The breaker called ``name``, created with ``config`` if it does not exist yet.
+
+        Args:
+            name: The breaker's name.
+            config: Its configuration; ``None`` accepts whatever an existing breaker has (or
+                the defaults for a new one).
+            clock: Its clock (the loop clock by default).
+
+        Returns:
+            The shared :class:`Breaker`.
+
+        Raises:
+            ConfigError: ``name`` is empty, or the breaker exists with a different config.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a breaker name must be a non-empty string, got {name!r}")
+        clock = default_clock if clock is None else clock
+        key = (name, id(clock))  # the breaker holds the clock, so the id stays unique
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = self._breakers[key] = Breaker(
+                name, BreakerConfig() if config is None else config, clock
+            )
+        elif config is not None and config != breaker.config:
+            raise ConfigError(
+                f"circuit breaker {name!r} already exists with another configuration "
+                f"({breaker.config}); breakers sharing a name must agree, or use another name "
+                f"(asked for {config})"
+            )
+        return breaker
+
+    def find(self, name: str, *, clock: Clock | None = None) -> Breaker | None:
+        """The breaker called ``name`` on ``clock`` (the loop clock by default), if any."""
+        return self._breakers.get((name, id(default_clock if clock is None else clock)))
+
+    def remove(self, name: str, *, clock: Clock | None = None) -> None:
+        """Forget the breaker ``name`` (middleware built with it keeps using it)."""
+        self._breakers.pop((name, id(default_clock if clock is None else clock)), None)
+
+    def clear(self) -> None:
+        """Forget every breaker."""
+        self._breakers.clear()
+
+    def __iter__(self) -> Iterator[Breaker]:
+        return iter(list(self._breakers.values()))
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __repr__(self) -> str:
+        return f"BreakerRegistry({sorted(b.name for b in self._breakers.values())})"
+
+
+default_registry = BreakerRegistry()
+"""The registry used when none is given (by :func:`get_breaker` and the policy)."""
+
+
+def get_breaker(
+    name: str,
+    config: BreakerConfig | None = None,
+    *,
+    clock: Clock | None = None,
+    registry: BreakerRegistry | None = None,
+    **options: Unpack[BreakerOptions],
+) -> Breaker:
+    """The shared breaker ``name``: ``get_breaker("payments", failure_threshold=3)``.
+
+    Args:
+        name: The breaker's name.
+        config: A ready :class:`BreakerConfig` (or give its fields as keywords).
+        clock: The breaker's clock (the loop clock by default).
+        registry: Where to look (:data:`default_registry` by default).
+        **options: :class:`BreakerConfig` fields.
+
+    Returns:
+        The :class:`Breaker`; reading ``state`` and ``stats`` or calling ``force_open()`` on
+        it affects every middleware that shares it.
+
+    Raises:
+        ConfigError: invalid options, both ``config`` and options, or a conflicting config.
+    """
+    if options:
+        if config is not None:
+            raise ConfigError("pass either a BreakerConfig or keyword options, not both")
+        config = BreakerConfig(**options)
+    if registry is None:
+        registry = default_registry
+    return registry.get(name, config, clock=clock)
+
+
+class CircuitBreaker:
+    """Circuit-breaker middleware: ``Pipeline().use(CircuitBreaker("payments", ...))``.
+
+    Put it inside retry (so each attempt is one breaker call) and outside the per-attempt
+    timeout (so a timed-out attempt counts as a failure).
+
+    Args:
+        breaker: A name (looked up in ``registry``, created from ``config`` / ``options`` on
+            first use) or a ready :class:`Breaker`.
+        mode: ``"pause"`` holds deliveries while calls are not permitted (and makes the
+            consumer stop pulling); ``"fail_fast"`` raises
+            :class:`~resilience.errors.CircuitOpen` instead.
+        classifier: Decides failure / success / neither (the default classifier if ``None``).
+        clock: The breaker's clock when it is created here.
+        registry: Where named breakers live (:data:`default_registry` by default).
+        events: A bus that receives every state change of the breaker (the consumer's bus);
+            events caused by a delivery also go to that delivery's bus.
+        config: A ready :class:`BreakerConfig` (or give its fields as keywords).
+        **options: :class:`BreakerConfig` fields.
+
+    Raises:
+        ConfigError: an invalid option, an unknown mode, or a conflicting config for the name.
+    """
+
+    __slots__ = ("__weakref__", "_pause", "breaker", "classifier", "events", "mode")
+
+    def __init__(
+        self,
+        breaker: Breaker | str = "default",
+        *,
+        mode: Mode = "pause",
+        classifier: Classifier | None = None,
+        clock: Clock | None = None,
+        registry: BreakerRegistry | None = None,
+        events: EventBus | None = None,
+        config: BreakerConfig | None = None,
+        **options: Unpack[BreakerOptions],
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(
+                f"circuit breaker mode must be one of {', '.join(MODES)}; got {mode!r}"
+            )
+        if isinstance(breaker, Breaker):
+            if config is not None or options or clock is not None or registry is not None:
+                raise ConfigError(
+                    "a ready Breaker carries its own config and clock: pass a name to configure"
+                )
+            self.breaker = breaker
+        else:
+            self.breaker = get_breaker(breaker, config, clock=clock, registry=registry, **options)
+        self.mode: Mode = mode
+        self._pause = mode == "pause"
+        self.classifier = default_classifier if classifier is None else classifier
+        self.events = events
+        if events is not None:
+            self.breaker._members.add(self)
+
+    # -- the middleware ----------------------------------------------------------------------------
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        """Run ``call_next`` if the breaker permits it, and record the outcome.
+
+        Raises:
+            CircuitOpen: in ``fail_fast`` mode, when the call is not permitted.
+        """
+        breaker = self.breaker
+        if breaker._state is _CLOSED:
+            # The hot path: one epoch check, plus clock reads only when something is timed.
+            epoch = breaker._epoch
+            start = breaker._now() if breaker._slow_duration else 0.0
+            try:
+                await call_next(delivery)
+            except Exception as exc:
+                if not self._failed(exc, epoch, start, delivery):
+                    raise
+            else:
+                if breaker._simple:
+                    if breaker._epoch == epoch:
+                        breaker._consecutive = 0
+                else:
+                    breaker._closed_success(epoch, start, delivery)
+                return
+        await self._guarded(delivery, call_next)
+
+    async def _guarded(self, delivery: Delivery, call_next: CallNext) -> None:
+        breaker = self.breaker
+        now = breaker._now
+        waiting = False
+        while True:
+            epoch = breaker._acquire()
+            if epoch < 0:
+                if not waiting:
+                    waiting = True
+                    self._not_permitted(delivery)
+                if not self._pause:
+                    raise CircuitOpen(breaker.name, self._retry_in())
+                await breaker._wait_change()
+                continue
+            waiting = False
+            start = now() if breaker._slow_duration else 0.0
+            try:
+                await call_next(delivery)
+            except Exception as exc:
+                if self._failed(exc, epoch, start, delivery):
+                    continue  # an outage failure in pause mode: hold, then replay
+                raise
+            except BaseException:
+                breaker._release(epoch)
+                raise
+            code = 0
+            end = 0.0
+            if breaker._timed:
+                end = now()
+                if breaker._slow_duration and end - start >= breaker._slow_duration:
+                    code = SLOW
+            breaker._record(epoch, code, delivery, end)
+            return
+
+    def _failed(self, exc: Exception, epoch: int, start: float, delivery: Delivery) -> bool:
+        """Record a failed call; whether the delivery should be held and replayed."""
+        breaker = self.breaker
+        verdict = self.classifier.classify(exc)
+        if verdict is _IGNORED:
+            breaker._release(epoch)
+            return False
+        code = FAILURE if verdict is _RETRYABLE else 0
+        end = 0.0
+        if breaker._timed:
+            end = breaker._now()
+            if breaker._slow_duration and end - start >= breaker._slow_duration:
+                code |= SLOW
+        breaker._record(epoch, code, delivery, end)
+        if not (self._pause and code & FAILURE):
+            return False
+        state = breaker._state
+        return state is not _CLOSED and state is not _FORCED_CLOSED
+
+    def _not_permitted(self, delivery: Delivery) -> None:
+        breaker = self.breaker
+        breaker._not_permitted += 1
+        if delivery.events:
+            delivery.events.emit(
+                CallNotPermitted(
+                    message_id=delivery.message_id,
+                    key=delivery.key,
+                    name=breaker.name,
+                    state=breaker._state,
+                    held=self._pause,
+                )
+            )
+
+    def _retry_in(self) -> float | None:
+        until = self.breaker._open_until
+        return None if until is None else max(0.0, until - self.breaker._now())
+
+    # -- the consumer gate -------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """In pause mode: whether the breaker would not permit a new call right now."""
+        return self._pause and self.breaker.paused
+
+    async def wait_resumed(self) -> None:
+        """Return once the breaker would permit a new call (at once in fail-fast mode)."""
+        if self._pause:
+            await self.breaker.wait_resumed()
+
+    # -- reading and control (shared by every middleware using the breaker) ------------------------
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return self.breaker.name
+
+    @property
+    def config(self) -> BreakerConfig:
+        """The breaker's configuration."""
+        return self.breaker.config
+
+    @property
+    def state(self) -> BreakerState:
+        """The breaker's current state."""
+        return self.breaker.state
+
+    @property
+    def stats(self) -> BreakerStats:
+        """A snapshot: state, window counts and rates, consecutive failures, open-until."""
+        return self.breaker.stats
+
+    def subscribe(self, listener: Callable[[BreakerStateChanged], object]) -> Callable[[], None]:
+        """Call ``listener`` with every state change; returns the unsubscribe function."""
+        return self.breaker.subscribe(listener)
+
+    def force_open(self) -> None:
+        """Open the breaker until :meth:`reset`."""
+        self.breaker.force_open()
+
+    def force_closed(self) -> None:
+        """Let everything through, recording nothing, until :meth:`reset`."""
+        self.breaker.force_closed()
+
+    def reset(self) -> None:
+        """Close the breaker with an empty window."""
+        self.breaker.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker({self.breaker.name!r}, mode={self.mode!r}, "
+            f"state={self.breaker.state.value})"
+        )
