@@ -17,8 +17,8 @@ import re
 import sqlite3
 import sys
 import warnings
-from collections.abc import Iterator
-from typing import Any, TextIO
+from collections.abc import Coroutine, Iterator
+from typing import Any, TextIO, TypeVar
 
 from resilience.cli import CliError
 from resilience.dead_letter import (
@@ -34,6 +34,8 @@ from resilience.dead_letter import (
 from resilience.dead_letter.sqlite import StoreVersionError
 
 __all__ = ["register"]
+
+T = TypeVar("T")
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -240,7 +242,7 @@ async def _filter(args: argparse.Namespace, store: SQLiteStore) -> Filter:
     )
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (FileNotFoundError, StoreVersionError) as exc:

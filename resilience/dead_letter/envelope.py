@@ -153,21 +153,23 @@ class Redactor:
     def __init__(self, fields: tuple[str, ...] | list[str] = DEFAULT_REDACT) -> None:
         self.fields = frozenset(_normalise(f) for f in fields)
 
-    def redact(
-        self, value: Any, path: str, paths: list[str], secrets: set[str], depth: int = 0
-    ) -> Any:
+    def redact(self, value: Any, path: str = "") -> tuple[Any, list[str], set[str]]:
         """A JSON-ready copy of ``value`` with matching fields masked.
 
         Args:
-            value: Any payload value (dicts, lists, scalars; other objects become their repr).
-            path: The dotted location of ``value`` (for :attr:`paths`).
-            paths: Receives the dotted path of every masked field.
-            secrets: Receives the string values that were masked.
-            depth: Current nesting depth (values deeper than 64 levels are replaced).
+            value: Any payload value (dicts, lists, scalars; bytes become text or base64, other
+                objects their repr; values nested deeper than 64 levels are replaced).
+            path: The dotted location of ``value``, prefixed to the reported paths.
 
         Returns:
-            The redacted copy.
+            The redacted copy, the dotted paths of the masked fields, and the string values
+            that were masked (for :meth:`scrub`).
         """
+        paths: list[str] = []
+        secrets: set[str] = set()
+        return self._walk(value, path, paths, secrets, 0), paths, secrets
+
+    def _walk(self, value: Any, path: str, paths: list[str], secrets: set[str], depth: int) -> Any:
         if value is None or isinstance(value, bool | int | float | str):
             return value
         if depth >= _MAX_DEPTH:
@@ -183,11 +185,11 @@ class Redactor:
                     if isinstance(item, str) and len(item) >= _MIN_SECRET_CHARS:
                         secrets.add(item)
                 else:
-                    out[name] = self.redact(item, where, paths, secrets, depth + 1)
+                    out[name] = self._walk(item, where, paths, secrets, depth + 1)
             return out
         if isinstance(value, list | tuple | set | frozenset):
             return [
-                self.redact(item, f"{path}[{i}]", paths, secrets, depth + 1)
+                self._walk(item, f"{path}[{i}]", paths, secrets, depth + 1)
                 for i, item in enumerate(value)
             ]
         if isinstance(value, bytes | bytearray):
@@ -301,16 +303,15 @@ class EnvelopeBuilder:
         """
         opts = self.options
         now = time.time() if wall_now is None else wall_now
-        paths: list[str] = []
-        secrets: set[str] = set()
+        redactor = self.redactor
         message = delivery.message
         decode_failed = message is not None and message.decode_error is not None
-        payload = (
-            None
-            if decode_failed
-            else self.redactor.redact(delivery.payload, "payload", paths, secrets)
+        payload, paths, secrets = redactor.redact(
+            None if decode_failed else delivery.payload, "payload"
         )
-        headers = self.redactor.redact(dict(delivery.headers), "headers", paths, secrets)
+        headers, header_paths, header_secrets = redactor.redact(dict(delivery.headers), "headers")
+        paths += header_paths
+        secrets |= header_secrets
         raw = _raw_body(message.raw) if message is not None and decode_failed else None
         truncated: list[str] = []
         text = str(exc)
@@ -380,9 +381,10 @@ class EnvelopeBuilder:
 
     def scrub(self, text: str, delivery: Delivery) -> str:
         """``text`` with the values of ``delivery``'s redacted fields masked (for log lines)."""
-        secrets: set[str] = set()
-        self.redactor.redact(delivery.payload, "", [], secrets)
-        self.redactor.redact(dict(delivery.headers), "", [], secrets)
+        secrets = (
+            self.redactor.redact(delivery.payload)[2]
+            | (self.redactor.redact(dict(delivery.headers))[2])
+        )
         return Redactor.scrub(text, secrets) if secrets else text
 
 
@@ -475,11 +477,11 @@ def _fit(envelope: dict[str, Any], limit: int) -> dict[str, Any]:
     # 4. The body: replaced by a preview; such an envelope can no longer be replayed.
     for field in ("payload", "raw"):
         if size > limit and envelope[field] is not None:
-            body = _dumps(envelope[field])
+            body = _dumps(envelope[field]).encode("utf-8")
             envelope[field] = None
             base = envelope_size(envelope)
             room = max(0, (limit - base - 64) // 2)  # escaping can double the preview's size
-            envelope[f"{field}_preview"] = body[:room]
+            envelope[f"{field}_preview"] = body[:room].decode("utf-8", errors="ignore")
             mark(field)
             size = envelope_size(envelope)
     # 5. The failure history (bounded by the number of distinct exception types).

@@ -116,7 +116,9 @@ class DeadLetterRouter:
         classifier: The shared classifier (default: every ``Exception`` retryable).
         clock: Time source (failure times in the envelope, the write-failure backoff).
         options: Redaction and size caps of the envelope.
-        validate: Optional payload check run before the handler.
+        validate: Optional payload check run before the handler: it raises (or returns
+            ``False``) for an invalid payload, which is then dead-lettered as poison; an
+            exception the classifier ignores (``Drop``) drops the message instead.
         handler_name: Recorded in envelopes.
         system: The source backend's name (``memory``, ``redis``), recorded in envelopes.
         write_failure_backoff: Cap, in seconds, on the wait after a failed write (it starts at
@@ -181,9 +183,9 @@ class DeadLetterRouter:
             verdict = self._classifier.classify(exc)
             if verdict is Verdict.IGNORED:
                 raise
-            reason = delivery.reason or terminal_reason(exc, verdict)
-            delivery.reason = reason
-            await self._route(delivery, exc, reason, "handle")
+            await self._route(
+                delivery, exc, delivery.reason or terminal_reason(exc, verdict), "handle"
+            )
 
     async def _check(self, delivery: Delivery) -> Exception | None:
         assert self._validate is not None

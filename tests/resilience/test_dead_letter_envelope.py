@@ -145,7 +145,8 @@ def test_redactor_turns_odd_values_into_json() -> None:
         "t": (1, {2}),
         "o": object(),
     }
-    out = redactor.redact(value, "", [], set())
+    out, paths, secrets = redactor.redact(value)
+    assert (paths, secrets) == ([], set())
     json.dumps(out)
     assert out["1"].startswith("datetime.datetime(2026, 1, 2")
     assert out["b"] == "/wA="
@@ -203,6 +204,16 @@ def test_envelope_size_cap_cuts_the_payload_last() -> None:
     assert env["payload_preview"].startswith('{"blob":"yyy')
     assert "payload" in env["truncated"]
     assert env["error"]["type"] == "RecursionError"
+
+
+def test_envelope_size_cap_counts_bytes_of_non_ascii_payloads() -> None:
+    """A payload of multi-byte characters is cut by bytes, keeping a preview within the cap."""
+    options = EnvelopeOptions(max_envelope_bytes=8192)
+    env = build({"text": "\u00e9\u65e5\U0001f600" * 20_000}, failed(boom), options=options)
+    assert envelope_size(env) <= 8192
+    assert "payload" in env["truncated"]
+    assert "envelope" not in env["truncated"]  # a preview, not the bare-minimum fallback
+    assert len(env["payload_preview"]) > 500
 
 
 def test_envelope_size_cap_trims_traceback_before_payload() -> None:
