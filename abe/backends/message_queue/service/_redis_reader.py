@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 
-from ._redis_codec import decode_entry
+from ._redis_codec import decode_batch
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -43,6 +43,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 """Errors after which reading reconnects and resumes (BusyLoadingError is a ConnectionError)."""
+
+_KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -77,11 +79,13 @@ class StreamReader:
         self.streams = settings.streams
         self._key_of = {key.encode(): key for key in self.streams}
         self._read_ids: dict[str, str] = dict.fromkeys(self.streams, ">")
-        self.unsettled: dict[str, dict[str, None]] = {key: {} for key in self.streams}
-        """Per stream: ids read by this reader and neither acked nor released."""
+        self.unsettled: dict[str, dict[str, bytes]] = {key: {} for key in self.streams}
+        """Per stream: ids (str -> bytes) read by this reader and neither acked nor released."""
         self.waiting: deque[InboundMessage] = deque()
         """Read (or reclaimed) and not yet handed out."""
-        self.acks: dict[str, list[str]] = {}
+        self.acks: dict[str, list[bytes]] = {key: [] for key in self.streams}
+        """Per stream: entry ids whose acknowledgement is buffered."""
+        self._ack_limit = settings.ack_limit
         self.ack_count = 0
         self.release_pending = False
         self.closed = False
@@ -116,10 +120,14 @@ class StreamReader:
 
     # -- reading ------------------------------------------------------------------------------
 
+    def _timeout(self, extra: float = 0.0) -> asyncio.Timeout:
+        return asyncio.timeout(self.settings.command_timeout + extra)
+
     async def _ensure_groups(self) -> None:
         for key in self.streams:
             try:
-                await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+                async with self._timeout():
+                    await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -132,37 +140,36 @@ class StreamReader:
         timeout_ms = max(1, min(timeout_ms, int(until_reclaim * 1000)))
         acks = self._take_acks()
         try:
+            async with self._timeout(timeout_ms / 1000):
+                if acks:
+                    pipe = self.client.pipeline(transaction=False)
+                    for key, ids in acks.items():
+                        pipe.xack(key, self.group, *ids)
+                    pipe.execute_command(*self._read_command(timeout_ms))
+                    results = await pipe.execute()
+                    response = results[-1]
+                else:
+                    command = self._read_command(timeout_ms)
+                    response = await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
             if acks:
-                pipe = self.client.pipeline(transaction=False)
-                for key, ids in acks.items():
-                    pipe.xack(key, self.group, *ids)
-                pipe.execute_command(*self._read_command(timeout_ms))
-                results = await pipe.execute()
-                self._acked(acks, results[:-1])
-                response = results[-1]
-            else:
-                response = await self.client.execute_command(*self._read_command(timeout_ms))  # type: ignore[no-untyped-call]
+                self._acked(acks)
         except BaseException:
             self._restore_acks(acks)
             raise
         if not response:
             return
-        group = self.group
         waiting = self.waiting
-        count = 0
+        before = len(waiting)
+        poison = 0
         for stream, entries in response:
             key = self._key_of.get(stream) or stream.decode()
-            unsettled = self.unsettled[key]
-            for entry_id, fields in entries:
-                if fields is None:  # deleted (trimmed) while pending: nothing to deliver
-                    continue
-                message = decode_entry(key, entry_id, fields, group, 1, self)
-                unsettled[message.message_id] = None  # type: ignore[index]
-                waiting.append(message)
-                count += 1
-                if message.decode_error is not None:
-                    self.stats.poison += 1
-        self.stats.delivered += count
+            poison += decode_batch(
+                key, entries, self.group, self, self.unsettled[key], waiting.append
+            )
+        stats = self.stats
+        stats.delivered += len(waiting) - before
+        if poison:
+            stats.poison += poison
 
     def _read_command(self, timeout_ms: int) -> list[Any]:
         streams = self._read_ids
@@ -190,14 +197,15 @@ class StreamReader:
         for key in self.streams:
             cursor = self._cursors.get(key, "0-0")
             while budget > 0:
-                reply = await self.client.xautoclaim(
-                    key,
-                    self.group,
-                    self.consumer,
-                    settings.claim_idle_ms,
-                    start_id=cursor,
-                    count=budget,
-                )
+                async with self._timeout():
+                    reply = await self.client.xautoclaim(
+                        key,
+                        self.group,
+                        self.consumer,
+                        settings.claim_idle_ms,
+                        start_id=cursor,
+                        count=budget,
+                    )
                 next_cursor = _text(reply[0])
                 entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
                 deleted = reply[2] if len(reply) > 2 else []
@@ -212,14 +220,15 @@ class StreamReader:
                     )
                 if entries:
                     counts = await self._delivery_counts(key, entries)
-                    unsettled = self.unsettled[key]
-                    for entry_id, fields in entries:
-                        count = counts.get(entry_id, 2)
-                        message = decode_entry(key, entry_id, fields, self.group, count, self)
-                        unsettled[message.message_id] = None  # type: ignore[index]
-                        claimed.append(message)
-                        if message.decode_error is not None:
-                            self.stats.poison += 1
+                    self.stats.poison += decode_batch(
+                        key,
+                        entries,
+                        self.group,
+                        self,
+                        self.unsettled[key],
+                        claimed.append,
+                        counts,
+                    )
                     budget -= len(entries)
                 cursor = next_cursor
                 if cursor == "0-0":
@@ -241,14 +250,15 @@ class StreamReader:
 
     async def _delivery_counts(self, key: str, entries: list[Any]) -> dict[bytes, int]:
         extra = len(self.unsettled[key])
-        rows = await self.client.xpending_range(
-            key,
-            self.group,
-            min=entries[0][0],
-            max=entries[-1][0],
-            count=len(entries) + extra,
-            consumername=self.consumer,
-        )
+        async with self._timeout():
+            rows = await self.client.xpending_range(
+                key,
+                self.group,
+                min=entries[0][0],
+                max=entries[-1][0],
+                count=len(entries) + extra,
+                consumername=self.consumer,
+            )
         result: dict[bytes, int] = {}
         for row in rows:
             entry_id = row["message_id"]
@@ -303,52 +313,67 @@ class StreamReader:
                 if not ids:
                     continue
                 try:
-                    await self.client.xclaim(
-                        key, self.group, self.consumer, 0, list(ids), justid=True
-                    )
-                except TRANSIENT_ERRORS as exc:
-                    logger.debug("Keep-alive of held entries failed: %s", exc)
-                except ResponseError as exc:
+                    async with self._timeout():
+                        await self.client.xclaim(
+                            key, self.group, self.consumer, 0, list(ids), justid=True
+                        )
+                except _KEEP_ALIVE_ERRORS as exc:
                     logger.debug("Keep-alive of held entries failed: %s", exc)
 
     # -- settling -----------------------------------------------------------------------------
 
-    def settle(self, message: InboundMessage) -> bool:
-        """Forget ``message`` as held; ``False`` when it was settled already."""
+    def settle(self, message: InboundMessage) -> bytes | None:
+        """Forget ``message`` as held; its entry id, or ``None`` when it was settled already."""
         held = self.unsettled.get(message.key)
         if held is None:
-            return False
-        try:
-            del held[message.message_id]  # type: ignore[arg-type]
-        except KeyError:
-            return False
-        return True
+            return None
+        return held.pop(message.message_id, None)  # type: ignore[arg-type]
 
-    def hold(self, message: InboundMessage) -> None:
+    def hold(self, message: InboundMessage, entry_id: bytes) -> None:
         """Mark ``message`` as held again (a settlement attempt failed)."""
         held = self.unsettled.get(message.key)
         if held is not None:
-            held[message.message_id] = None  # type: ignore[index]
+            held[message.message_id] = entry_id  # type: ignore[index]
 
-    async def ack(self, message: InboundMessage) -> None:
-        """Buffer the acknowledgement of ``message``; flush when the buffer is full."""
-        if not self.settle(message):
-            return
-        ids = self.acks.get(message.key)
-        if ids is None:
-            ids = self.acks[message.key] = []
-        ids.append(message.message_id)  # type: ignore[arg-type]
-        self.ack_count += 1
-        if self.closed or self.ack_count >= self.settings.ack_limit:
-            await self.flush()
-        elif self._ack_timer is None:
+    def buffer_ack(self, message: InboundMessage) -> bool:
+        """Buffer the acknowledgement of ``message``; ``True`` when :meth:`flush_due` must run.
+
+        Synchronous, so the per-message cost of an ack is a few dict operations.
+        """
+        try:
+            entry_id = self.unsettled[message.key].pop(message.message_id)  # type: ignore[arg-type]
+        except KeyError:
+            return False  # settled already (dead-lettered, released, or acked twice)
+        self.acks[message.key].append(entry_id)
+        count = self.ack_count = self.ack_count + 1
+        if count >= self._ack_limit or self.closed:
+            return True
+        if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(
                 self.settings.ack_delay, self._flush_soon
             )
+        return False
+
+    async def flush_due(self) -> None:
+        """Flush after :meth:`buffer_ack` asked for it.
+
+        Raises:
+            redis.exceptions.RedisError: the reader is closed and Redis did not take the
+                acknowledgements (an open reader keeps them buffered and retries instead).
+        """
+        if self.closed:
+            await self.flush()  # nobody reads again: send now, and say so if it fails
+        else:
+            await self._flush_quietly()  # kept buffered on failure: retried with the next read
+
+    async def ack(self, message: InboundMessage) -> None:
+        """Buffer the acknowledgement of ``message``; flush when the buffer is full."""
+        if self.buffer_ack(message):
+            await self.flush_due()
 
     def _flush_soon(self) -> None:
         self._ack_timer = None
-        if self.acks and (self._flushing is None or self._flushing.done()):
+        if self.ack_count and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush_quietly())
 
     async def _flush_quietly(self) -> None:
@@ -357,22 +382,23 @@ class StreamReader:
         except Exception as exc:
             logger.warning("Flushing acknowledgements failed; retrying with the next read: %s", exc)
 
-    def _take_acks(self) -> dict[str, list[str]]:
-        acks = self.acks
-        if acks:
-            self.acks = {}
+    def _take_acks(self) -> dict[str, list[bytes]]:
+        acks: dict[str, list[bytes]] = {}
+        if self.ack_count:
+            acks = {key: ids for key, ids in self.acks.items() if ids}
+            self.acks = {key: [] for key in self.streams}
             self.ack_count = 0
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
         return acks
 
-    def _restore_acks(self, acks: dict[str, list[str]]) -> None:
+    def _restore_acks(self, acks: dict[str, list[bytes]]) -> None:
         for key, ids in acks.items():
-            self.acks.setdefault(key, []).extend(ids)
+            self.acks[key].extend(ids)
             self.ack_count += len(ids)
 
-    def _acked(self, acks: dict[str, list[str]], results: list[Any]) -> None:
+    def _acked(self, acks: dict[str, list[bytes]]) -> None:
         self.stats.acked += sum(len(ids) for ids in acks.values())
         self.stats.ack_round_trips += 1
 
@@ -386,35 +412,38 @@ class StreamReader:
         if not acks:
             return
         try:
-            if len(acks) == 1:
-                ((key, ids),) = acks.items()
-                results = [await self.client.xack(key, self.group, *ids)]
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for key, ids in acks.items():
-                    pipe.xack(key, self.group, *ids)
-                results = await pipe.execute()
+            async with self._timeout():
+                if len(acks) == 1:
+                    ((key, ids),) = acks.items()
+                    await self.client.xack(key, self.group, *ids)
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for key, ids in acks.items():
+                        pipe.xack(key, self.group, *ids)
+                    await pipe.execute()
         except BaseException:
             self._restore_acks(acks)
             raise
-        self._acked(acks, results)
+        self._acked(acks)
 
     async def release(self, message: InboundMessage) -> None:
         """Hand ``message`` back to the group for immediate redelivery (to any consumer)."""
-        if not self.settle(message):
+        entry_id = self.settle(message)
+        if entry_id is None:
             return
         try:
-            await self.client.xclaim(
-                message.key,
-                self.group,
-                self.consumer,
-                0,
-                [message.message_id],  # type: ignore[list-item]
-                idle=self.settings.claim_idle_ms,
-                justid=True,
-            )
+            async with self._timeout():
+                await self.client.xclaim(
+                    message.key,
+                    self.group,
+                    self.consumer,
+                    0,
+                    [entry_id],
+                    idle=self.settings.claim_idle_ms,
+                    justid=True,
+                )
         except BaseException:
-            self.hold(message)
+            self.hold(message, entry_id)
             raise
         self.stats.released += 1
         self.release_pending = True
@@ -450,20 +479,22 @@ class StreamReader:
                 logger.debug("Could not hand back %d unread entries: %s", len(waiting), exc)
 
     async def _give_back(self, messages: list[InboundMessage]) -> None:
-        by_key: dict[str, list[str]] = {}
+        by_key: dict[str, list[bytes]] = {}
         for message in messages:
-            if self.settle(message):
-                by_key.setdefault(message.key, []).append(message.message_id)  # type: ignore[arg-type]
+            entry_id = self.settle(message)
+            if entry_id is not None:
+                by_key.setdefault(message.key, []).append(entry_id)
         for key, ids in by_key.items():
-            await self.client.xclaim(
-                key,
-                self.group,
-                self.consumer,
-                0,
-                ids,  # type: ignore[arg-type]
-                idle=self.settings.claim_idle_ms,
-                justid=True,
-            )
+            async with self._timeout():
+                await self.client.xclaim(
+                    key,
+                    self.group,
+                    self.consumer,
+                    0,
+                    ids,  # type: ignore[arg-type]
+                    idle=self.settings.claim_idle_ms,
+                    justid=True,
+                )
 
 
 def _text(value: Any) -> str:

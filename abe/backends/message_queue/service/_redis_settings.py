@@ -93,6 +93,8 @@ class RedisSettings:
             flushed on its own.
         reconnect_initial: First wait, in seconds, after a lost connection.
         reconnect_max: Longest wait between reconnection attempts.
+        command_timeout: Seconds one Redis command may take before it counts as a lost
+            connection (a blocking read may take ``block`` longer).
     """
 
     url: str = DEFAULT_URL
@@ -107,6 +109,7 @@ class RedisSettings:
     ack_delay: float = 0.1
     reconnect_initial: float = 0.1
     reconnect_max: float = 5.0
+    command_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -133,6 +136,7 @@ class RedisSettings:
         set_(self, "ack_delay", _seconds(self.ack_delay, "ack_delay", allow_zero=True))
         set_(self, "reconnect_initial", _seconds(self.reconnect_initial, "reconnect_initial"))
         set_(self, "reconnect_max", _seconds(self.reconnect_max, "reconnect_max"))
+        set_(self, "command_timeout", _seconds(self.command_timeout, "command_timeout"))
         if self.reconnect_max < self.reconnect_initial:
             raise ValueError(
                 f"reconnect_max ({self.reconnect_max:g}s) must be >= reconnect_initial "

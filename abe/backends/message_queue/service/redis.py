@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -65,6 +66,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PUBLISH_CHUNK = 1000
+
+_FAILURES: tuple[type[BaseException], ...] = (RedisError, *TRANSIENT_ERRORS)
+"""What a Redis call raises when it fails (``TimeoutError`` comes from ``command_timeout``)."""
 
 
 class RedisBackendError(Exception):
@@ -266,8 +270,9 @@ class RedisBackend:
         fields = encode_entry(payload, headers)
         maxlen = self._settings.maxlen
         try:
-            entry_id = await self._client.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-        except RedisError as exc:
+            async with self._timeout():
+                entry_id = await self._client.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        except _FAILURES as exc:
             self._fail(f"publishing to stream {key!r}", exc)
         self._stats.published += 1
         return _text(entry_id)
@@ -302,8 +307,9 @@ class RedisBackend:
             for fields in encoded[start : start + _PUBLISH_CHUNK]:
                 pipe.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
             try:
-                results = await pipe.execute()
-            except RedisError as exc:
+                async with self._timeout():
+                    results = await pipe.execute()
+            except _FAILURES as exc:
                 self._fail(
                     f"publishing to stream {key!r} ({len(ids)} of {len(encoded)} written)", exc
                 )
@@ -370,14 +376,16 @@ class RedisBackend:
         """
         handle = message.handle
         if type(handle) is StreamReader:
-            try:
-                await handle.ack(message)
-            except RedisError as exc:
-                self._fail(f"acknowledging entry {message.message_id}", exc)
+            if handle.buffer_ack(message):
+                try:
+                    await handle.flush_due()
+                except _FAILURES as exc:
+                    self._fail(f"acknowledging entry {message.message_id}", exc)
             return
         try:
-            await self._client.xack(message.key, self._group_of(message), _id_of(message))
-        except RedisError as exc:
+            async with self._timeout():
+                await self._client.xack(message.key, self._group_of(message), _id_of(message))
+        except _FAILURES as exc:
             self._fail(f"acknowledging entry {message.message_id}", exc)
         self._stats.acked += 1
 
@@ -396,16 +404,17 @@ class RedisBackend:
             if type(handle) is StreamReader:
                 await handle.release(message)
                 return
-            await self._client.xclaim(
-                message.key,
-                self._group_of(message),
-                self._settings.consumer,
-                0,
-                [_id_of(message)],
-                idle=self._settings.claim_idle_ms,
-                justid=True,
-            )
-        except RedisError as exc:
+            async with self._timeout():
+                await self._client.xclaim(
+                    message.key,
+                    self._group_of(message),
+                    self._settings.consumer,
+                    0,
+                    [_id_of(message)],
+                    idle=self._settings.claim_idle_ms,
+                    justid=True,
+                )
+        except _FAILURES as exc:
             self._fail(f"releasing entry {message.message_id}", exc)
         self._stats.released += 1
 
@@ -435,15 +444,16 @@ class RedisBackend:
         fields = encode_entry(record, message.headers or None)
         handle = message.handle
         reader = handle if type(handle) is StreamReader else None
-        held = reader.settle(message) if reader is not None else False
+        held = reader.settle(message) if reader is not None else None
         pipe = self._client.pipeline(transaction=True)
         pipe.xadd(destination, fields)  # type: ignore[arg-type]
         pipe.xack(message.key, self._group_of(message), entry_id)
         try:
-            record_id, _ = await pipe.execute()
-        except RedisError as exc:
-            if held and reader is not None:
-                reader.hold(message)
+            async with self._timeout():
+                record_id, _ = await pipe.execute()
+        except _FAILURES as exc:
+            if held is not None and reader is not None:
+                reader.hold(message, held)
             what = f"dead-lettering entry {entry_id} of {message.key!r} to {destination!r}"
             self._fail(what, exc)
         self._stats.dead_lettered += 1
@@ -469,8 +479,9 @@ class RedisBackend:
         total = 0
         for stream in (key,) if key is not None else self._settings.streams:
             try:
-                summary = await self._client.xpending(stream, group or self._settings.group)
-            except RedisError as exc:
+                async with self._timeout():
+                    summary = await self._client.xpending(stream, group or self._settings.group)
+            except _FAILURES as exc:
                 if "NOGROUP" in str(exc):
                     continue
                 self._fail(f"reading pending entries of {stream!r}", exc)
@@ -486,7 +497,7 @@ class RedisBackend:
         for reader in list(self._readers):
             try:
                 await reader.flush()
-            except RedisError as exc:
+            except _FAILURES as exc:
                 self._fail("flushing acknowledgements", exc)
 
     async def aclose(self) -> None:
@@ -524,7 +535,10 @@ class RedisBackend:
     def _group_of(self, message: InboundMessage) -> str:
         return message.group or self._settings.group
 
-    def _fail(self, what: str, exc: RedisError) -> NoReturn:
+    def _timeout(self) -> asyncio.Timeout:
+        return asyncio.timeout(self._settings.command_timeout)
+
+    def _fail(self, what: str, exc: BaseException) -> NoReturn:
         where = redact(self._settings.url)
         text = f"{what} on {where} failed: {type(exc).__name__}: {exc}"
         if isinstance(exc, TRANSIENT_ERRORS):
@@ -533,15 +547,29 @@ class RedisBackend:
 
 
 def _make_client(settings: RedisSettings) -> aioredis.Redis:
+    # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, which on Python
+    # 3.11 can swallow a cancellation (the consumer's shutdown would hang in a blocking read).
+    # Every call is bounded by asyncio.timeout(command_timeout) instead, and TCP keepalive
+    # finds dead peers.
     return aioredis.Redis.from_url(
         settings.url,
         decode_responses=False,
-        socket_timeout=max(10.0, settings.block + 5.0),
-        socket_connect_timeout=5.0,
+        socket_timeout=None,
+        socket_connect_timeout=min(5.0, settings.command_timeout),
         socket_keepalive=True,
+        socket_keepalive_options=_keepalive_options(),
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
     )
+
+
+def _keepalive_options() -> dict[int, int]:
+    options: dict[int, int] = {}
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        constant = getattr(socket, name, None)
+        if isinstance(constant, int):
+            options[constant] = value
+    return options
 
 
 def _check_key(key: object) -> None:
