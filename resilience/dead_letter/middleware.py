@@ -204,10 +204,9 @@ class DeadLetterRouter:
     async def _route(self, delivery: Delivery, exc: BaseException, reason: str, stage: str) -> None:
         clock = self._clock
         now = clock.monotonic()
-        if stage == "handle":
-            failures = delivery.failures
-            if failures is None or type(exc).__qualname__ not in failures:
-                delivery.note_failure(exc, now)
+        failures = delivery.failures
+        if failures is None or type(exc).__qualname__ not in failures:
+            delivery.note_failure(exc, now)  # not seen by a retry layer: record it once
         delivery.reason = reason
         envelope = self._builder.build(delivery, exc, reason=reason, stage=stage, monotonic_now=now)
         envelope_id: str = envelope["id"]

@@ -198,6 +198,8 @@ async def test_undecodable_message_goes_straight_to_dead_letter() -> None:
     assert env["error"]["stage"] == "decode"
     assert env["raw"] == {"encoding": "utf-8", "data": '{"order": '}
     assert env["payload"] is None
+    assert [h["type"] for h in env["attempts"]["history"]] == ["ValueError"]
+    assert env["attempts"]["in_process"] == 0
     assert router_of(consumer).stats.poison == 1
     assert backend.unacked() == []
 

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.clock import FakeClock
+from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import (
     AmbiguousId,
     EnvelopeBuilder,
@@ -22,6 +25,9 @@ from resilience.dead_letter import (
 from resilience.dead_letter.sqlite import StoreVersionError
 from resilience.delivery import Delivery
 from resilience.errors import DeadLetter
+from resilience.events import Outcome
+from resilience.policy import Policy
+from resilience.testing import run_until_settled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -236,3 +242,24 @@ async def test_store_recreates_a_deleted_file(tmp_path: Path) -> None:
         path.unlink()
     await store.write(envelope())
     assert len(await store.find()) == 1
+
+
+async def test_concurrent_consumer_dead_letters_everything_into_sqlite(tmp_path: Path) -> None:
+    """With 8 messages in flight all 30 failures are dead-lettered once each, none unacked."""
+    db = tmp_path / "dl.sqlite3"
+    backend = MemoryBackend.isolated()
+    for i in range(30):
+        await backend.publish("orders", {"order": i})
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        raise DeadLetter(f"order {payload['order']}")
+
+    policy = Policy.from_dict({"dead_letter": {"path": str(db)}})
+    consumer = ResilientConsumer(backend, policy=policy, concurrency=8, clock=FakeClock())
+    outcomes = await run_until_settled(consumer, handler, 30)
+    assert outcomes.counts[Outcome.DEAD_LETTERED] == 30
+    records = await SQLiteStore(db).find()
+    assert sorted(r.envelope["payload"]["order"] for r in records) == list(range(30))
+    assert backend.size() == 0
+    assert backend.unacked() == []
