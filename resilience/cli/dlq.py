@@ -29,9 +29,10 @@ from resilience.dead_letter import (
     Filter,
     ReplayReport,
     SQLiteStore,
+    StoreVersionError,
     replay,
 )
-from resilience.dead_letter.sqlite import StoreVersionError
+from resilience.dead_letter.render import render_record, render_report, render_table
 
 __all__ = ["register"]
 
@@ -192,12 +193,6 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     return value.timestamp()
 
 
-def _when(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 # -- the store and the filter ----------------------------------------------------------------
 
 
@@ -275,34 +270,6 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_table(records: list[DeadLetterRecord]) -> str:
-    """The ``dlq list`` table."""
-    header = ("ID", "DEAD-LETTERED", "KEY", "REASON", "ERROR", "ATTEMPTS", "REPLAYS", "REPLAYED")
-    rows = [header]
-    for r in records:
-        attempts = r.envelope.get("attempts") or {}
-        rows.append(
-            (
-                r.id[:12],
-                _when(r.dead_lettered_at),
-                _clip(r.key or "-", 24),
-                r.reason,
-                _clip(r.error_type.rsplit(".", 1)[-1], 28),
-                f"{attempts.get('in_process', 0)}/{attempts.get('delivery_count', 0)}",
-                str(r.replay_count),
-                _when(r.replayed_at) if r.replayed_at is not None else "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.append(f"{len(records)} dead letter(s); ATTEMPTS = in this process / broker deliveries")
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 # -- show ------------------------------------------------------------------------------------------
 
 
@@ -320,60 +287,6 @@ def _show(args: argparse.Namespace) -> int:
     else:
         print(render_record(record))
     return 0
-
-
-def render_record(record: DeadLetterRecord) -> str:
-    """The ``dlq show`` text."""
-    env = record.envelope
-    src = env.get("source") or {}
-    err = env.get("error") or {}
-    att = env.get("attempts") or {}
-    origin = env.get("origin") or {}
-    trace = env.get("trace") or {}
-    history = ", ".join(
-        f"{h['type']} x{h['count']} (first {_when(h['first'])}, last {_when(h['last'])})"
-        for h in att.get("history") or ()
-    )
-    original = (trace.get("original") or {}).get("traceparent") or "-"
-    processing = (trace.get("processing") or {}).get("traceparent") or "-"
-    cause = f" (cause: {err['cause_type']})" if err.get("cause_type") else ""
-    lines = [
-        f"id             {record.id}",
-        f"schema         {env.get('schema')}",
-        f"dead-lettered  {_when(record.dead_lettered_at)}",
-        f"source         {src.get('system') or '-'} key={src.get('key') or '-'} "
-        f"group={src.get('group') or '-'} message_id={src.get('message_id') or '-'} "
-        f"enqueued={_when(src.get('enqueued_at'))}",
-        f"reason         {err.get('reason')} (stage {err.get('stage')})",
-        f"error          {err.get('type')}: {err.get('message')}{cause}",
-        f"attempts       {att.get('in_process')} in process, broker delivery "
-        f"{att.get('delivery_count')}" + (f"; {history}" if history else ""),
-        f"origin         handler={origin.get('handler') or '-'} "
-        f"service={origin.get('service') or '-'} host={origin.get('host') or '-'}",
-        f"trace          original {original}; processing {processing}",
-        f"replays        count {record.replay_count}; replayed from this store "
-        f"{record.replays} time(s), last {_when(record.replayed_at)} "
-        f"to {record.replay_target or '-'}",
-        f"redacted       {', '.join(env.get('redacted') or ()) or '-'}",
-        f"truncated      {', '.join(env.get('truncated') or ()) or '-'}",
-        "headers",
-        _indent(json.dumps(env.get("headers") or {}, indent=2, ensure_ascii=False)),
-        "payload",
-    ]
-    if env.get("payload") is not None:
-        lines.append(_indent(json.dumps(env["payload"], indent=2, ensure_ascii=False)))
-    elif env.get("raw"):
-        lines.append(_indent(f"(undecodable, {env['raw']['encoding']}) {env['raw']['data']}"))
-    else:
-        preview = env.get("payload_preview") or env.get("raw_preview") or ""
-        lines.append(_indent(f"(truncated) {preview}"))
-    if err.get("traceback"):
-        lines += ["traceback", _indent(str(err["traceback"]).rstrip())]
-    return "\n".join(lines)
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
 
 
 # -- replay ----------------------------------------------------------------------------------------
@@ -462,35 +375,6 @@ async def _close(backend: Any) -> None:
         result = closer()
         if asyncio.iscoroutine(result):
             await result
-
-
-def render_report(report: ReplayReport, backend_name: str = "-") -> str:
-    """The ``dlq replay`` summary."""
-    lines: list[str] = []
-    verb = "would replay" if report.dry_run else f"replayed (via {backend_name})"
-    if report.dry_run:
-        for record_id, key in report.replayed:
-            lines.append(f"  {record_id[:12]} -> {key}")
-    lines.insert(0, f"{report.selected} selected; {verb} {len(report.replayed)}")
-    skipped = report.skipped_by_reason()
-    if skipped:
-        lines.append(
-            "skipped " + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        )
-        if "replay_limit" in skipped:
-            lines.append("  (replay_limit: replayed too often already; raise --max-replays)")
-        if "already_replayed" in skipped:
-            lines.append("  (already_replayed: use --force to replay again)")
-        if "redacted" in skipped:
-            lines.append("  (redacted: fields are masked; --allow-redacted replays them masked)")
-    for record_id, error in report.failed.items():
-        lines.append(f"FAILED {record_id[:12]}: {error} (stopped; nothing after it was replayed)")
-    if report.headers_dropped:
-        lines.append(
-            "warning: the backend cannot publish headers: replay counts and trace links were "
-            "not carried"
-        )
-    return "\n".join(lines)
 
 
 # -- purge -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .sinks import (
     Filter,
     MemoryStore,
 )
-from .sqlite import DEFAULT_PATH, SQLiteStore
+from .sqlite import DEFAULT_PATH, SQLiteStore, StoreVersionError
 
 __all__ = [
     "DEAD_LETTER_TRACEPARENT_HEADER",
@@ -77,6 +77,7 @@ __all__ = [
     "Redactor",
     "ReplayReport",
     "SQLiteStore",
+    "StoreVersionError",
     "Validator",
     "describe",
     "policy_section",

@@ -26,17 +26,17 @@ An envelope is a plain JSON-serialisable ``dict``::
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import time
-import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ._limits import bounded_traceback, envelope_size, fit
+from .redaction import DEFAULT_REDACT, MASK, Redactor
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
@@ -84,29 +84,8 @@ REPLAY_OF_HEADER = "x-replay-of"
 DEAD_LETTER_TRACEPARENT_HEADER = "x-dead-letter-traceparent"
 """Header carrying the ``traceparent`` of the processing that dead-lettered a replayed message."""
 
-MASK = "[REDACTED]"
-"""What a redacted value is replaced with."""
-
-DEFAULT_REDACT = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "access_token",
-    "refresh_token",
-    "api_key",
-    "authorization",
-    "cookie",
-)
-"""Field names masked by default (case-insensitive; ``-`` and ``_`` are ignored)."""
-
-_MIN_SECRET_CHARS = 4
-_MAX_DEPTH = 64
-_REPR_CHARS = 1000
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("-", "").replace("_", "")
+_KEEP_HEADERS = ("traceparent", "tracestate", REPLAY_COUNT_HEADER, REPLAY_OF_HEADER)
+"""Headers the size cap keeps when it has to drop the others."""
 
 
 def exception_name(exc_type: type[BaseException]) -> str:
@@ -126,86 +105,6 @@ def replay_count_of(headers: Mapping[str, str]) -> int:
         return max(0, int(str(raw).strip()))
     except ValueError:
         return 0
-
-
-def envelope_size(envelope: Mapping[str, Any]) -> int:
-    """Bytes of the envelope's compact UTF-8 JSON form."""
-    return len(_dumps(envelope).encode("utf-8"))
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
-
-
-class Redactor:
-    """Masks configured field names at any depth and remembers the secrets it masked.
-
-    Matching is by whole field name, case-insensitive, ignoring ``-`` and ``_`` (so ``api_key``
-    matches ``API-Key`` and ``apikey``). String values it masks (of 4 characters or more) are
-    also scrubbed from free text such as exception messages and tracebacks by :meth:`scrub`.
-
-    Args:
-        fields: Field names to mask.
-    """
-
-    __slots__ = ("fields",)
-
-    def __init__(self, fields: tuple[str, ...] | list[str] = DEFAULT_REDACT) -> None:
-        self.fields = frozenset(_normalise(f) for f in fields)
-
-    def redact(self, value: Any, path: str = "") -> tuple[Any, list[str], set[str]]:
-        """A JSON-ready copy of ``value`` with matching fields masked.
-
-        Args:
-            value: Any payload value (dicts, lists, scalars; bytes become text or base64, other
-                objects their repr; values nested deeper than 64 levels are replaced).
-            path: The dotted location of ``value``, prefixed to the reported paths.
-
-        Returns:
-            The redacted copy, the dotted paths of the masked fields, and the string values
-            that were masked (for :meth:`scrub`).
-        """
-        paths: list[str] = []
-        secrets: set[str] = set()
-        return self._walk(value, path, paths, secrets, 0), paths, secrets
-
-    def _walk(self, value: Any, path: str, paths: list[str], secrets: set[str], depth: int) -> Any:
-        if value is None or isinstance(value, bool | int | float | str):
-            return value
-        if depth >= _MAX_DEPTH:
-            return "[TOO DEEP]"
-        if isinstance(value, Mapping):
-            out: dict[str, Any] = {}
-            for key, item in value.items():
-                name = str(key)
-                where = f"{path}.{name}" if path else name
-                if self.fields and _normalise(name) in self.fields:
-                    out[name] = MASK
-                    paths.append(where)
-                    if isinstance(item, str) and len(item) >= _MIN_SECRET_CHARS:
-                        secrets.add(item)
-                else:
-                    out[name] = self._walk(item, where, paths, secrets, depth + 1)
-            return out
-        if isinstance(value, list | tuple | set | frozenset):
-            return [
-                self._walk(item, f"{path}[{i}]", paths, secrets, depth + 1)
-                for i, item in enumerate(value)
-            ]
-        if isinstance(value, bytes | bytearray):
-            try:
-                return bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                return base64.b64encode(bytes(value)).decode("ascii")
-        return repr(value)[:_REPR_CHARS]
-
-    @staticmethod
-    def scrub(text: str, secrets: set[str]) -> str:
-        """``text`` with every secret replaced by :data:`MASK`."""
-        for secret in secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +217,7 @@ class EnvelopeBuilder:
         if len(text) > opts.max_message_chars:
             text = text[: opts.max_message_chars] + f"... [{len(text)} chars]"
             truncated.append("message")
-        tb, cut = _traceback(exc, opts.max_traceback_frames, opts.max_traceback_bytes)
+        tb, cut = bounded_traceback(exc, opts.max_traceback_frames, opts.max_traceback_bytes)
         if cut:
             truncated.append("traceback")
         if secrets:
@@ -377,7 +276,7 @@ class EnvelopeBuilder:
             "redacted": paths,
             "truncated": truncated,
         }
-        return _fit(envelope, opts.max_envelope_bytes)
+        return fit(envelope, opts.max_envelope_bytes, _KEEP_HEADERS)
 
     def scrub(self, text: str, delivery: Delivery) -> str:
         """``text`` with the values of ``delivery``'s redacted fields masked (for log lines)."""
@@ -397,24 +296,6 @@ def _raw_body(raw: bytes | str | None) -> dict[str, str] | None:
         return {"encoding": "utf-8", "data": raw.decode("utf-8")}
     except UnicodeDecodeError:
         return {"encoding": "base64", "data": base64.b64encode(raw).decode("ascii")}
-
-
-def _traceback(exc: BaseException, frames: int, max_bytes: int) -> tuple[str, bool]:
-    cut = False
-    if frames <= 0:
-        text = "".join(traceback.format_exception_only(type(exc), exc))
-        cut = exc.__traceback__ is not None
-    else:
-        if len(traceback.extract_tb(exc.__traceback__)) > frames:
-            cut = True
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, -frames))
-    data = text.encode("utf-8")
-    if len(data) > max_bytes:
-        cut = True
-        marker = f"[traceback truncated: {len(data) - max_bytes} bytes omitted]\n"
-        tail = data[-(max_bytes - len(marker)) :].decode("utf-8", errors="ignore")
-        text = marker + tail
-    return text, cut
 
 
 def _original_trace(headers: Mapping[str, str]) -> dict[str, str | None] | None:
@@ -442,74 +323,3 @@ def _processing_trace() -> dict[str, str] | None:
         "trace_id": trace_id,
         "span_id": span_id,
     }
-
-
-def _fit(envelope: dict[str, Any], limit: int) -> dict[str, Any]:
-    """Cut the envelope down to ``limit`` bytes, least useful parts first."""
-    size = envelope_size(envelope)
-    if size <= limit:
-        return envelope
-    error = envelope["error"]
-    truncated: list[str] = envelope["truncated"]
-
-    def mark(part: str) -> None:
-        if part not in truncated:
-            truncated.append(part)
-
-    # 1. The traceback: keep its end (the frames nearest the failure and the exception line).
-    tb: str = error["traceback"]
-    keep = max(0, len(tb) - (size - limit) - 64)
-    if tb:
-        error["traceback"] = ("[traceback truncated]\n" + tb[-keep:]) if keep else ""
-        mark("traceback")
-        size = envelope_size(envelope)
-    # 2. The exception message.
-    if size > limit and len(error["message"]) > 256:
-        error["message"] = error["message"][:256] + "... [truncated]"
-        mark("message")
-        size = envelope_size(envelope)
-    # 3. Headers other than trace context and replay bookkeeping.
-    if size > limit:
-        kept = ("traceparent", "tracestate", REPLAY_COUNT_HEADER, REPLAY_OF_HEADER)
-        envelope["headers"] = {k: v for k, v in envelope["headers"].items() if k in kept}
-        mark("headers")
-        size = envelope_size(envelope)
-    # 4. The body: replaced by a preview; such an envelope can no longer be replayed.
-    for field in ("payload", "raw"):
-        if size > limit and envelope[field] is not None:
-            body = _dumps(envelope[field]).encode("utf-8")
-            envelope[field] = None
-            base = envelope_size(envelope)
-            room = max(0, (limit - base - 64) // 2)  # escaping can double the preview's size
-            envelope[f"{field}_preview"] = body[:room].decode("utf-8", errors="ignore")
-            mark(field)
-            size = envelope_size(envelope)
-    # 5. The failure history (bounded by the number of distinct exception types).
-    if size > limit and envelope["attempts"]["history"]:
-        envelope["attempts"]["history"] = envelope["attempts"]["history"][-3:]
-        mark("history")
-        size = envelope_size(envelope)
-    if size > limit:
-        # Only pathological keys, ids or names are left: keep the bare minimum.
-        minimal = {
-            k: envelope[k] for k in ("schema", "id", "dead_lettered_at", "replay_count", "redacted")
-        }
-        minimal["payload"] = None
-        minimal["headers"] = {}
-        minimal["raw"] = None
-        minimal["error"] = {
-            "reason": error["reason"],
-            "stage": error["stage"],
-            "type": error["type"][:200],
-            "cause_type": None,
-            "message": "",
-            "traceback": "",
-        }
-        minimal["source"] = {k: None for k in envelope["source"]}
-        minimal["attempts"] = {**envelope["attempts"], "history": []}
-        minimal["origin"] = {k: None for k in envelope["origin"]}
-        minimal["trace"] = {"original": None, "processing": None}
-        minimal["redacted"] = envelope["redacted"][:20]
-        minimal["truncated"] = [*truncated, "envelope"]
-        return minimal
-    return envelope
