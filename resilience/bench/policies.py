@@ -7,7 +7,7 @@ a TOML file that ``resilience run --policy`` also takes (named after the file), 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,8 @@ __all__ = [
     "load_policy",
 ]
 
-DLQ_KEY = "bench.dlq"
-"""Where the benchmark's policies dead-letter to (when dead-letter routing is available)."""
+_DEAD_LETTER = {"destination": "backend"}
+"""Dead letters go to ``<key>.dlq`` on the benchmark's in-memory backend (atomic with the ack)."""
 
 _ATTEMPT_TIMEOUT = {"attempt": 10.0}
 
@@ -85,9 +85,15 @@ DEFAULT_POLICIES = ("no-retry", "retry-exponential", "retry-jitter-budget", "bre
 
 
 def has_section(name: str) -> bool:
-    """Whether the module implementing policy section ``name`` is installed."""
-    module = SECTION_MODULES.get(name)
-    return module is not None and importlib.util.find_spec(module) is not None
+    """Whether the module implementing policy section ``name`` is installed and usable."""
+    module_name = SECTION_MODULES.get(name)
+    if module_name is None:
+        return False
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # missing, or broken in this installation: the section is unavailable
+        return False
+    return hasattr(module, "policy_section")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +126,27 @@ class NamedPolicy:
 def _with_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"timeout": dict(_ATTEMPT_TIMEOUT), **data}
     if has_section("dead_letter"):
-        out.setdefault("dead_letter", {"destination": DLQ_KEY})
+        out.setdefault("dead_letter", dict(_DEAD_LETTER))
     return out
+
+
+def in_memory_dead_letters(policy: Policy) -> Policy:
+    """``policy`` with its dead letters sent to the benchmark's in-memory backend.
+
+    A comparison must not write thousands of simulated dead letters into a real store (a
+    policy file's SQLite database, say), so the destination is replaced; every other
+    dead-letter option is kept.
+    """
+    if "dead_letter" not in policy.sections:
+        return policy
+    data = policy.to_dict()
+    section = dict(data["dead_letter"])
+    section["destination"] = "backend"
+    section.pop("path", None)
+    section.pop("key", None)
+    section["key_suffix"] = ".dlq"
+    data["dead_letter"] = section
+    return Policy.from_dict(data)
 
 
 def builtin_policies() -> dict[str, NamedPolicy]:
@@ -164,4 +189,4 @@ def load_policy(spec: str) -> NamedPolicy:
         policy = Policy.from_toml(path)
     except ConfigError as exc:
         raise ConfigError(f"policy {name!r}: {exc}") from None
-    return NamedPolicy(name, policy, f"from {path}", path)
+    return NamedPolicy(name, in_memory_dead_letters(policy), f"from {path}", path)

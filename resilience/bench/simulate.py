@@ -38,6 +38,7 @@ from .scenarios import RateLimitedError, Scenario, scenario_name
 __all__ = ["RunResult", "Workload", "compare", "percentile", "simulate"]
 
 WORK_KEY = "bench.work"
+DLQ_KEY = WORK_KEY + ".dlq"
 
 Progress = Callable[[float], None]
 """Called with the fraction of the run's messages settled so far (0..1)."""
@@ -50,8 +51,7 @@ _FINAL = {
     Outcome.FAILED,
 }
 
-_BREAKER_OPEN = ("BreakerOpened", "CircuitOpened")
-_BREAKER_LEFT_OPEN = ("BreakerHalfOpened", "BreakerClosed", "CircuitHalfOpened", "CircuitClosed")
+_OPEN_STATES = ("open", "forced_open")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +175,13 @@ class _Stats:
         if isinstance(event, MessageSettled):
             self._settled(event)
             return
-        kind = type(event).__name__
-        if kind in _BREAKER_OPEN and self.open_since is None:
-            self.open_since = self.loop.time()
-        elif kind in _BREAKER_LEFT_OPEN and self.open_since is not None:
+        state = getattr(getattr(event, "to_state", None), "value", None)
+        if state is None:
+            return  # not a breaker state change
+        if state in _OPEN_STATES:
+            if self.open_since is None:
+                self.open_since = self.loop.time()
+        elif self.open_since is not None:
             self.open_total += self.loop.time() - self.open_since
             self.open_since = None
 
@@ -261,8 +264,12 @@ async def _run(
     await consumer.shutdown()
     with contextlib.suppress(asyncio.CancelledError):
         await run_task
+    _forget_breakers(clock)
 
     succeeded = stats.outcomes[Outcome.SUCCESS] + stats.outcomes[Outcome.RETRIED]
+    dead_lettered = backend.size(DLQ_KEY)
+    dropped = stats.outcomes[Outcome.DROPPED]
+    pending = len(stats.published)
     latencies = sorted(stats.latencies)
     drain: float | None = None
     recovery = scenario.recovery_at
@@ -275,10 +282,10 @@ async def _run(
         messages=workload.messages,
         succeeded=succeeded,
         retried=stats.outcomes[Outcome.RETRIED],
-        dead_lettered=stats.outcomes[Outcome.DEAD_LETTERED],
-        dropped=stats.outcomes[Outcome.DROPPED],
-        lost=stats.outcomes[Outcome.FAILED],
-        pending=len(stats.published),
+        dead_lettered=dead_lettered,
+        dropped=dropped,
+        lost=workload.messages - succeeded - dead_lettered - dropped - pending,
+        pending=pending,
         calls=stats.calls,
         amplification=stats.calls / workload.messages,
         latency_p50=percentile(latencies, 0.50),
@@ -290,6 +297,17 @@ async def _run(
         wall=time.perf_counter() - started,
         reasons=dict(sorted(stats.reasons.items())),
     )
+
+
+def _forget_breakers(clock: LoopClock) -> None:
+    """Drop the run's breakers from the shared registry (they would pile up run after run)."""
+    try:
+        from resilience.breaker import default_registry
+    except ImportError:
+        return
+    for breaker in default_registry:
+        if getattr(breaker, "clock", None) is clock:
+            default_registry.remove(breaker.name, clock=clock)
 
 
 @contextlib.contextmanager

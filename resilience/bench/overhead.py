@@ -1,0 +1,527 @@
+"""What the project costs per message on the success path, as ratios from one run.
+
+Every consumer contender drains the same number of pre-published messages from a fresh
+:class:`~abe.backends.message_queue.service.memory.MemoryBackend` with a handler that does
+nothing, so the time per message is the consumer's and the wrappers' own cost. Contenders are
+measured in interleaved rounds (the order rotates each round) and the median is kept, so slow
+drift of the machine hits them all alike. Garbage collection is paused while a contender is
+timed, as ``timeit`` does.
+
+Peers (tenacity, stamina, aiobreaker, purgatory, the OpenTelemetry SDK) are imported lazily;
+a missing one gives a row marked "not available" instead of an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from abe.backends.message_queue.consumer import AsyncLoopConsumer
+from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.consumer import ResilientConsumer
+from resilience.delivery import Delivery
+from resilience.events import EventBus
+from resilience.pipeline import Pipeline
+from resilience.policy import Policy
+from resilience.retry import Retry
+
+from .policies import has_section
+from .report import format_table, machine_info
+
+__all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
+
+KEY = "bench.overhead"
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+Wrap = Callable[[Handler], Handler]
+Consumer = AsyncLoopConsumer
+Setup = Callable[[MemoryBackend], tuple[Consumer, Wrap]]
+
+
+class Unavailable(Exception):
+    """A contender's library is not installed (or the project module has not landed)."""
+
+
+def full_pipeline_policy(*, telemetry: bool = False) -> Policy:
+    """The default policy with every available section: dead-letter routing to the backend,
+    a circuit breaker and (when ``telemetry``) the telemetry section, all at their defaults."""
+    data: dict[str, Any] = {}
+    if has_section("dead_letter"):
+        data["dead_letter"] = {"destination": "backend"}
+    if has_section("circuit_breaker"):
+        data["circuit_breaker"] = {}
+    if telemetry:
+        if not has_section("telemetry"):
+            raise Unavailable("resilience.telemetry is not installed")
+        data["telemetry"] = {}
+    return Policy.from_dict(data)
+
+
+def _same(handler: Handler) -> Handler:
+    return handler
+
+
+# -- contenders ---------------------------------------------------------------------------------
+
+
+def _bare(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return AsyncLoopConsumer(backend), _same
+
+
+def _resilient_empty(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=Pipeline()), _same
+
+
+def _resilient_core(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=Policy()), _same
+
+
+def _resilient(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=full_pipeline_policy()), _same
+
+
+def _resilient_telemetry(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=full_pipeline_policy(telemetry=True)), _same
+
+
+def _sdk() -> tuple[Any, Any]:
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            SimpleSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+    except ImportError as exc:
+        raise Unavailable(f"opentelemetry-sdk is not installed ({exc})") from None
+
+    class _NoopExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(_NoopExporter()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return tracer_provider, meter_provider
+
+
+def _resilient_sdk(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    try:
+        from resilience.telemetry import Telemetry
+    except ImportError as exc:
+        raise Unavailable(f"resilience.telemetry is not installed ({exc})") from None
+    tracer_provider, meter_provider = _sdk()
+    bus = EventBus()
+    layers = full_pipeline_policy().layers(backend=backend, events=bus)
+    telemetry = Telemetry(
+        system="memory", tracer_provider=tracer_provider, meter_provider=meter_provider, events=bus
+    )
+    pipeline = Pipeline(telemetry, *layers)
+    return ResilientConsumer(backend, policy=pipeline, events=bus), _same
+
+
+def _span(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    from opentelemetry.trace import SpanKind
+
+    tracer = _sdk()[0].get_tracer("bench")
+    attributes = {
+        "messaging.system": "memory",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": KEY,
+    }
+    start = tracer.start_as_current_span
+
+    def wrap(inner: Handler) -> Handler:
+        async def handler(payload: dict[str, Any]) -> None:
+            with start(f"process {KEY}", kind=SpanKind.CONSUMER, attributes=attributes):
+                await inner(payload)
+
+        return handler
+
+    return AsyncLoopConsumer(backend), wrap
+
+
+def _tenacity(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    import tenacity
+
+    def wrap(inner: Handler) -> Handler:
+        async def handler(payload: dict[str, Any]) -> None:
+            async for attempt in tenacity.AsyncRetrying(
+                stop=tenacity.stop_after_attempt(3),
+                wait=tenacity.wait_exponential(multiplier=0.1, max=30),
+                reraise=True,
+            ):
+                with attempt:
+                    await inner(payload)
+
+        return handler
+
+    return AsyncLoopConsumer(backend), wrap
+
+
+def _stamina(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    try:
+        import stamina
+    except ImportError as exc:
+        raise Unavailable(f"stamina is not installed ({exc})") from None
+
+    def wrap(inner: Handler) -> Handler:
+        wrapped: Handler = stamina.retry(on=Exception, attempts=3)(inner)
+        return wrapped
+
+    return AsyncLoopConsumer(backend), wrap
+
+
+def _aiobreaker(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    try:
+        import aiobreaker
+    except ImportError as exc:
+        raise Unavailable(f"aiobreaker is not installed ({exc})") from None
+    breaker = aiobreaker.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=10))
+
+    def wrap(inner: Handler) -> Handler:
+        async def handler(payload: dict[str, Any]) -> None:
+            await breaker.call_async(inner, payload)
+
+        return handler
+
+    return AsyncLoopConsumer(backend), wrap
+
+
+def _purgatory(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    try:
+        import purgatory
+    except ImportError as exc:
+        raise Unavailable(f"purgatory is not installed ({exc})") from None
+    factory = purgatory.AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=10)
+
+    def wrap(inner: Handler) -> Handler:
+        async def handler(payload: dict[str, Any]) -> None:
+            async with await factory.get_breaker("bench"):
+                await inner(payload)
+
+        return handler
+
+    return AsyncLoopConsumer(backend), wrap
+
+
+@dataclass(frozen=True, slots=True)
+class _Contender:
+    name: str
+    description: str
+    setup: Setup
+
+
+CONTENDERS: tuple[_Contender, ...] = (
+    _Contender("bare", "AsyncLoopConsumer over MemoryBackend (the published consumer)", _bare),
+    _Contender(
+        "resilient, no middleware",
+        "ResilientConsumer with an empty pipeline: delivery objects and acks only",
+        _resilient_empty,
+    ),
+    _Contender(
+        "resilient, retry+timeout",
+        "ResilientConsumer with Policy() as is: retry and per-attempt timeout",
+        _resilient_core,
+    ),
+    _Contender(
+        "pipeline",
+        "ResilientConsumer, full default pipeline (retry, timeout, breaker, dead-letter), "
+        "at-least-once acks, no telemetry",
+        _resilient,
+    ),
+    _Contender(
+        "pipeline+telemetry (no SDK)",
+        "the same with the [telemetry] section and no OpenTelemetry SDK configured",
+        _resilient_telemetry,
+    ),
+    _Contender(
+        "pipeline+telemetry (SDK)",
+        "the same with tracing and metrics on an SDK with a no-op exporter",
+        _resilient_sdk,
+    ),
+    _Contender("bare+otel span", "bare consumer, one SDK CONSUMER span with attributes", _span),
+    _Contender(
+        "bare+tenacity", "bare consumer, handler wrapped per call in AsyncRetrying", _tenacity
+    ),
+    _Contender("bare+stamina", "bare consumer, handler decorated with stamina.retry", _stamina),
+    _Contender("bare+aiobreaker", "bare consumer, handler called through aiobreaker", _aiobreaker),
+    _Contender("bare+purgatory", "bare consumer, handler inside a purgatory breaker", _purgatory),
+)
+
+
+async def _drain(setup: Setup, messages: int) -> float:
+    """Seconds per message for one contender to consume ``messages`` pre-published ones."""
+    backend = MemoryBackend.isolated(keys=[KEY])
+    for n in range(messages):
+        await backend.publish_message(KEY, {"n": n})
+    consumer, wrap = setup(backend)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    count = 0
+    first = last = 0.0
+
+    async def inner(payload: dict[str, Any]) -> None:
+        nonlocal count, first, last
+        count += 1
+        if count == 1:
+            first = time.perf_counter()
+        elif count == messages:
+            last = time.perf_counter()
+            done.set_result(None)
+
+    gc.collect()
+    gc.disable()
+    task = asyncio.create_task(consumer.run(wrap(inner)))
+    try:
+        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gc.enable()
+        await consumer.shutdown()
+        await asyncio.gather(task, return_exceptions=True)
+    if not done.done():
+        task.result()
+        raise RuntimeError("the consumer stopped before consuming every message")
+    return (last - first) / max(1, messages - 1)
+
+
+# -- the retry middleware against tenacity, without a consumer ----------------------------------
+
+
+async def _per_call(call: Callable[[], Awaitable[None]], calls: int) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            await call()
+        return (time.perf_counter() - start) / calls
+    finally:
+        gc.enable()
+
+
+async def _retry_rows(calls: int) -> dict[str, float]:
+    import tenacity
+
+    delivery = Delivery({"n": 1})
+    retry = Retry(attempts=3)
+
+    async def terminal(d: Delivery) -> None:
+        return None
+
+    async def direct() -> None:
+        await terminal(delivery)
+
+    async def middleware() -> None:
+        await retry(delivery, terminal)
+
+    async def per_call_tenacity() -> None:
+        async for attempt in tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(3),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=30),
+            reraise=True,
+        ):
+            with attempt:
+                await terminal(delivery)
+
+    return {
+        "direct call": await _per_call(direct, calls),
+        "Retry middleware": await _per_call(middleware, calls),
+        "tenacity AsyncRetrying": await _per_call(per_call_tenacity, calls),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+Progress = Callable[[int, int, str, float], None]
+
+
+async def _measure(messages: int, rounds: int, progress: Progress | None) -> dict[str, Any]:
+    available: list[_Contender] = []
+    missing: dict[str, str] = {}
+    for contender in CONTENDERS:
+        try:
+            consumer, _ = contender.setup(MemoryBackend.isolated(keys=[KEY]))
+        except Unavailable as exc:
+            missing[contender.name] = str(exc)
+            continue
+        del consumer
+        available.append(contender)
+    samples: dict[str, list[float]] = {c.name: [] for c in available}
+    micro: dict[str, list[float]] = {}
+    total = rounds * (len(available) + 1)
+    step = 0
+    # One warm-up pass so imports, caches and the allocator are in their steady state.
+    for contender in available:
+        await _drain(contender.setup, min(messages, 2000))
+    for r in range(rounds):
+        order = available[r % len(available) :] + available[: r % len(available)]
+        for contender in order:
+            if progress is not None:
+                progress(step, total, f"round {r + 1}: {contender.name}", 0.0)
+            samples[contender.name].append(await _drain(contender.setup, messages))
+            step += 1
+        if progress is not None:
+            progress(step, total, f"round {r + 1}: retry vs tenacity", 0.0)
+        for name, value in (await _retry_rows(messages)).items():
+            micro.setdefault(name, []).append(value)
+        step += 1
+    if progress is not None:
+        progress(total, total, "done", 1.0)
+    per_message = {name: statistics.median(values) for name, values in samples.items()}
+    per_call = {name: statistics.median(values) for name, values in micro.items()}
+    return {
+        "benchmark": "overhead",
+        "messages": messages,
+        "rounds": rounds,
+        "machine": machine_info(),
+        "per_message_us": {k: v * 1e6 for k, v in per_message.items()},
+        "per_message_min_us": {k: min(v) * 1e6 for k, v in samples.items()},
+        "per_call_us": {k: v * 1e6 for k, v in per_call.items()},
+        "descriptions": {c.name: c.description for c in CONTENDERS},
+        "not_available": missing,
+        "ratios": _ratios(per_message, per_call),
+    }
+
+
+def _ratio(
+    name: str, value: float | None, target: str, ok: bool | None, how: str
+) -> dict[str, Any]:
+    return {"name": name, "value": value, "target": target, "met": ok, "how": how}
+
+
+def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[dict[str, Any]]:
+    bare = per_message.get("bare")
+    pipeline = per_message.get("pipeline")
+    nosdk = per_message.get("pipeline+telemetry (no SDK)")
+    sdk = per_message.get("pipeline+telemetry (SDK)")
+    span = per_message.get("bare+otel span")
+    rows = []
+    value = pipeline / bare if pipeline and bare else None
+    rows.append(
+        _ratio(
+            "pipeline / bare consumer",
+            value,
+            "<= 2.0",
+            None if value is None else value <= 2.0,
+            "per-message cost of ResilientConsumer with the full default pipeline over the "
+            "bare AsyncLoopConsumer",
+        )
+    )
+    direct = per_call["direct call"]
+    retry_added = per_call["Retry middleware"] - direct
+    tenacity_added = per_call["tenacity AsyncRetrying"] - direct
+    value = tenacity_added / retry_added if retry_added > 0 else None
+    rows.append(
+        _ratio(
+            "tenacity per call / Retry middleware",
+            value,
+            ">= 20",
+            None if value is None else value >= 20,
+            "added cost on success of a per-call AsyncRetrying over the Retry middleware "
+            "(each minus a direct await)",
+        )
+    )
+    value = nosdk / pipeline - 1 if nosdk and pipeline else None
+    rows.append(
+        _ratio(
+            "telemetry without SDK",
+            value,
+            "< +10%",
+            None if value is None else value < 0.10,
+            "extra per-message cost of the [telemetry] section when no SDK is configured",
+        )
+    )
+    value = None
+    if sdk and pipeline and span and bare and span > bare:
+        value = (sdk - pipeline) / (span - bare)
+    rows.append(
+        _ratio(
+            "telemetry with SDK / bare span",
+            value,
+            "<= 1.25",
+            None if value is None else value <= 1.25,
+            "the project's instrumentation cost (SDK on, no-op exporter) over the cost of one "
+            "bare SDK CONSUMER span with attributes",
+        )
+    )
+    for peer in ("bare+tenacity", "bare+stamina", "bare+aiobreaker", "bare+purgatory"):
+        cost = per_message.get(peer)
+        if cost is not None and bare and pipeline and pipeline > bare:
+            rows.append(
+                _ratio(
+                    f"{peer.removeprefix('bare+')} added / pipeline added",
+                    (cost - bare) / (pipeline - bare),
+                    "(info)",
+                    None,
+                    f"what wrapping the handler with {peer.removeprefix('bare+')} adds to the "
+                    "bare consumer, over what the whole pipeline adds",
+                )
+            )
+    return rows
+
+
+def measure_overhead(
+    *, messages: int = 100_000, rounds: int = 5, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Measure every contender; the result is a JSON-ready document.
+
+    Args:
+        messages: Messages per contender and round.
+        rounds: Interleaved rounds; the median per contender is reported.
+        progress: Called with (steps done, steps in all, label, fraction).
+
+    Returns:
+        ``per_message_us`` (median microseconds per message), ``per_call_us`` (the retry
+        micro-benchmark), ``ratios`` (each with its target and whether it was met), machine info
+        and the contenders that were not available.
+
+    Raises:
+        RuntimeError: called from a running event loop (use a thread).
+    """
+    if messages < 2 or rounds < 1:
+        raise ValueError("messages must be >= 2 and rounds >= 1")
+    return asyncio.run(_measure(messages, rounds, progress))
+
+
+def format_overhead(report: dict[str, Any]) -> str:
+    """The overhead report as terminal tables."""
+    per_message: dict[str, float] = report["per_message_us"]
+    bare = per_message.get("bare")
+    rows = []
+    for name, cost in per_message.items():
+        rel = f"{cost / bare:.2f}x" if bare else "-"
+        rows.append([name, f"{cost:.2f}", f"{report['per_message_min_us'][name]:.2f}", rel])
+    for name, why in report["not_available"].items():
+        rows.append([name, "not available", why, ""])
+    lines = [
+        f"{report['messages']} messages per contender, {report['rounds']} interleaved rounds "
+        f"(median; min shown too); {report['machine']['cpu']}, "
+        f"{report['machine']['nproc']} CPU, Python {report['machine']['python']}",
+        "",
+        format_table(("consumer", "us/msg", "min", "vs bare"), rows),
+        "",
+        format_table(
+            ("success path, no consumer", "us/call"),
+            [[k, f"{v:.3f}"] for k, v in report["per_call_us"].items()],
+        ),
+        "",
+    ]
+    ratio_rows = []
+    for r in report["ratios"]:
+        value = "-" if r["value"] is None else f"{r['value']:.2f}"
+        if r["name"].startswith("telemetry without") and r["value"] is not None:
+            value = f"{r['value']:+.1%}"
+        met = {True: "yes", False: "NO", None: ""}[r["met"]]
+        ratio_rows.append([r["name"], value, r["target"], met])
+    lines.append(format_table(("ratio", "value", "target", "met"), ratio_rows))
+    return "\n".join(lines)
