@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -183,6 +184,11 @@ class DeadLetterRouter:
             verdict = self._classifier.classify(exc)
             if verdict is Verdict.IGNORED:
                 raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A shutdown cancelled the message and the handler turned that into an error:
+                # it was interrupted, not failed. Never dead-letter it; let it be released.
+                raise asyncio.CancelledError from exc
             await self._route(
                 delivery, exc, delivery.reason or terminal_reason(exc, verdict), "handle"
             )

@@ -289,6 +289,27 @@ async def test_cancellation_is_never_dead_lettered() -> None:
     assert store.write_attempts == 0
 
 
+async def test_cancellation_turned_into_an_error_is_not_dead_lettered() -> None:
+    """A handler that turns a shutdown's cancellation into an error is released, not stored."""
+    store = MemoryStore()
+    router = DeadLetterRouter(store)
+    started = asyncio.Event()
+
+    async def call_next(delivery: Delivery) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("interrupted while talking to the database") from None
+
+    task = asyncio.create_task(router(Delivery({"n": 1}), call_next))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.write_attempts == 0
+
+
 async def test_sink_failure_loses_nothing_and_recovers() -> None:
     """A failed write leaves the message unacked; it comes back and is dead-lettered once."""
     clock = FakeClock()
