@@ -124,12 +124,13 @@ def format_comparison(
         rows = [_row(r) for r in results if r.scenario == name]
         wall = sum(r.wall for r in results if r.scenario == name)
         blocks.append(
-            f"\n{name}: {scenario.summary} ({_params(scenario)}); {wall:.1f}s wall\n"
-            + format_table(_HEADERS, rows)
+            f"\n{name}: {scenario.summary} ({_params(scenario)}); {wall:.1f}s wall for "
+            f"{len(rows)} runs\n" + format_table(_HEADERS, rows)
         )
     blocks.append(
-        "\nok: succeeded (retried: after a retry) · dlq: dead-lettered · lost: acked after a "
-        "terminal failure without a dead-letter record · pending: unsettled at the horizon · "
+        "\nok: succeeded (retried: after a retry) · dlq: records in the dead-letter stream · "
+        "lost: neither succeeded, dead-lettered, dropped nor pending (acked and gone: a terminal "
+        "failure without a dead-letter destination) · pending: unsettled at the horizon · "
         "calls: calls reaching the dependency · ampl: calls per message (no-retry = 1.00x) · "
         "p50/p95/p99: publish-to-settlement latency · drain: recovery until the pre-recovery "
         "backlog is settled · open: time the breaker spent open"

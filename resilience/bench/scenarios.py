@@ -60,6 +60,9 @@ class RateLimitedError(Exception):
         super().__init__(f"rate limited; retry after {retry_after:.3g}s")
 
 
+_INTERNAL = frozenset({"rng", "label"})
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """How one call goes: it takes ``latency`` simulated seconds, then raises ``error`` if set."""
@@ -86,6 +89,7 @@ class Scenario:
     jitter: float = 0.5
     poison_rate: float = 0.0
     rng: random.Random = dataclasses.field(default_factory=random.Random, repr=False, compare=False)
+    label: str = dataclasses.field(default="", repr=False, compare=False)
 
     def reset(self, rng: random.Random) -> None:
         """Start a new run with ``rng`` (override to reset state of your own, calling super)."""
@@ -101,7 +105,11 @@ class Scenario:
 
     def params(self) -> dict[str, Any]:
         """The scenario's parameters, for reports."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rng"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in _INTERNAL and not f.name.startswith("_")
+        }
 
     def healthy(self) -> float:
         """A latency drawn around :attr:`latency`."""
@@ -235,10 +243,6 @@ class RateLimited(Scenario):
         """The end of the throttling."""
         return self.start + self.duration
 
-    def params(self) -> dict[str, Any]:
-        """The parameters (without internal state)."""
-        return {k: v for k, v in Scenario.params(self).items() if not k.startswith("_")}
-
     def reply(self, now: float, poison: bool) -> Reply:
         """Refuse calls beyond the per-second limit inside the throttling window."""
         if self.start <= now < self.start + self.duration:
@@ -278,7 +282,7 @@ def build_scenario(cls: type[Scenario], params: dict[str, Any], label: str) -> S
     reader = Reader(params, label)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if field.name == "rng" or field.name.startswith("_"):
+        if field.name in _INTERNAL or field.name.startswith("_"):
             continue
         if reader.has(field.name):
             values[field.name] = _coerce(reader, field)
@@ -344,10 +348,16 @@ def parse_scenario(spec: str) -> Scenario:
         if not sep or not key.strip():
             raise ConfigError(f"scenario {spec!r}: expected key=value, got {item!r}")
         params[key.strip()] = _parse_value(value.strip())
-    return build_scenario(cls, params, f"scenario {scenario_name(cls)}")
+    scenario = build_scenario(cls, params, f"scenario {scenario_name(cls)}")
+    if params:
+        scenario.label = f"{scenario_name(cls)}:{rest[0]}"
+    return scenario
 
 
 def scenario_name(scenario: Scenario | type[Scenario]) -> str:
-    """The display name: the class's own ``name``, else the class name."""
+    """The display name: the scenario's ``label``, else its class's own ``name``, else the
+    class name."""
+    if isinstance(scenario, Scenario) and scenario.label:
+        return scenario.label
     cls = scenario if isinstance(scenario, type) else type(scenario)
     return str(cls.__dict__.get("name", cls.__name__))

@@ -101,9 +101,11 @@ class RunResult:
         messages: Messages published.
         succeeded: Handled successfully (first attempt or after retries).
         retried: Of ``succeeded``, how many needed more than one attempt.
-        dead_lettered: Written to the dead-letter destination.
+        dead_lettered: Records found in the dead-letter stream (``<key>.dlq``) at the end.
         dropped: Dropped on purpose (ignored failures, ``Drop``).
-        lost: Acknowledged after a terminal failure with no dead-letter record: gone.
+        lost: Neither succeeded, dead-lettered, dropped nor pending: acknowledged and gone
+            (a terminal failure under a policy without a dead-letter destination). Counted by
+            conservation, so a message the pipeline dropped silently would show here too.
         pending: Not settled when the horizon ended (still queued, retrying or hanging).
         calls: Calls that reached the dependency.
         amplification: ``calls / messages``: load against the no-retry baseline (1.0).

@@ -170,9 +170,14 @@ def _policies(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    names = [p.name for p in policies]
-    if len(set(names)) != len(names):
-        raise CliError(f"policy names must be unique, got {', '.join(names)}")
+    from resilience.bench.scenarios import scenario_name
+
+    for kind, names in (
+        ("policy", [p.name for p in policies]),
+        ("scenario", [scenario_name(s) for s in scenarios]),
+    ):
+        if len(set(names)) != len(names):
+            raise CliError(f"{kind} names must be unique, got {', '.join(names)}")
     if args.chart:
         try:
             import matplotlib  # noqa: F401
