@@ -108,7 +108,10 @@ async def main() -> None:
     key = f"bench:{uuid.uuid4().hex}"
     variants: list[tuple[str, Callable[[str], Awaitable[float]]]] = [
         ("hand-written (COUNT 500, 1 XACK/batch)", lambda g: hand_written(client, key, g, total)),
-        ("abe-redis pattern (COUNT 10, XACK/msg)", lambda g: abe_redis_pattern(client, key, g, total)),
+        (
+            "abe-redis pattern (COUNT 10, XACK/msg)",
+            lambda g: abe_redis_pattern(client, key, g, total),
+        ),
         ("ResilientConsumer, no middleware", lambda g: resilient(key, g, total, [])),
         ("ResilientConsumer, Policy() defaults", lambda g: resilient(key, g, total, Policy())),
     ]

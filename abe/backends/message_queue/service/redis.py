@@ -20,7 +20,8 @@ Guarantees (see ``docs/redis.md``):
   reclaimed by live consumers with XAUTOCLAIM once idle for ``claim_idle`` and counted in
   :attr:`RedisBackend.stats`; their delivery count (from the pending-entries list) feeds the
   attempt limit.
-* Dead-lettering writes the record and acknowledges the source entry in one MULTI/EXEC.
+* Dead-lettering writes the record and acknowledges the source entry in one Lua script: both
+  happen or neither does.
 * A lost connection or a Redis restart is retried with backoff; reading resumes by itself.
 """
 
@@ -66,6 +67,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PUBLISH_CHUNK = 1000
+
+_DEAD_LETTER_LUA = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+return id
+"""
+"""XADD the record to KEYS[1], then XACK entry ARGV[2] of KEYS[2] in group ARGV[1]; an error
+in the XADD aborts the script before the XACK."""
 
 _FAILURES: tuple[type[BaseException], ...] = (RedisError, *TRANSIENT_ERRORS)
 """What a Redis call raises when it fails (``TimeoutError`` comes from ``command_timeout``)."""
@@ -194,6 +203,7 @@ class RedisBackend:
         elif client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the Redis client must be created with decode_responses=False")
         self._client = client
+        self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._sleep = sleep
         self._stats = RedisStats()
         self._readers: weakref.WeakSet[StreamReader] = weakref.WeakSet()
@@ -426,9 +436,11 @@ class RedisBackend:
     ) -> str | None:
         """Append ``record`` to stream ``destination`` and acknowledge ``message``, atomically.
 
-        One MULTI/EXEC runs the XADD (field ``data`` holds the record as JSON; the message's
-        headers travel along) and the XACK, so a crash can neither lose the entry nor leave
-        it both dead-lettered and pending.
+        One Lua script runs the XADD (field ``data`` holds the record as JSON; the message's
+        headers travel along) and then the XACK. Unlike MULTI/EXEC, which goes on with the
+        XACK when the XADD fails at run time (a destination key of the wrong type), the script
+        stops at the first error: the entry is either dead-lettered and acknowledged, or
+        neither, and a crash cannot lose it.
 
         Returns:
             The id of the dead-letter entry.
@@ -445,12 +457,15 @@ class RedisBackend:
         handle = message.handle
         reader = handle if type(handle) is StreamReader else None
         held = reader.settle(message) if reader is not None else None
-        pipe = self._client.pipeline(transaction=True)
-        pipe.xadd(destination, fields)  # type: ignore[arg-type]
-        pipe.xack(message.key, self._group_of(message), entry_id)
+        args: list[str | bytes] = [self._group_of(message), entry_id]
+        for name, value in fields.items():
+            args.append(name)
+            args.append(value)
         try:
             async with self._timeout():
-                record_id, _ = await pipe.execute()
+                record_id = await self._dead_letter_script(
+                    keys=[destination, message.key], args=args
+                )
         except _FAILURES as exc:
             if held is not None and reader is not None:
                 reader.hold(message, held)
