@@ -14,7 +14,14 @@ import itertools
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "FakeClock", "LoopClock", "TimerHandle", "default_clock"]
+__all__ = [
+    "Clock",
+    "FakeClock",
+    "LoopClock",
+    "TimerHandle",
+    "default_clock",
+    "monotonic_function",
+]
 
 
 @runtime_checkable
@@ -71,6 +78,23 @@ class LoopClock:
 
 default_clock: Clock = LoopClock()
 """The clock used when none is given."""
+
+
+def monotonic_function(clock: Clock) -> Callable[[], float]:
+    """The cheapest callable reading ``clock``'s time; call it inside the running loop.
+
+    For :class:`LoopClock` on a standard asyncio loop (whose ``time()`` is
+    ``time.monotonic()``) that is ``time.monotonic`` itself, saving a method call and a loop
+    lookup per message; any other clock or loop (``looptime``, uvloop) keeps its own.
+    """
+    if isinstance(clock, LoopClock):
+        loop = asyncio.get_running_loop()
+        if type(loop).time is asyncio.BaseEventLoop.time:
+            import time
+
+            return time.monotonic
+        return loop.time
+    return clock.monotonic
 
 
 class _FakeTimer:

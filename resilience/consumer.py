@@ -12,7 +12,7 @@ from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
-from .clock import Clock, default_clock
+from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery
 from .errors import ConfigError, DeadLetterWriteError
 from .events import EventBus, MessageSettled, Outcome
@@ -177,20 +177,41 @@ class ResilientConsumer(AsyncLoopConsumer):
         gates: tuple[Gate, ...],
         settling: bool,
     ) -> None:
-        clock = self.clock
+        # The hot path: one message at a time, no task per message, no coroutine per settlement
+        # when the backend offers ack_nowait.
+        now = monotonic_function(self.clock)
         events = self.events
+        ack_nowait = getattr(self.backend, "ack_nowait", None) if settling else None
+        task = asyncio.current_task()
         async for message in source:
             if settling:
-                delivery = Delivery.from_message(
-                    message, started_at=clock.monotonic(), events=events
-                )
+                delivery = Delivery(message.payload, message, now(), events)
             else:
-                delivery = Delivery(message, started_at=clock.monotonic(), events=events)
+                delivery = Delivery(message, None, now(), events)
+            delivery.task = task
             self._busy = True
             try:
-                await self._process(delivery, call, classifier)
-            finally:
+                await call(delivery)
+            except BaseException as exc:
                 self._busy = False
+                await self._failed(delivery, exc, classifier, settling)
+            else:
+                self._busy = False
+                if ack_nowait is not None:
+                    try:
+                        ack_nowait(message)
+                    except Exception as ack_error:
+                        self._ack_failed(delivery, ack_error)
+                elif settling:
+                    await self._ack(delivery)
+                if events.listeners:
+                    if delivery.outcome is None:
+                        delivery.outcome = (
+                            Outcome.RETRIED
+                            if delivery.attempt > delivery.delivery_count
+                            else Outcome.SUCCESS
+                        )
+                    self._settled(delivery, None)
             if self._stopping:
                 return
             for gate in gates:
@@ -205,11 +226,16 @@ class ResilientConsumer(AsyncLoopConsumer):
         gates: tuple[Gate, ...],
         settling: bool,
     ) -> None:
-        clock = self.clock
+        now = monotonic_function(self.clock)
         events = self.events
         slots = asyncio.Semaphore(self.concurrency)
         in_flight = self._in_flight
         iterator = source.__aiter__()
+
+        def done(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            slots.release()
+
         while not self._stopping:
             await slots.acquire()
             for gate in gates:
@@ -221,15 +247,12 @@ class ResilientConsumer(AsyncLoopConsumer):
                 slots.release()
                 break
             if settling:
-                delivery = Delivery.from_message(
-                    message, started_at=clock.monotonic(), events=events
-                )
+                delivery = Delivery(message.payload, message, now(), events)
             else:
-                delivery = Delivery(message, started_at=clock.monotonic(), events=events)
-            task = asyncio.create_task(self._process(delivery, call, classifier))
+                delivery = Delivery(message, None, now(), events)
+            task = asyncio.create_task(self._process(delivery, call, classifier, settling))
             in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            task.add_done_callback(lambda _t: slots.release())
+            task.add_done_callback(done)
         await self._drain_in_flight()
 
     async def _drain_in_flight(self) -> None:
@@ -243,73 +266,85 @@ class ResilientConsumer(AsyncLoopConsumer):
         if tasks:
             await asyncio.wait(tasks)
 
-    async def _process(self, delivery: Delivery, call: CallNext, classifier: Classifier) -> None:
+    async def _process(
+        self, delivery: Delivery, call: CallNext, classifier: Classifier, settling: bool
+    ) -> None:
         """Run one delivery through the pipeline and settle it."""
+        delivery.task = asyncio.current_task()
         try:
             await call(delivery)
-        except asyncio.CancelledError:
-            delivery.outcome = Outcome.CANCELLED
-            await self._release(delivery)
-            self._settled(delivery, None)
-            raise
-        except DeadLetterWriteError as exc:
-            delivery.outcome = Outcome.UNSETTLED
-            logger.error(
-                "Dead-letter write failed; message %s left unacknowledged for redelivery: %s",
-                delivery.message_id,
-                exc,
-                exc_info=True,
-            )
-            await self._release(delivery)
-            self._settled(delivery, exc)
-            return
-        except Exception as exc:
-            verdict = classifier.classify(exc)
-            if verdict is Verdict.IGNORED:
-                delivery.outcome = Outcome.DROPPED
-                logger.info("Message %s dropped: %r", delivery.message_id, exc)
-            else:
-                delivery.outcome = Outcome.FAILED
-                if delivery.reason is None:
-                    delivery.reason = terminal_reason(exc, verdict)
-                logger.error(
-                    "Error processing message %s (%s): %s",
-                    delivery.message_id,
-                    delivery.reason,
-                    exc,
-                    exc_info=True,
-                )
-            await self._ack(delivery)
-            self._settled(delivery, exc)
+        except BaseException as exc:
+            await self._failed(delivery, exc, classifier, settling)
             return
         if delivery.outcome is None:
             delivery.outcome = (
                 Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
             )
-        await self._ack(delivery)
+        if settling:
+            await self._ack(delivery)
         if self.events:
             self._settled(delivery, None)
 
-    async def _ack(self, delivery: Delivery) -> None:
-        message = delivery.message
-        if message is None:
-            return
-        try:
-            await self.backend.ack(message)  # type: ignore[attr-defined]
-        except Exception as exc:
+    async def _failed(
+        self, delivery: Delivery, exc: BaseException, classifier: Classifier, settling: bool
+    ) -> None:
+        """Settle a delivery whose pipeline raised; re-raises what must propagate."""
+        if isinstance(exc, asyncio.CancelledError):
+            delivery.outcome = Outcome.CANCELLED
+            if settling:
+                await self._release(delivery)
+            self._settled(delivery, None)
+            raise exc
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: the process is going down
+        if isinstance(exc, DeadLetterWriteError):
+            delivery.outcome = Outcome.UNSETTLED
             logger.error(
-                "Acknowledging message %s failed; it will be delivered again: %s",
+                "Dead-letter write failed; message %s left unacknowledged for redelivery: %s",
                 delivery.message_id,
                 exc,
-                exc_info=True,
+                exc_info=exc,
             )
+            if settling:
+                await self._release(delivery)
+            self._settled(delivery, exc)
+            return
+        verdict = classifier.classify(exc)
+        if verdict is Verdict.IGNORED:
+            delivery.outcome = Outcome.DROPPED
+            logger.info("Message %s dropped: %r", delivery.message_id, exc)
+        else:
+            delivery.outcome = Outcome.FAILED
+            if delivery.reason is None:
+                delivery.reason = terminal_reason(exc, verdict)
+            logger.error(
+                "Error processing message %s (%s): %s",
+                delivery.message_id,
+                delivery.reason,
+                exc,
+                exc_info=exc,
+            )
+        if settling:
+            await self._ack(delivery)
+        self._settled(delivery, exc)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            await self.backend.ack(delivery.message)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._ack_failed(delivery, exc)
+
+    def _ack_failed(self, delivery: Delivery, exc: Exception) -> None:
+        logger.error(
+            "Acknowledging message %s failed; it will be delivered again: %s",
+            delivery.message_id,
+            exc,
+            exc_info=exc,
+        )
 
     async def _release(self, delivery: Delivery) -> None:
-        message = delivery.message
-        if message is None:
-            return
         try:
-            await self.backend.release(message)  # type: ignore[attr-defined]
+            await self.backend.release(delivery.message)  # type: ignore[attr-defined]
         except Exception as exc:
             logger.warning(
                 "Releasing message %s failed; the broker redelivers it after its timeout: %s",

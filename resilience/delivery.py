@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from abe.backends.message_queue.base.extensions import InboundMessage
 
 from .events import EventBus, Outcome
-
-if TYPE_CHECKING:
-    from abe.backends.message_queue.base.extensions import InboundMessage
 
 __all__ = ["Delivery", "FailureRecord"]
 
@@ -35,90 +35,146 @@ class Delivery:
     """One delivery of one message travelling through the pipeline.
 
     Middleware reads and updates it; it is never shared between messages. The user's handler
-    receives only :attr:`payload`.
+    receives only :attr:`payload`. Broker metadata (:attr:`key`, :attr:`message_id`,
+    :attr:`group`, :attr:`delivery_count`, :attr:`headers`) is read from :attr:`message`, the
+    backend's :class:`~abe.backends.message_queue.base.InboundMessage`, so wrapping a delivery
+    costs a handful of attribute writes on the hot path.
+
+    Args:
+        payload: The message body handed to the handler.
+        message: The backend's delivery (``None`` for bare payloads from ``consume()``).
+        started_at: Monotonic time processing started.
+        events: The bus of the consumer (or decorator) processing the message.
+        key: Source key, when there is no ``message`` to read it from.
+        message_id: Message id, likewise.
+        group: Consumer group, likewise.
+        delivery_count: Broker delivery count, likewise.
+        headers: Transport headers, likewise.
 
     Attributes:
-        payload: The message body handed to the handler.
-        key: Source key, stream or queue.
-        message_id: The broker's message id, when known.
-        group: Consumer group.
-        delivery_count: How often the broker has delivered the message (1 = first time).
-        headers: Transport headers (``traceparent`` and friends).
         attempt: The current attempt number, starting at ``delivery_count`` so that the attempt
             limit also counts deliveries to processes that crashed.
         deadline: Monotonic time by which the message must be done (``None``: no deadline).
-        started_at: Monotonic time processing started.
         outcome: Set by middleware that settles the message another way than success.
         reason: Why the message ended terminally (``retries_exhausted``, ``non_retryable``, ...).
         failures: Exception type name -> :class:`FailureRecord`, for dead-letter records.
-        events: The bus of the consumer (or decorator) processing the message.
-        message: The backend's delivery object when the backend supports settlement.
-        extras: Free slot for middleware of users' own (created on first use).
+        extras: Free slot for middleware of users' own (``None`` until used).
+        task: The asyncio task processing the delivery, when the consumer knows it (saves
+            timeouts an ``asyncio.current_task()`` call); ``None`` otherwise.
     """
 
     __slots__ = (
         "attempt",
         "deadline",
-        "delivery_count",
         "events",
         "extras",
         "failures",
-        "group",
-        "headers",
-        "key",
         "message",
-        "message_id",
         "outcome",
         "payload",
         "reason",
         "started_at",
+        "task",
     )
 
     def __init__(
         self,
         payload: dict[str, Any],
+        message: InboundMessage | None = None,
+        started_at: float = 0.0,
+        events: EventBus = _NO_EVENTS,
         *,
         key: str | None = None,
         message_id: str | None = None,
         group: str | None = None,
-        delivery_count: int = 1,
+        delivery_count: int | None = None,
         headers: Mapping[str, str] | None = None,
-        started_at: float = 0.0,
-        events: EventBus = _NO_EVENTS,
-        message: InboundMessage | None = None,
     ) -> None:
         self.payload = payload
-        self.key = key
-        self.message_id = message_id
-        self.group = group
-        self.delivery_count = delivery_count
-        self.headers: Mapping[str, str] = headers if headers is not None else {}
-        self.attempt = delivery_count if delivery_count > 0 else 1
-        self.deadline: float | None = None
+        if message is None and (
+            key is not None
+            or message_id is not None
+            or group is not None
+            or delivery_count is not None
+            or headers
+        ):
+            message = InboundMessage(
+                payload,
+                key or "",
+                message_id,
+                delivery_count if delivery_count is not None else 1,
+                dict(headers) if headers else {},
+                group=group,
+            )
+        self.message = message
+        self.attempt = (
+            1 if message is None or message.delivery_count < 1 else message.delivery_count
+        )
         self.started_at = started_at
+        self.events = events
+        self.deadline: float | None = None
         self.outcome: Outcome | None = None
         self.reason: str | None = None
         self.failures: dict[str, FailureRecord] | None = None
-        self.events = events
-        self.message = message
         self.extras: dict[str, Any] | None = None
+        self.task: asyncio.Task[Any] | None = None
 
     @classmethod
     def from_message(
         cls, message: InboundMessage, *, started_at: float, events: EventBus = _NO_EVENTS
     ) -> Delivery:
         """Wrap a backend delivery."""
-        return cls(
-            message.payload,
-            key=message.key,
-            message_id=message.message_id,
-            group=message.group,
-            delivery_count=message.delivery_count,
-            headers=message.headers,
-            started_at=started_at,
-            events=events,
-            message=message,
-        )
+        return cls(message.payload, message, started_at, events)
+
+    def _meta(self) -> InboundMessage:
+        if self.message is None:
+            self.message = InboundMessage(self.payload, "")
+        return self.message
+
+    @property
+    def key(self) -> str | None:
+        """Source key, stream or queue (``None`` when unknown)."""
+        return self.message.key or None if self.message is not None else None
+
+    @key.setter
+    def key(self, value: str | None) -> None:
+        self._meta().key = value or ""
+
+    @property
+    def message_id(self) -> str | None:
+        """The broker's message id, when known."""
+        return self.message.message_id if self.message is not None else None
+
+    @message_id.setter
+    def message_id(self, value: str | None) -> None:
+        self._meta().message_id = value
+
+    @property
+    def group(self) -> str | None:
+        """Consumer group."""
+        return self.message.group if self.message is not None else None
+
+    @group.setter
+    def group(self, value: str | None) -> None:
+        self._meta().group = value
+
+    @property
+    def delivery_count(self) -> int:
+        """How often the broker has delivered the message (1 = first time)."""
+        return self.message.delivery_count if self.message is not None else 1
+
+    @delivery_count.setter
+    def delivery_count(self, value: int) -> None:
+        self._meta().delivery_count = value
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Transport headers (``traceparent`` and friends); empty when none."""
+        return self.message.headers if self.message is not None else {}
+
+    @headers.setter
+    def headers(self, value: Mapping[str, str]) -> None:
+        self._meta().headers = value
 
     @property
     def attempts_made(self) -> int:

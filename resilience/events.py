@@ -89,26 +89,27 @@ Listener = Callable[[Any], object]
 class EventBus:
     """Synchronous fan-out of event records to listeners."""
 
-    __slots__ = ("_listeners",)
+    __slots__ = ("listeners",)
 
     def __init__(self, *listeners: Listener) -> None:
-        self._listeners: tuple[Listener, ...] = tuple(listeners)
+        self.listeners: tuple[Listener, ...] = tuple(listeners)
+        """The subscribed listeners (read-only; truthy when anyone listens)."""
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Add ``listener``; returns a function that removes it again."""
-        self._listeners = (*self._listeners, listener)
+        self.listeners = (*self.listeners, listener)
 
         def unsubscribe() -> None:
-            self._listeners = tuple(x for x in self._listeners if x is not listener)
+            self.listeners = tuple(x for x in self.listeners if x is not listener)
 
         return unsubscribe
 
     def __bool__(self) -> bool:
-        return bool(self._listeners)
+        return bool(self.listeners)
 
     def emit(self, event: object) -> None:
         """Deliver ``event`` to every listener; a failing listener is logged and skipped."""
-        for listener in self._listeners:
+        for listener in self.listeners:
             try:
                 listener(event)
             except Exception:

@@ -9,6 +9,7 @@ sleeping, through the injectable clock.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -333,6 +334,13 @@ class Retry:
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         """Run ``call_next``; on a retryable failure, retry it with backoff."""
+        await self._run(call_next, delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's cheap form of this layer in front of ``call_next``."""
+        return functools.partial(self._run, call_next)
+
+    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
         if delivery.attempt > self.attempts:
             delivery.reason = "delivery_limit"
             raise DeliveryLimitExceeded(delivery.delivery_count, self.attempts)

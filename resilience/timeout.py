@@ -12,11 +12,13 @@ cancellation is then turned into :class:`~resilience.errors.AttemptTimeout` (ret
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .clock import Clock, TimerHandle, default_clock
+from .clock import Clock, TimerHandle, default_clock, monotonic_function
 from .errors import AttemptTimeout, ConfigError, TotalTimeout
 from .retry import seconds
 
@@ -27,61 +29,50 @@ if TYPE_CHECKING:
 __all__ = ["Timeout"]
 
 
-class _Entry:
-    __slots__ = ("deadline", "fired", "task")
-
-    def __init__(self, deadline: float, task: asyncio.Task[object]) -> None:
-        self.deadline = deadline
-        self.task = task
-        self.fired = False
-
-
 class _Watchdog:
-    """Cancels overdue tasks; one timer armed at the earliest deadline among active entries."""
+    """Cancels overdue tasks; one timer armed at the earliest deadline among active tasks."""
 
-    __slots__ = ("active", "armed_at", "clock", "loop", "timer")
+    __slots__ = ("active", "armed_at", "clock", "fired", "loop", "now", "timer")
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.active: dict[int, _Entry] = {}
+        self.active: dict[asyncio.Task[Any], float] = {}
+        self.fired: set[asyncio.Task[Any]] = set()
         self.timer: TimerHandle | None = None
         self.armed_at = float("inf")
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.now: Callable[[], float] = clock.monotonic
 
-    def add(self, entry: _Entry, loop: asyncio.AbstractEventLoop) -> None:
-        if loop is not self.loop:
-            # A new event loop (tests run one per test): timers of the old one never fire.
-            self.loop = loop
-            self.timer = None
-            self.armed_at = float("inf")
-        self.active[id(entry)] = entry
-        if entry.deadline < self.armed_at:
-            self._arm(entry.deadline)
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start over on a new event loop (tests run one per test): old timers never fire."""
+        self.loop = loop
+        self.timer = None
+        self.armed_at = float("inf")
+        self.active.clear()
+        self.fired.clear()
+        self.now = monotonic_function(self.clock)
 
-    def remove(self, entry: _Entry) -> None:
-        self.active.pop(id(entry), None)
-
-    def _arm(self, when: float) -> None:
+    def arm(self, when: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
         self.armed_at = when
-        self.timer = self.clock.call_later(max(0.0, when - self.clock.monotonic()), self._fire)
+        self.timer = self.clock.call_later(max(0.0, when - self.now()), self._fire)
 
     def _fire(self) -> None:
         self.timer = None
         self.armed_at = float("inf")
-        now = self.clock.monotonic()
+        now = self.now()
         earliest = float("inf")
-        for entry in self.active.values():
-            if entry.fired:
+        for task, deadline in self.active.items():
+            if task in self.fired:
                 continue
-            if entry.deadline <= now:
-                entry.fired = True
-                entry.task.cancel()
-            elif entry.deadline < earliest:
-                earliest = entry.deadline
+            if deadline <= now:
+                self.fired.add(task)
+                task.cancel()
+            elif deadline < earliest:
+                earliest = deadline
         if earliest != float("inf"):
-            self._arm(earliest)
+            self.arm(earliest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,32 +107,42 @@ class Timeout:
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         """Run ``call_next`` under the limit."""
-        clock = self.clock
-        assert clock is not None
-        limit: float = self.seconds  # type: ignore[assignment]
-        now = clock.monotonic()
-        deadline = now + limit
+        await self._run(call_next, delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's cheap form of this layer in front of ``call_next``."""
+        return functools.partial(self._run, call_next)
+
+    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
+        task = delivery.task or asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Timeout middleware must run inside an asyncio task")
+        watchdog = self._watchdog
+        if task.get_loop() is not watchdog.loop:
+            watchdog.bind(task.get_loop())
+        deadline = watchdog.now() + self.seconds  # type: ignore[operator]
         if self.total:
             if delivery.deadline is None or deadline < delivery.deadline:
                 delivery.deadline = deadline
         elif delivery.deadline is not None and delivery.deadline < deadline:
             deadline = delivery.deadline
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Timeout middleware must run inside an asyncio task")
-        entry = _Entry(deadline, task)
-        watchdog = self._watchdog
-        watchdog.add(entry, task.get_loop())
+        active = watchdog.active
+        active[task] = deadline
+        if deadline < watchdog.armed_at:
+            watchdog.arm(deadline)
         try:
             await call_next(delivery)
         except asyncio.CancelledError:
-            if entry.fired and task.uncancel() == 0:
-                raise self._error(delivery) from None
+            if task in watchdog.fired:
+                watchdog.fired.discard(task)
+                if task.uncancel() == 0:
+                    raise self._error(delivery) from None
             raise
         finally:
-            watchdog.remove(entry)
-        if entry.fired:
+            active.pop(task, None)
+        if watchdog.fired and task in watchdog.fired:
             # Finished in the same loop turn the watchdog fired: absorb its pending cancel.
+            watchdog.fired.discard(task)
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:

@@ -42,7 +42,7 @@ class TestBackendContractItself:
 
         class Reversing(MemoryBackend):
             async def consume(self, *, group: str | None = None) -> Any:
-                items = [self.channel._pop(None) for _ in range(self.size())]
+                items = [self.channel.pop_nowait(None) for _ in range(self.size())]
                 for item in reversed(items):
                     assert item is not None
                     yield item[1].payload

@@ -83,6 +83,11 @@ class SettlingBackend(Protocol):
         ...
 
 
+# A SettlingBackend may also offer ``ack_nowait(message) -> None``: the same as ``ack`` but
+# synchronous (it only records the acknowledgement, for example in a buffer flushed in batches).
+# Consumers use it when present to save a coroutine per message on the hot path.
+
+
 @runtime_checkable
 class DeadLetteringBackend(Protocol):
     """A backend that can dead-letter and acknowledge a delivery atomically."""

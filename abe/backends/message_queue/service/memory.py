@@ -67,7 +67,11 @@ class MemoryChannel:
         """Return the next sequence number."""
         return next(self._seq)
 
-    def _pop(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
+    def pop_nowait(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
+        """Remove and return the oldest message of ``keys`` (all when ``None``), or ``None``."""
+        if keys is None and len(self._queues) == 1:
+            for only in self._queues.values():
+                return only.popleft() if only else None
         best: deque[tuple[int, InboundMessage]] | None = None
         queues: Iterable[deque[tuple[int, InboundMessage]] | None]
         queues = self._queues.values() if keys is None else (self._queues.get(k) for k in keys)
@@ -79,7 +83,7 @@ class MemoryChannel:
     async def get(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage]:
         """Wait for and remove the oldest message of ``keys`` (all keys when ``None``)."""
         while True:
-            item = self._pop(keys)
+            item = self.pop_nowait(keys)
             if item is not None:
                 return item
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -188,8 +192,11 @@ class MemoryBackend:
 
     async def consume(self, *, group: ConsumerGroup = None) -> AsyncIterator[MessageQueueMessage]:
         """Yield payloads in publish order until cancelled (at-most-once; ``group`` ignored)."""
+        channel = self.channel
+        keys = self.keys
         while True:
-            _, message = await self.channel.get(self.keys)
+            item = channel.pop_nowait(keys)
+            _, message = item if item is not None else await channel.get(keys)
             yield message.payload
 
     # -- extensions -----------------------------------------------------------------------------
@@ -220,16 +227,23 @@ class MemoryBackend:
     async def deliveries(self, *, group: ConsumerGroup = None) -> AsyncIterator[InboundMessage]:
         """Yield deliveries that stay unacked until :meth:`ack` or :meth:`release`."""
         channel = self.channel
+        keys = self.keys
+        unacked = channel._unacked
         while True:
-            seq, message = await channel.get(self.keys)
+            item = channel.pop_nowait(keys)
+            seq, message = item if item is not None else await channel.get(keys)
             if group is not None:
                 message = dataclasses.replace(message, group=group)
-            channel.track(seq, message)
+            unacked[message.message_id] = (seq, message)  # type: ignore[index]
             yield message
 
     async def ack(self, message: InboundMessage) -> None:
         """Settle ``message`` as done."""
         self.channel.settle(message)
+
+    def ack_nowait(self, message: InboundMessage) -> None:
+        """:meth:`ack` without a coroutine (the in-memory ack is synchronous anyway)."""
+        self.channel._unacked.pop(message.message_id, None)  # type: ignore[arg-type]
 
     async def release(self, message: InboundMessage) -> None:
         """Give ``message`` back: it is redelivered first, with its delivery count raised."""
