@@ -174,7 +174,11 @@ def comparison_document(
 
 _CHARTS: tuple[tuple[str, Callable[[RunResult], float], bool], ...] = (
     ("succeeded (% of messages)", lambda r: 100.0 * r.succeeded / r.messages, False),
-    ("lost + pending (messages)", lambda r: float(r.lost + r.pending), False),
+    (
+        "dead-lettered (%); hatched: lost + pending",
+        lambda r: 100.0 * r.dead_lettered / r.messages,
+        False,
+    ),
     ("load amplification (calls per message)", lambda r: r.amplification, False),
     ("p99 latency (simulated s, log)", lambda r: r.latency_p99 or 0.0, True),
     ("drain after recovery (simulated s)", lambda r: r.drain_time or 0.0, False),
@@ -203,17 +207,23 @@ def write_chart(results: Sequence[RunResult], path: str | os.PathLike[str]) -> P
     width = 0.8 / max(1, len(policies))
     for ax, (title, metric, log) in zip(axes.flat, _CHARTS, strict=True):
         for i, policy in enumerate(policies):
-            xs, ys = [], []
+            xs, ys, missing = [], [], []
             for j, scenario in enumerate(scenarios):
                 result = by_key.get((scenario, policy))
                 if result is not None:
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(metric(result))
-            ax.bar(xs, ys, width, label=policy)
+                    missing.append(100.0 * (result.lost + result.pending) / result.messages)
+            bars = ax.bar(xs, ys, width, label=policy)
+            if title.startswith("dead-lettered") and any(missing):
+                color = bars.patches[0].get_facecolor() if bars.patches else None
+                ax.bar(xs, missing, width, bottom=ys, color=color, hatch="//", alpha=0.5)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(scenarios)), scenarios, rotation=20, fontsize=8)
         if log:
             ax.set_yscale("symlog", linthresh=0.1)
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(policies), fontsize=9)
