@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from .classify import Classifier
     from .clock import Clock
+    from .dead_letter import DeadLetterSink
     from .delivery import Delivery
     from .retry import Backoff, RetryBudget
 
@@ -139,6 +140,16 @@ class Pipeline:
                 clock=clock,
             )
         )
+
+    def dead_letter(self, sink: DeadLetterSink, **options: Any) -> Pipeline:
+        """Append a :class:`~resilience.dead_letter.DeadLetterRouter` writing to ``sink``.
+
+        List it first (outside retry and timeouts); ``options`` are the router's keyword
+        arguments (``classifier``, ``clock``, ``options``, ``validate``, ...).
+        """
+        from .dead_letter import DeadLetterRouter
+
+        return self.use(DeadLetterRouter(sink, **options))
 
     def timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
         """Append a per-attempt :class:`~resilience.timeout.Timeout` (put it inside retry)."""

@@ -5,6 +5,8 @@
   tests run retries instantly while attempt counting and classification stay real.
 * :func:`capture_events`: collect the event records a consumer or pipeline emits.
 * :class:`Outcomes`: a listener that tallies settled messages by outcome for assertions.
+* :class:`~resilience.dead_letter.MemoryStore`: an in-memory dead-letter store to assert on
+  (``store.envelopes``), which can be told to fail (``store.failure = OSError(...)``).
 * :func:`run_until_settled`: run a :class:`~resilience.consumer.ResilientConsumer` until a given
   number of messages is settled, then shut it down.
 """
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .clock import FakeClock
+from .dead_letter import MemoryStore
 from .events import EventBus, MessageSettled, Outcome
 from .retry import testing_mode
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeClock",
+    "MemoryStore",
     "Outcomes",
     "capture_events",
     "run_until_settled",

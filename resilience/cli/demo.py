@@ -21,6 +21,7 @@ from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.cli import CliError
 from resilience.cli._common import quiet_logs, setup_otel
 from resilience.consumer import ResilientConsumer
+from resilience.dead_letter import DEFAULT_PATH, Filter, SQLiteStore, describe, summarize
 from resilience.events import MessageSettled, Outcome, RetryScheduled
 from resilience.policy import Policy
 
@@ -54,6 +55,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
+        "--dlq",
+        metavar="PATH",
+        default=DEFAULT_PATH,
+        help=f"SQLite dead-letter store to write to (default {DEFAULT_PATH})",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the pipeline's log lines on stderr"
     )
     parser.add_argument("--otel", choices=("console", "otlp"), help="export traces and metrics")
@@ -81,7 +88,14 @@ class _Dependency:
         await asyncio.sleep(self.rng.uniform(0.0005, 0.003))
 
 
-async def run_demo(messages: int, concurrency: int, seed: int) -> dict[str, Any]:
+def demo_policy(dlq_path: str) -> dict[str, Any]:
+    """The demo's policy, dead-lettering into the SQLite store at ``dlq_path``."""
+    return {**DEMO_POLICY, "dead_letter": {"destination": "sqlite", "path": dlq_path}}
+
+
+async def run_demo(
+    messages: int, concurrency: int, seed: int, dlq_path: str = DEFAULT_PATH
+) -> dict[str, Any]:
     """Run the demo and return its summary."""
     rng = random.Random(seed)
     backend = MemoryBackend.isolated()
@@ -89,9 +103,8 @@ async def run_demo(messages: int, concurrency: int, seed: int) -> dict[str, Any]
     for order, kind in enumerate(plan):
         await backend.publish("orders", {"order": order, "kind": kind})
     dependency = _Dependency(seed)
-    consumer = ResilientConsumer(
-        backend, policy=Policy.from_dict(DEMO_POLICY), concurrency=concurrency
-    )
+    policy = demo_policy(dlq_path)
+    consumer = ResilientConsumer(backend, policy=Policy.from_dict(policy), concurrency=concurrency)
     settled: list[MessageSettled] = []
     retries = 0
     done = asyncio.Event()
@@ -107,12 +120,14 @@ async def run_demo(messages: int, concurrency: int, seed: int) -> dict[str, Any]
 
     consumer.events.subscribe(listen)
     started = time.perf_counter()
+    wall_start = time.time()
     task = asyncio.create_task(consumer.run(dependency.handle))
     if messages:
         await done.wait()
     elapsed = time.perf_counter() - started
     await consumer.shutdown()
     await task
+    dead = await summarize(SQLiteStore(dlq_path), Filter(since=wall_start))
     by_kind: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
     id_to_kind = {str(i + 1): kind for i, kind in enumerate(plan)}
     for event in settled:
@@ -136,7 +151,13 @@ async def run_demo(messages: int, concurrency: int, seed: int) -> dict[str, Any]
             "max": _ms(durations[-1] if durations else 0.0),
             "mean": _ms(statistics.fmean(durations) if durations else 0.0),
         },
-        "policy": DEMO_POLICY,
+        "dead_letters": {
+            "total": dead.total,
+            "by_reason": dict(dead.by_reason),
+            "store": dead.destination,
+        },
+        "dead_letter_help": describe(dead, db=None if dlq_path == DEFAULT_PATH else dlq_path),
+        "policy": policy,
     }
 
 
@@ -183,6 +204,8 @@ def render(summary: dict[str, Any]) -> str:
         f"Latency per message: p50 {lat['p50']} ms, p95 {lat['p95']} ms, max {lat['max']} ms",
         f"Unacknowledged deliveries left: {summary['unacked']}",
         "Policy: " + json.dumps(summary["policy"]),
+        "",
+        *summary["dead_letter_help"],
     ]
     return "\n".join(lines)
 
@@ -195,7 +218,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet_logs(verbose=args.verbose)
     shutdown_otel = setup_otel(args.otel, "resilience-demo")
     try:
-        summary = asyncio.run(run_demo(args.messages, args.concurrency, args.seed))
+        summary = asyncio.run(run_demo(args.messages, args.concurrency, args.seed, args.dlq))
     finally:
         shutdown_otel()
     if args.json:

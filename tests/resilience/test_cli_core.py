@@ -167,10 +167,20 @@ def test_run_stops_cleanly_on_sigterm(workdir: Path) -> None:
     assert "settled 0 message(s)" in err
 
 
-def test_demo_json_accounts_for_every_message(capsys: pytest.CaptureFixture[str]) -> None:
-    """The demo processes every published order and reports retries and terminal failures."""
-    assert main(["demo", "--json", "--messages", "30", "--seed", "7"]) == 0
+def test_demo_json_accounts_for_every_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The demo processes every order: retries, and dead-letters the invalid ones durably."""
+    dlq = str(tmp_path / "dlq.sqlite3")
+    assert main(["demo", "--json", "--messages", "30", "--seed", "7", "--dlq", dlq]) == 0
     summary = json.loads(capsys.readouterr().out)
+    dead = summary["outcomes"].get("dead_lettered", 0)
+    assert dead > 0
+    assert summary["dead_letters"]["total"] == dead
+    assert summary["dead_letters"]["by_reason"] == {"non_retryable": dead}
+    assert main(["dlq", "list", "--db", dlq, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == dead
     assert summary["published"] == 30
     assert summary["settled"] == 30
     assert sum(summary["outcomes"].values()) == 30
@@ -179,9 +189,10 @@ def test_demo_json_accounts_for_every_message(capsys: pytest.CaptureFixture[str]
     assert summary["retries"] >= summary["outcomes"].get("retried", 0)
 
 
-def test_demo_text_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    """The readable demo summary names each outcome."""
-    assert main(["demo", "--messages", "12"]) == 0
+def test_demo_text_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The readable demo summary names each outcome and how to list dead letters."""
+    assert main(["demo", "--messages", "40", "--dlq", str(tmp_path / "d.sqlite3")]) == 0
     out = capsys.readouterr().out
-    assert "Processed 12 of 12 orders" in out
+    assert "Processed 40 of 40 orders" in out
     assert "succeeded after retry" in out
+    assert "resilience dlq list" in out
