@@ -240,8 +240,11 @@ class Breaker:
         elif state is _HALF_OPEN:
             self._probe_outcome(code, delivery, now)
 
-    def _closed_success(self, epoch: int, start: float, delivery: Delivery) -> None:
-        """Record a success admitted while closed (the middleware's hot path)."""
+    def _closed_success(self, epoch: int, start: float, end: float, delivery: Delivery) -> None:
+        """Record a success admitted while closed (the middleware's hot path).
+
+        ``start`` and ``end`` are the call's times when the breaker is timed (else 0.0).
+        """
         if epoch != self._epoch:
             return
         self._consecutive = 0
@@ -250,7 +253,6 @@ class Breaker:
             if window is not None:
                 window.record(0, 0.0)
             return
-        end = self._now()
         code = SLOW if self._slow_duration and end - start >= self._slow_duration else 0
         if window is not None:
             window.record(code, end)

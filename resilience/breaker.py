@@ -31,6 +31,9 @@ breaker.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
@@ -46,7 +49,7 @@ from ._breaker_policy import CircuitBreakerConfig, policy_section
 from ._breaker_state import Breaker
 from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
 from .classify import Classifier, Verdict, default_classifier
-from .clock import Clock, default_clock
+from .clock import Clock, LoopClock, default_clock
 from .errors import CircuitOpen, ConfigError
 
 if TYPE_CHECKING:
@@ -80,6 +83,23 @@ _CLOSED = BreakerState.CLOSED
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
+
+
+def _fast_monotonic(clock: Clock) -> Callable[[], float]:
+    """The cheapest reader of ``clock`` for calls made in the running loop.
+
+    :class:`~resilience.clock.LoopClock` looks the running loop up on every read; a standard
+    asyncio loop's ``time()`` is ``time.monotonic()``, the very same scale, so that is read
+    directly. Any other loop (``looptime``, uvloop) or clock is read as it is.
+    """
+    if type(clock) is LoopClock:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return clock.monotonic
+        if type(loop).time is asyncio.BaseEventLoop.time:
+            return time.monotonic
+    return clock.monotonic
 
 
 class BreakerOptions(TypedDict, total=False):
@@ -263,31 +283,54 @@ class CircuitBreaker:
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         """Run ``call_next`` if the breaker permits it, and record the outcome.
 
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline.
+
         Raises:
             CircuitOpen: in ``fail_fast`` mode, when the call is not permitted.
         """
+        await self._run(self.breaker._now, call_next, delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's cheap form of this layer in front of ``call_next``.
+
+        Called when the pipeline is built (at consumer start, inside the event loop), it also
+        picks the cheapest way to read the breaker's clock in that loop.
+
+        Args:
+            call_next: The rest of the pipeline.
+
+        Returns:
+            ``async (delivery) -> None``.
+        """
+        return functools.partial(self._run, _fast_monotonic(self.breaker.clock), call_next)
+
+    async def _run(self, now: Callable[[], float], call_next: CallNext, delivery: Delivery) -> None:
         breaker = self.breaker
         if breaker._state is _CLOSED:
             # The hot path: one epoch check, plus clock reads only when something is timed.
             epoch = breaker._epoch
-            start = breaker._now() if breaker._slow_duration else 0.0
+            start = now() if breaker._slow_duration else 0.0
             try:
                 await call_next(delivery)
             except Exception as exc:
-                if not self._failed(exc, epoch, start, delivery):
+                if not self._failed(exc, epoch, start, delivery, now):
                     raise
             else:
                 if breaker._simple:
                     if breaker._epoch == epoch:
                         breaker._consecutive = 0
                 else:
-                    breaker._closed_success(epoch, start, delivery)
+                    end = now() if breaker._timed else 0.0
+                    breaker._closed_success(epoch, start, end, delivery)
                 return
-        await self._guarded(delivery, call_next)
+        await self._guarded(delivery, call_next, now)
 
-    async def _guarded(self, delivery: Delivery, call_next: CallNext) -> None:
+    async def _guarded(
+        self, delivery: Delivery, call_next: CallNext, now: Callable[[], float]
+    ) -> None:
         breaker = self.breaker
-        now = breaker._now
         waiting = False
         while True:
             epoch = breaker._acquire()
@@ -304,7 +347,7 @@ class CircuitBreaker:
             try:
                 await call_next(delivery)
             except Exception as exc:
-                if self._failed(exc, epoch, start, delivery):
+                if self._failed(exc, epoch, start, delivery, now):
                     continue  # an outage failure in pause mode: hold, then replay
                 raise
             except BaseException:
@@ -319,7 +362,14 @@ class CircuitBreaker:
             breaker._record(epoch, code, delivery, end)
             return
 
-    def _failed(self, exc: Exception, epoch: int, start: float, delivery: Delivery) -> bool:
+    def _failed(
+        self,
+        exc: Exception,
+        epoch: int,
+        start: float,
+        delivery: Delivery,
+        now: Callable[[], float],
+    ) -> bool:
         """Record a failed call; whether the delivery should be held and replayed."""
         breaker = self.breaker
         verdict = self.classifier.classify(exc)
@@ -329,7 +379,7 @@ class CircuitBreaker:
         code = FAILURE if verdict is _RETRYABLE else 0
         end = 0.0
         if breaker._timed:
-            end = breaker._now()
+            end = now()
             if breaker._slow_duration and end - start >= breaker._slow_duration:
                 code |= SLOW
         breaker._record(epoch, code, delivery, end)

@@ -812,3 +812,45 @@ async def test_retry_outside_the_breaker_retries_after_circuit_open(
     assert clock.sleeps == [0.6, 0.6]
     assert cb.state is CLOSED
     assert repr(cb) == "CircuitBreaker('dep', mode='fail_fast', state=closed)"
+
+
+async def test_a_built_pipeline_times_calls_on_the_breakers_clock(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """Through Pipeline.build the breaker still measures slow calls with its own clock."""
+    cb = make(
+        clock,
+        registry,
+        failure_threshold=None,
+        window=TimeWindow(size=60, minimum_calls=2),
+        slow_call_duration=1.0,
+        slow_call_rate=1.0,
+    )
+
+    async def handler(payload: dict[str, object]) -> None:
+        await clock.sleep(2.0)
+
+    call = Pipeline(cb).build(handler)
+    await call(Delivery({}))
+    assert cb.stats.slow_calls == 1
+    await call(Delivery({}))
+    assert cb.state is OPEN
+
+
+def test_fast_clock_reader_matches_the_clock() -> None:
+    """The hot path reads time.monotonic only where the loop clock is exactly that."""
+    import time
+
+    from resilience.breaker import _fast_monotonic
+    from resilience.clock import LoopClock
+
+    fake = FakeClock(5.0)
+    loop_clock = LoopClock()
+    assert _fast_monotonic(fake)() == 5.0
+    assert _fast_monotonic(loop_clock) == loop_clock.monotonic  # no running loop
+
+    async def inside() -> None:
+        assert _fast_monotonic(loop_clock) is time.monotonic
+        assert abs(_fast_monotonic(loop_clock)() - loop_clock.monotonic()) < 1.0
+
+    asyncio.run(inside())
