@@ -141,6 +141,9 @@ class Breaker:
 
         A listener that raises is logged and skipped; it never breaks message handling.
 
+        Args:
+            listener: Any callable taking the event record.
+
         Returns:
             A function that removes the listener again.
         """
@@ -154,15 +157,27 @@ class Breaker:
     # -- manual control ------------------------------------------------------------------------
 
     def force_open(self, reason: str = "forced_open") -> None:
-        """Stop every call until :meth:`reset` (or :meth:`force_closed`)."""
+        """Stop every call until :meth:`reset` (or :meth:`force_closed`).
+
+        Args:
+            reason: Recorded in the :class:`BreakerStateChanged` event.
+        """
         self._transition(_FORCED_OPEN, reason)
 
     def force_closed(self, reason: str = "forced_closed") -> None:
-        """Let every call through, record nothing and never trip, until :meth:`reset`."""
+        """Let every call through, record nothing and never trip, until :meth:`reset`.
+
+        Args:
+            reason: Recorded in the :class:`BreakerStateChanged` event.
+        """
         self._transition(_FORCED_CLOSED, reason)
 
     def reset(self, reason: str = "reset") -> None:
-        """Close the breaker with an empty window and no open-wait growth."""
+        """Close the breaker with an empty window and no open-wait growth.
+
+        Args:
+            reason: Recorded in the :class:`BreakerStateChanged` event.
+        """
         self._transition(_CLOSED, reason)
 
     # -- waiting (the consumer gate) ---------------------------------------------------------
@@ -185,8 +200,8 @@ class Breaker:
         loop = asyncio.get_running_loop()
         if self._state is _OPEN and (self._timer is None or self._timer_loop is not loop):
             # The timer was armed on another event loop (or could not be armed): re-arm here.
-            assert self._open_until is not None
-            self._arm(max(0.0, self._open_until - self._now()))
+            until = self._open_until
+            self._arm(0.0 if until is None else max(0.0, until - self._now()))
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
         try:

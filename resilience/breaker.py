@@ -163,11 +163,24 @@ class BreakerRegistry:
         return breaker
 
     def find(self, name: str, *, clock: Clock | None = None) -> Breaker | None:
-        """The breaker called ``name`` on ``clock`` (the loop clock by default), if any."""
+        """The breaker called ``name`` on ``clock``, if there is one.
+
+        Args:
+            name: The breaker's name.
+            clock: Its clock (the loop clock by default).
+
+        Returns:
+            The :class:`Breaker`, or ``None``.
+        """
         return self._breakers.get((name, id(default_clock if clock is None else clock)))
 
     def remove(self, name: str, *, clock: Clock | None = None) -> None:
-        """Forget the breaker ``name`` (middleware built with it keeps using it)."""
+        """Forget the breaker ``name`` (middleware built with it keeps using it).
+
+        Args:
+            name: The breaker's name.
+            clock: Its clock (the loop clock by default).
+        """
         self._breakers.pop((name, id(default_clock if clock is None else clock)), None)
 
     def clear(self) -> None:
@@ -441,7 +454,14 @@ class CircuitBreaker:
         return self.breaker.stats
 
     def subscribe(self, listener: Callable[[BreakerStateChanged], object]) -> Callable[[], None]:
-        """Call ``listener`` with every state change; returns the unsubscribe function."""
+        """Call ``listener`` with every state change of the (shared) breaker.
+
+        Args:
+            listener: Any callable taking a :class:`BreakerStateChanged`.
+
+        Returns:
+            A function that removes the listener again.
+        """
         return self.breaker.subscribe(listener)
 
     def force_open(self) -> None:
