@@ -16,12 +16,6 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def _cancelling() -> bool:
-    """Whether the current task has a cancellation request pending."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class AsyncLoopConsumer(EventConsumer):
     """Feeds every payload from ``backend.consume(group=group)`` to an async handler.
 
@@ -62,16 +56,19 @@ class AsyncLoopConsumer(EventConsumer):
 
     async def _consume(self, handler: Handler) -> None:
         """Iterate the backend and await the handler per payload (the overridable core)."""
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling
         async for message in self.backend.consume(group=self.group):
             try:
                 await handler(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if _cancelling():
+                if cancelling():
                     raise  # the handler turned our cancellation into an error: stop, don't loop
                 logger.error("Error processing message: %s", exc, exc_info=True)
-            if _cancelling():
+            if cancelling():
                 # The handler swallowed our cancellation; honour it or shutdown() waits forever.
                 raise asyncio.CancelledError
 
