@@ -401,3 +401,28 @@ def test_every_message_ends_in_exactly_one_outcome(
         assert event.outcome is expected
     assert backend.unacked() == []
     assert backend.size() == 0
+
+
+async def test_cancelled_message_is_never_dead_lettered() -> None:
+    """With a dead-letter store, a message cancelled during backoff is released, not stored."""
+    from resilience.testing import MemoryStore
+
+    backend = MemoryBackend.isolated()
+    await publish(backend, 1)
+    store = MemoryStore()
+    failed = asyncio.Event()
+
+    async def handler(payload: dict[str, Any]) -> None:
+        failed.set()
+        raise ConnectionError("down")
+
+    pipeline = Pipeline().dead_letter(store).retry(attempts=5, wait=Fixed(3600))
+    consumer = ResilientConsumer(backend, policy=pipeline, drain_timeout=0)
+    task = asyncio.create_task(consumer.run(handler))
+    await failed.wait()
+    await asyncio.sleep(0)
+    await consumer.shutdown()
+    await asyncio.gather(task, return_exceptions=True)
+    assert store.envelopes == []
+    assert backend.unacked() == []
+    assert [m.delivery_count for m in backend.peek("jobs")] == [2]
