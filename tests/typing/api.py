@@ -1,0 +1,91 @@
+"""Type-checked, never run: the public API as users write it (mypy --strict checks this file)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from abe.backends.message_queue import EventConsumer, MessageQueueBackend
+from abe.backends.message_queue.base import InboundMessage, SettlingBackend
+from abe.backends.message_queue.consumer import AsyncLoopConsumer
+from abe.backends.message_queue.loader import load_backend
+from abe.backends.message_queue.service.memory import MemoryBackend
+from abe.types import ConsumerGroup, MessageQueueBackendProtocol, MessageQueueKey
+from resilience.classify import Classifier, Verdict
+from resilience.clock import Clock, FakeClock, LoopClock
+from resilience.consumer import ResilientConsumer
+from resilience.delivery import Delivery
+from resilience.errors import ConfigError, DeadLetter, Drop, RetryAfter
+from resilience.events import EventBus, MessageSettled, Outcome
+from resilience.pipeline import CallNext, Pipeline
+from resilience.policy import Policy, resilient
+from resilience.retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
+from resilience.testing import Outcomes, capture_events, run_until_settled, set_testing
+from resilience.timeout import Timeout
+
+
+async def handler(payload: dict[str, Any]) -> None:
+    if payload.get("retry_after"):
+        raise RetryAfter(timedelta(seconds=2))
+    if payload.get("bad"):
+        raise DeadLetter("bad payload")
+    if payload.get("dup"):
+        raise Drop()
+
+
+@resilient(retry={"attempts": 5}, timeout={"attempt": 2.0})
+async def decorated(payload: dict[str, Any]) -> None:
+    return None
+
+
+async def middleware(delivery: Delivery, call_next: CallNext) -> None:
+    key: str | None = delivery.key
+    attempt: int = delivery.attempt
+    assert key is not None or attempt >= 1
+    await call_next(delivery)
+
+
+async def usage() -> None:
+    backend: MessageQueueBackend = load_backend()
+    memory = MemoryBackend.isolated(keys=["orders"])
+    protocol_view: MessageQueueBackendProtocol = memory
+    key: MessageQueueKey = "orders"
+    group: ConsumerGroup = None
+    await protocol_view.publish(key, {"id": 1})
+    settling: SettlingBackend = memory
+    async for message in settling.deliveries(group=group):
+        inbound: InboundMessage = message
+        await settling.ack(inbound)
+        break
+
+    base: EventConsumer = AsyncLoopConsumer(backend, group="g")
+    await base.shutdown()
+
+    clock: Clock = FakeClock()
+    loop_clock: Clock = LoopClock()
+    assert loop_clock is not clock
+    classifier = Classifier(terminal=(ValueError,), predicates=(lambda exc: Verdict.RETRYABLE,))
+    pipeline = (
+        Pipeline(middleware)
+        .total_timeout(timedelta(minutes=1))
+        .retry(attempts=3, wait=FullJitter(0.1, 5), classifier=classifier, clock=clock)
+        .timeout(2.0)
+        .use(Retry(wait=DecorrelatedJitter(0.1, 5), budget=RetryBudget(0.2, 5, 10)))
+        .use(Timeout(1.5, total=False))
+    )
+    waits = (Fixed(1), Exponential(0.1, 10))
+    assert waits
+    policy = Policy.from_dict({"retry": {"attempts": 4}})
+    try:
+        Policy.load("policy.toml", environ={})
+    except ConfigError as exc:
+        print(exc)
+    consumer = ResilientConsumer(memory, "g", policy=policy, concurrency=4, events=EventBus())
+    other: EventConsumer = ResilientConsumer(memory, policy=pipeline)
+    await other.shutdown()
+    set_testing(True)
+    with capture_events(consumer.events, MessageSettled) as settled:
+        outcomes: Outcomes = await run_until_settled(consumer, handler, 1)
+    first: MessageSettled = settled[0]
+    assert first.outcome is Outcome.SUCCESS or outcomes.counts[Outcome.FAILED] >= 0
+    await decorated({"id": 1})
