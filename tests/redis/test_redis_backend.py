@@ -73,9 +73,7 @@ async def test_publish_to_a_key_of_the_wrong_type_raises_a_backend_error(
     assert info.value.__cause__ is not None
 
 
-async def test_publish_without_redis_raises_unavailable_and_hides_the_password(
-    redis_url: str,
-) -> None:
+async def test_publish_without_redis_raises_unavailable_and_hides_the_password() -> None:
     """An unreachable Redis makes publish raise RedisUnavailableError (a ConnectionError)
     whose message names the URL without its password."""
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
@@ -462,6 +460,21 @@ async def test_backend_is_an_async_context_manager_and_closes_once(
     await backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.deliveries()
+
+
+async def test_closing_the_backend_ends_its_open_iterators(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """aclose() on the backend makes an iterator it handed out end instead of reading on."""
+    backend = make_backend()
+    await backend.publish(f"{prefix}s", {"n": 1})
+    stream = backend.deliveries()
+    (m,) = await _take(stream)
+    await backend.ack(m)
+    await backend.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await _take(stream)
+    assert backend.stats.acked == 1
 
 
 async def test_pending_of_a_missing_stream_is_zero(make_backend: MakeBackend, prefix: str) -> None:

@@ -62,6 +62,27 @@ async def test_failures_are_retried_or_dead_lettered_and_every_entry_is_settled(
     assert backend.stats.dead_lettered == len(permanent) + 1
 
 
+async def test_concurrent_processing_settles_every_entry_exactly_once(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """With concurrency > 1 acks complete out of order and every entry is still acked once."""
+    stream = f"{prefix}s"
+    backend = make_backend(batch_size=25)
+    await backend.publish_many(stream, [{"n": n} for n in range(300)])
+    seen: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        seen.append(payload["n"])
+
+    consumer = ResilientConsumer(backend, policy=Policy.from_dict(POLICY), concurrency=8)
+    outcomes = await run_until_settled(consumer, handler, 300)
+    assert sorted(seen) == list(range(300))
+    assert outcomes.counts[Outcome.SUCCESS] == 300
+    assert await backend.pending() == 0
+    assert backend.stats.acked == 300
+
+
 async def test_delivery_counts_from_redis_feed_the_attempt_limit(
     make_backend: MakeBackend, client: aioredis.Redis, prefix: str
 ) -> None:

@@ -110,6 +110,8 @@ class StreamReader:
                 if waiting:
                     yield waiting.popleft()
                     continue
+                if self.closed:
+                    return  # the backend was closed under us
                 if _monotonic() >= self._next_reclaim:
                     await self._resilient(self._reclaim)
                     if waiting:
