@@ -22,7 +22,7 @@ from resilience.breaker import (
     get_breaker,
 )
 from resilience.classify import Classifier, Verdict
-from resilience.clock import FakeClock
+from resilience.clock import FakeClock, TimerHandle
 from resilience.consumer import Gate
 from resilience.delivery import Delivery
 from resilience.errors import CircuitOpen, ConfigError, DeadLetter
@@ -556,10 +556,24 @@ async def test_wait_resumed_returns_once_half_open(
     assert not cb.paused
 
 
+class LoopBoundFakeClock(FakeClock):
+    """Virtual time whose timers die with the event loop that armed them, as loop timers do."""
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> TimerHandle:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            if not loop.is_closed():
+                callback()
+
+        return super().call_later(seconds, fire)
+
+
 def test_open_timer_is_rearmed_on_a_new_event_loop() -> None:
     """A breaker opened under one event loop still resumes waiters under the next one."""
+    clock = LoopBoundFakeClock()
     registry = BreakerRegistry()
-    breaker = registry.get("dep", BreakerConfig(failure_threshold=1, open_wait=0.01))
+    breaker = registry.get("dep", BreakerConfig(failure_threshold=1, open_wait=5), clock=clock)
     cb = CircuitBreaker(breaker)
 
     async def trip() -> None:
@@ -569,7 +583,11 @@ def test_open_timer_is_rearmed_on_a_new_event_loop() -> None:
     assert breaker.state is OPEN
 
     async def resume() -> None:
-        await asyncio.wait_for(cb.wait_resumed(), 5)
+        waiter = asyncio.create_task(cb.wait_resumed())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        clock.advance(5)  # the first loop's timer is dead; the re-armed one fires
+        await asyncio.wait_for(waiter, 5)
 
     asyncio.run(resume())
     assert breaker.state is HALF_OPEN
