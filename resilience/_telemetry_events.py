@@ -38,6 +38,7 @@ __all__ = [
     "EVENT_ATTEMPT_FAILED",
     "EVENT_BREAKER",
     "EVENT_DEAD_LETTERED",
+    "EVENT_NOT_PERMITTED",
     "EVENT_RETRY",
     "MESSAGE_BODY_SIZE",
     "MESSAGE_ID",
@@ -53,6 +54,7 @@ __all__ = [
     "EventRecorder",
     "breaker_transition",
     "dead_letter_attributes",
+    "normalize_state",
 ]
 
 # OpenTelemetry messaging semantic conventions
@@ -79,15 +81,27 @@ BREAKER_PREVIOUS_STATE = "resilience.breaker.previous_state"
 DEAD_LETTER_REASON = "resilience.dead_letter.reason"
 DEAD_LETTER_DESTINATION = "resilience.dead_letter.destination"
 DEAD_LETTER_RECORD_ID = "resilience.dead_letter.record_id"
+DEAD_LETTER_STAGE = "resilience.dead_letter.stage"
+DEAD_LETTER_REPLAY_COUNT = "resilience.dead_letter.replay_count"
+BREAKER_REASON = "resilience.breaker.reason"
+BREAKER_HELD = "resilience.breaker.held"
 
 # Span event names
 EVENT_ATTEMPT_FAILED = "resilience.attempt.failed"
 EVENT_RETRY = "resilience.retry.scheduled"
 EVENT_BREAKER = "resilience.breaker.state_change"
 EVENT_DEAD_LETTERED = "resilience.dead_lettered"
+EVENT_NOT_PERMITTED = "resilience.breaker.not_permitted"
 
-BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
-"""What the ``resilience.breaker.state`` gauge reports for each state."""
+BREAKER_STATE_VALUES = {
+    "closed": 0,
+    "half_open": 1,
+    "open": 2,
+    "forced_open": 2,
+    "forced_closed": 0,
+}
+"""What the ``resilience.breaker.state`` gauge reports: 0 closed, 1 half-open, 2 open (a
+breaker forced open or closed by hand reports as open or closed)."""
 
 _STATE_WORDS = {
     "closed": "closed",
@@ -98,10 +112,26 @@ _STATE_WORDS = {
     "halfopened": "half_open",
     "half_open": "half_open",
     "half_opened": "half_open",
+    "forced_open": "forced_open",
+    "forcedopen": "forced_open",
+    "forced_closed": "forced_closed",
+    "forcedclosed": "forced_closed",
 }
 _STATE_FIELDS = ("state", "new_state", "to_state", "current", "to")
 _PREVIOUS_FIELDS = ("previous", "previous_state", "old_state", "from_state", "old")
 _NAME_FIELDS = ("name", "breaker", "breaker_name", "circuit")
+
+
+def normalize_state(value: object) -> str | None:
+    """A breaker state (enum, or text such as ``"HALF_OPEN"``) as a lower-case name.
+
+    Args:
+        value: The state.
+
+    Returns:
+        ``closed``, ``half_open``, ``open``, ``forced_open``, ``forced_closed``, or ``None``.
+    """
+    return _state(value)
 
 
 def _state(value: object) -> str | None:
@@ -130,6 +160,7 @@ class BreakerTransition:
     name: str
     state: str
     previous: str | None
+    reason: str | None = None
 
 
 def breaker_transition(event: object) -> BreakerTransition | None:
@@ -156,7 +187,13 @@ def breaker_transition(event: object) -> BreakerTransition | None:
         return None
     previous = _state(_first(event, _PREVIOUS_FIELDS))
     name = _first(event, _NAME_FIELDS)
-    return BreakerTransition(str(name) if name is not None else "default", state, previous)
+    reason = getattr(event, "reason", None)
+    return BreakerTransition(
+        str(name) if name is not None else "default",
+        state,
+        previous,
+        reason if isinstance(reason, str) else None,
+    )
 
 
 def dead_letter_attributes(event: object) -> dict[str, Any] | None:
@@ -176,14 +213,15 @@ def dead_letter_attributes(event: object) -> dict[str, Any] | None:
     for field, key in (
         ("reason", DEAD_LETTER_REASON),
         ("destination", DEAD_LETTER_DESTINATION),
+        ("envelope_id", DEAD_LETTER_RECORD_ID),
         ("record_id", DEAD_LETTER_RECORD_ID),
+        ("stage", DEAD_LETTER_STAGE),
+        ("error_type", ERROR_TYPE),
+        ("replay_count", DEAD_LETTER_REPLAY_COUNT),
     ):
         value = getattr(event, field, None)
-        if isinstance(value, str | int | float | bool):
+        if isinstance(value, str | int | float | bool) and key not in attrs:
             attrs[key] = value
-    attempts = getattr(event, "attempts", None)
-    if isinstance(attempts, int):
-        attrs[ATTEMPT] = attempts
     return attrs
 
 
@@ -256,18 +294,45 @@ class EventRecorder:
     def _other(self, event: object) -> None:
         transition = breaker_transition(event)
         if transition is not None:
-            self.breakers[transition.name] = transition.state
-            attrs = {BREAKER_NAME: transition.name, BREAKER_STATE: transition.state}
-            if self.instruments is not None:
-                self.instruments.breaker_transitions.add(1, attrs)
+            self._transition(transition)
+            return
+        if type(event).__name__ == "CallNotPermitted":
             span = trace.get_current_span()
             if span.is_recording():
-                if transition.previous is not None:
-                    attrs[BREAKER_PREVIOUS_STATE] = transition.previous
-                span.add_event(EVENT_BREAKER, attrs)
+                attrs: dict[str, Any] = {BREAKER_NAME: str(getattr(event, "name", "default"))}
+                state = _state(getattr(event, "state", None))
+                if state is not None:
+                    attrs[BREAKER_STATE] = state
+                held = getattr(event, "held", None)
+                if isinstance(held, bool):
+                    attrs[BREAKER_HELD] = held
+                span.add_event(EVENT_NOT_PERMITTED, attrs)
             return
         dead_letter = dead_letter_attributes(event)
         if dead_letter is not None:
             span = trace.get_current_span()
             if span.is_recording():
                 span.add_event(EVENT_DEAD_LETTERED, dead_letter)
+
+    def _transition(self, transition: BreakerTransition) -> None:
+        name = transition.name
+        last = self.breakers.get(name)
+        previous = transition.previous
+        if previous is not None and last is not None and last != previous:
+            # A change nobody told us about: a timer moved the breaker while the consumer's
+            # bus had no listener (only deliveries' buses reach us then). Count it anyway.
+            self._count(name, previous)
+        self.breakers[name] = transition.state
+        self._count(name, transition.state)
+        span = trace.get_current_span()
+        if span.is_recording():
+            attrs: dict[str, Any] = {BREAKER_NAME: name, BREAKER_STATE: transition.state}
+            if previous is not None:
+                attrs[BREAKER_PREVIOUS_STATE] = previous
+            if transition.reason is not None:
+                attrs[BREAKER_REASON] = transition.reason
+            span.add_event(EVENT_BREAKER, attrs)
+
+    def _count(self, name: str, state: str) -> None:
+        if self.instruments is not None:
+            self.instruments.breaker_transitions.add(1, {BREAKER_NAME: name, BREAKER_STATE: state})

@@ -10,6 +10,7 @@ An observable counter exports the same monotonic cumulative sum a synchronous on
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,7 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import __version__
-from ._telemetry_events import BREAKER_NAME, BREAKER_STATE_VALUES, CONSUMER_GROUP, SYSTEM
+from ._telemetry_events import (
+    BREAKER_NAME,
+    BREAKER_STATE_VALUES,
+    CONSUMER_GROUP,
+    SYSTEM,
+    normalize_state,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -127,8 +134,31 @@ class Instruments:
         states: dict[str, str] = {}
         for source in self._live():
             states.update(source.breaker_states())
+        states.update(_registered_breakers())
         for name, state in sorted(states.items()):
             yield Observation(BREAKER_STATE_VALUES[state], {BREAKER_NAME: name})
+
+
+def _registered_breakers() -> dict[str, str]:
+    """States of the breakers in :mod:`resilience.breaker`'s default registry, if it is loaded.
+
+    Read at collection time, so the gauge is right from the start and after timer-driven
+    changes that no event reached.
+    """
+    module = sys.modules.get("resilience.breaker")
+    registry = getattr(module, "default_registry", None)
+    states: dict[str, str] = {}
+    if registry is None:
+        return states
+    try:
+        for breaker in list(registry):
+            state = normalize_state(getattr(breaker, "state", None))
+            name = getattr(breaker, "name", None)
+            if state is not None and isinstance(name, str):
+                states[name] = state
+    except Exception:  # a registry of another shape: events still feed the gauge
+        return {}
+    return states
 
 
 _BY_PROVIDER: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()

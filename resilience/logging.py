@@ -3,8 +3,9 @@
 While a message is in the pipeline, every log line, the library's and the handler's, structlog
 or stdlib, can carry ``message_id``, ``key``, ``attempt``, ``trace_id`` and ``span_id``:
 
-* the outermost middleware (:class:`~resilience.telemetry.Telemetry`, or :class:`LogContext`
-  when no OpenTelemetry SDK is configured) puts the delivery in one context variable;
+* the outermost middleware (:class:`~resilience.telemetry.Telemetry`, or :class:`LogContext`,
+  which ``[telemetry] log_context = true`` adds when OpenTelemetry is off) puts the delivery in
+  one context variable;
 * :func:`add_delivery_context`, a structlog processor, reads it when a line is written, so the
   attempt number is the current one even after retries, and takes the trace and span ids from
   the OpenTelemetry span that is current at that moment (a handler's own child span included).
@@ -128,9 +129,9 @@ class DeliveryContextFilter(logging.Filter):
 class LogContext:
     """Middleware that makes the delivery visible to :func:`add_delivery_context`.
 
-    :class:`~resilience.telemetry.Telemetry` does this itself; the ``[telemetry]`` policy section
-    uses this lighter layer instead when no OpenTelemetry SDK is configured (one context-variable
-    set and reset per message). Put it outermost.
+    :class:`~resilience.telemetry.Telemetry` does this itself; ``[telemetry] log_context = true``
+    adds this lighter layer when OpenTelemetry is off (one context-variable set and reset per
+    message, about 0.4 us). Put it outermost.
     """
 
     __slots__ = ()

@@ -11,9 +11,10 @@ dead-lettering; marks the span as an error only when the outcome is terminal; an
 (:mod:`resilience.logging`).
 
 Cost: the ``[telemetry]`` policy section decides when the pipeline is built. With no
-OpenTelemetry SDK configured (``enabled = "auto"``, the default) it adds no OpenTelemetry call
-at all, only :class:`~resilience.logging.LogContext`. Telemetry never breaks a handler: a
-failing tracer, span processor or meter is logged, and the message goes on.
+OpenTelemetry SDK configured (``enabled = "auto"``, the default) it adds no layer at all, so
+nothing is paid per message. With the SDK, the instrumentation adds about 20% to the cost of
+the span itself. Telemetry never breaks a handler: a failing tracer, span processor or meter is
+logged, and the message goes on.
 
 :func:`publish_with_context` publishes with the current trace context in the headers;
 :func:`configure_otel` sets up the SDK with a console or OTLP exporter (for the command line).
@@ -22,6 +23,7 @@ failing tracer, span processor or meter is logged, and the message goes on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +66,11 @@ from .events import EventBus, Outcome
 from .logging import _DELIVERY
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, Tracer, TracerProvider
+
+    from abe.backends.message_queue.base.extensions import InboundMessage
 
     from .delivery import Delivery
     from .pipeline import CallNext
@@ -87,6 +92,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TERMINAL = frozenset({Outcome.DEAD_LETTERED, Outcome.FAILED, Outcome.UNSETTLED})
+_VALUES = {outcome: outcome.value for outcome in Outcome}
 
 
 class _Destination:
@@ -138,8 +144,10 @@ class Telemetry:
         meter_provider: Where metrics go; the global provider when ``None``.
         traces: Emit spans.
         metrics: Record metrics.
-        events: The consumer's event bus, for attempt, retry, breaker and dead-letter events.
-            Without one, deliveries whose bus has no listener get a private bus.
+        events: The consumer's event bus. When it has listeners, this middleware listens
+            along; otherwise each delivery gets a private bus that the middleware inside
+            (retry, breaker, dead-letter) emit their events on, so the consumer does not build
+            a settlement record per message just for telemetry.
         clock: Time source for ``messaging.process.duration``.
         classifier: Tells a dropped message (ignored failure) from a failed one.
 
@@ -155,6 +163,7 @@ class Telemetry:
         "_fault_counts",
         "_in_flight",
         "_instruments",
+        "_joined",
         "_monotonic",
         "_parent",
         "_recorder",
@@ -199,12 +208,25 @@ class Telemetry:
         if metrics:
             self._instruments = instruments_for(meter_provider or _global_meters(), self)
         self._recorder = EventRecorder(self._instruments, base_attributes(system, group))
-        if events is None:
-            events = EventBus()
-        events.subscribe(self._recorder)
-        self._bus = events
+        # A private bus for deliveries whose own bus has no listener: subscribing to the
+        # consumer's bus would make the consumer build a MessageSettled record per message.
+        self._bus = EventBus(self._recorder)
+        self._joined: tuple[EventBus, ...] = (self._bus,)
+        if events is not None and events:
+            self._subscribe(events)
 
     # -- the per-message path ------------------------------------------------------------------
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's callable for this layer (saves a keyword call per message).
+
+        Args:
+            call_next: The rest of the pipeline.
+
+        Returns:
+            ``async (delivery) -> None``.
+        """
+        return functools.partial(self._run, call_next)
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         """Process ``delivery`` inside its span.
@@ -216,62 +238,107 @@ class Telemetry:
         Raises:
             BaseException: whatever the rest of the pipeline raises, unchanged.
         """
-        if delivery.events is not self._bus and not delivery.events:
-            delivery.events = self._bus
-        destination = self._destinations.get(delivery.key)
-        if destination is None or destination.delivery_group != delivery.group:
-            destination = self._destination(delivery)
+        await self._run(call_next, delivery)
+
+    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
+        if delivery.events is not self._bus:
+            self._join(delivery)
+        message = delivery.message
+        if message is not None:
+            destination = self._destinations.get(message.key)
+            if destination is None or destination.delivery_group != message.group:
+                destination = self._destination(message.key, message.group)
+        else:
+            destination = self._destination(delivery.key, delivery.group)
         destination.consumed += 1
         span: Span | None = None
         token: object = None
         if self._tracer is not None:
             try:
-                span, parent = self._start(delivery, destination)
+                span, parent = self._start(delivery, message, destination)
                 token = otel_context.attach(trace.set_span_in_context(span, parent))
             except Exception:
                 self._fault("start the message span")
         log_token = _DELIVERY.set(delivery)
         self._in_flight += 1
-        start = self._monotonic()
+        instruments = self._instruments
+        start = self._monotonic() if instruments is not None else 0.0
         try:
             await call_next(delivery)
         except BaseException as exc:
             self._finish(delivery, destination, span, exc, start)
             raise
         else:
-            self._finish(delivery, destination, span, None, start)
+            if delivery.outcome is not None:
+                self._finish(delivery, destination, span, None, start)
+            else:
+                # The success path, inline: no terminal outcome, no error. Recorded while the
+                # span is still current, so a histogram exemplar points at this trace.
+                attempt = delivery.attempt
+                count = message.delivery_count if message is not None else delivery.delivery_count
+                outcome = Outcome.RETRIED if attempt > count else Outcome.SUCCESS
+                try:
+                    if span is not None:
+                        try:
+                            span.set_attributes({OUTCOME: _VALUES[outcome], ATTEMPT: attempt})
+                        finally:
+                            span.end()
+                    if instruments is not None:
+                        instruments.duration.record(
+                            self._monotonic() - start, destination.outcome_attrs[outcome]
+                        )
+                except Exception:
+                    self._fault("finish the message span or metrics")
         finally:
             self._in_flight -= 1
             _DELIVERY.reset(log_token)
             if token is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
 
-    def _destination(self, delivery: Delivery) -> _Destination:
+    def _join(self, delivery: Delivery) -> None:
+        """Make sure this middleware hears the events emitted for ``delivery``."""
+        bus = delivery.events
+        if bus in self._joined:  # identity: EventBus has no __eq__
+            return
+        if bus:
+            self._subscribe(bus)  # someone listens there already: listen along
+        else:
+            delivery.events = self._bus  # nobody does: use ours
+
+    def _subscribe(self, bus: EventBus) -> None:
+        bus.subscribe(self._recorder)
+        self._joined = (*self._joined, bus)
+
+    def _destination(self, key: str | None, group: str | None) -> _Destination:
         # Looked up by key on the hot path; several groups on one key fall back to (key, group).
-        both = (delivery.key, delivery.group)
+        both = (key, group)
         destination = self._destinations.get(both)
         if destination is None:
-            group = delivery.group if delivery.group is not None else self.group
-            destination = _Destination(self._system, delivery.key, delivery.group, group)
+            reported = group if group is not None else self.group
+            destination = _Destination(self._system, key or None, group, reported)
             self._destinations[both] = destination
-            self._destinations.setdefault(delivery.key, destination)
+            self._destinations.setdefault(key, destination)
         return destination
 
-    def _start(self, delivery: Delivery, destination: _Destination) -> tuple[Span, Any]:
+    def _start(
+        self, delivery: Delivery, message: InboundMessage | None, destination: _Destination
+    ) -> tuple[Span, Context | None]:
         tracer = self._tracer
         assert tracer is not None
         attrs = destination.span_attrs.copy()
-        if delivery.message_id is not None:
-            attrs[MESSAGE_ID] = delivery.message_id
-        attrs[DELIVERY_COUNT] = delivery.delivery_count
-        message = delivery.message
         if message is not None:
-            size = getattr(message, "body_size", None)
-            if size is None and message.raw is not None:
-                size = len(message.raw)
-            if size is not None:
-                attrs[MESSAGE_BODY_SIZE] = size
-        headers = delivery.headers
+            message_id = message.message_id
+            attrs[DELIVERY_COUNT] = message.delivery_count
+            headers = message.headers
+            raw = message.raw  # kept by backends only when decoding failed
+            if raw is not None:
+                attrs[MESSAGE_BODY_SIZE] = len(raw)
+        else:
+            message_id = delivery.message_id
+            attrs[DELIVERY_COUNT] = delivery.delivery_count
+            headers = delivery.headers
+        if message_id is not None:
+            attrs[MESSAGE_ID] = message_id
         links = None
         parent = None
         if headers:
@@ -329,7 +396,7 @@ class Telemetry:
         if exc is None:
             outcome = delivery.outcome
             if outcome is None:
-                retried = delivery.attempt > delivery.delivery_count
+                retried = delivery.attempt > _count(delivery)
                 return (Outcome.RETRIED if retried else Outcome.SUCCESS), None
             if outcome in _TERMINAL:
                 return outcome, _last_failure(delivery) or delivery.reason or "unknown"
@@ -351,7 +418,7 @@ class Telemetry:
         exc: BaseException | None,
     ) -> None:
         if error_type is None:
-            span.set_attributes({OUTCOME: outcome.value, ATTEMPT: delivery.attempt})
+            span.set_attributes({OUTCOME: _VALUES[outcome], ATTEMPT: delivery.attempt})
             return
         attrs: dict[str, Any] = {
             OUTCOME: outcome.value,
@@ -424,6 +491,11 @@ class Telemetry:
 
 def _global_meters() -> MeterProvider:
     return metrics.get_meter_provider()
+
+
+def _count(delivery: Delivery) -> int:
+    message = delivery.message
+    return message.delivery_count if message is not None else delivery.delivery_count
 
 
 def _last_failure(delivery: Delivery) -> str | None:
