@@ -1,10 +1,10 @@
-"""One consumer-group reader of the Redis Streams backend: reads, reclaims, keeps alive, acks.
+"""One consumer-group reader of the Redis Streams backend: reads in batches, settles, acks.
 
 A :class:`StreamReader` backs one ``deliveries()`` (or ``consume()``) iterator. It reads new
-entries in batches with XREADGROUP, reclaims entries other consumers left idle with XAUTOCLAIM
-(delivery counts from XPENDING), refreshes the entries it holds so live work is never reclaimed
-(XCLAIM ... JUSTID), and buffers acknowledgements into one multi-id XACK per stream, sent
-together with the next read.
+entries in batches with XREADGROUP and buffers acknowledgements into one multi-id XACK per
+stream, sent together with the next read (or after ``ack_delay``, or when ``ack_batch`` are
+waiting). Reclaiming idle entries, keeping held ones alive and reconnecting live in
+:mod:`._redis_recovery`.
 """
 
 from __future__ import annotations
@@ -12,41 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
+from ._redis_common import LOGGER_NAME, RedisStats, Sleep
+from ._redis_recovery import keep_alive, reclaim, resilient
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from ._redis_settings import RedisSettings
-    from .redis import RedisStats
 
-__all__ = ["TRANSIENT_ERRORS", "StreamReader"]
+__all__ = ["StreamReader"]
 
-logger = logging.getLogger("abe.backends.message_queue.service.redis")
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    OSError,
-)
-"""Errors after which reading reconnects and resumes (BusyLoadingError is a ConnectionError)."""
-
-_KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
-
-Sleep = Callable[[float], Awaitable[None]]
+logger = logging.getLogger(LOGGER_NAME)
 
 _monotonic = time.monotonic
 
@@ -75,7 +61,8 @@ class StreamReader:
         self.group = group
         self.consumer = settings.consumer
         self.stats = stats
-        self._sleep = sleep
+        self.sleep = sleep
+        """Awaited for reconnection backoff."""
         self.streams = settings.streams
         self._key_of = {key.encode(): key for key in self.streams}
         self._read_ids: dict[str, str] = dict.fromkeys(self.streams, ">")
@@ -92,9 +79,11 @@ class StreamReader:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._cursors: dict[str, str] = {}
-        self._next_reclaim = 0.0
-        self._groups_ready = False
+        self.cursors: dict[str, str] = {}
+        """Per stream: where an unfinished reclaim scan goes on."""
+        self.next_reclaim = 0.0
+        """Monotonic time of the next reclaim scan (the first one runs at start)."""
+        self.groups_ready = False
 
     # -- the iterator -------------------------------------------------------------------------
 
@@ -102,47 +91,52 @@ class StreamReader:
         """Yield deliveries until cancelled or closed (the body of ``deliveries()``)."""
         waiting = self.waiting
         try:
-            await self._resilient(self._ensure_groups)
-            self._heartbeat = asyncio.create_task(self._keep_alive())
+            await resilient(self, self.ensure_groups)
+            self._heartbeat = asyncio.create_task(keep_alive(self))
             while True:
                 if self.release_pending:
-                    await self._resilient(self._reclaim)
+                    await resilient(self, self._reclaim)
                 if waiting:
                     yield waiting.popleft()
                     continue
                 if self.closed:
                     return  # the backend was closed under us
-                if _monotonic() >= self._next_reclaim:
-                    await self._resilient(self._reclaim)
+                if _monotonic() >= self.next_reclaim:
+                    await resilient(self, self._reclaim)
                     if waiting:
                         continue
-                await self._resilient(self._fill)
+                await resilient(self, self._fill)
         finally:
             await self.close()
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _timeout(self, extra: float = 0.0) -> asyncio.Timeout:
+    def timeout(self, extra: float = 0.0) -> asyncio.Timeout:
+        """A deadline of ``command_timeout`` (plus ``extra``) seconds for one Redis call."""
         return asyncio.timeout(self.settings.command_timeout + extra)
 
-    async def _ensure_groups(self) -> None:
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on every stream (at the start, creating the stream)."""
         for key in self.streams:
             try:
-                async with self._timeout():
+                async with self.timeout():
                     await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._groups_ready = True
+        self.groups_ready = True
+
+    async def _reclaim(self) -> None:
+        await reclaim(self)
 
     async def _fill(self) -> None:
         """Send buffered acks and read the next batch, in one round trip."""
         timeout_ms = self.settings.block_ms
-        until_reclaim = self._next_reclaim - _monotonic()
+        until_reclaim = self.next_reclaim - _monotonic()
         timeout_ms = max(1, min(timeout_ms, int(until_reclaim * 1000)))
         acks = self._take_acks()
         try:
-            async with self._timeout(timeout_ms / 1000):
+            async with self.timeout(timeout_ms / 1000):
                 if acks:
                     pipe = self.client.pipeline(transaction=False)
                     for key, ids in acks.items():
@@ -188,139 +182,6 @@ class StreamReader:
             *streams.keys(),
             *streams.values(),
         ]
-
-    async def _reclaim(self) -> None:
-        """Claim entries idle longer than ``claim_idle`` (crashed consumers', released ones)."""
-        self.release_pending = False
-        settings = self.settings
-        self._next_reclaim = _monotonic() + settings.claim_idle / 2
-        budget = settings.batch_size
-        claimed: list[InboundMessage] = []
-        for key in self.streams:
-            cursor = self._cursors.get(key, "0-0")
-            while budget > 0:
-                async with self._timeout():
-                    reply = await self.client.xautoclaim(
-                        key,
-                        self.group,
-                        self.consumer,
-                        settings.claim_idle_ms,
-                        start_id=cursor,
-                        count=budget,
-                    )
-                next_cursor = _text(reply[0])
-                entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
-                deleted = reply[2] if len(reply) > 2 else []
-                if deleted:
-                    self.stats.deleted_while_pending += len(deleted)
-                    logger.warning(
-                        "%d pending entries of %r were deleted from the stream (trimmed?) before "
-                        "being processed: %s",
-                        len(deleted),
-                        key,
-                        ", ".join(_text(d) for d in deleted[:10]),
-                    )
-                if entries:
-                    counts = await self._delivery_counts(key, entries)
-                    self.stats.poison += decode_batch(
-                        key,
-                        entries,
-                        self.group,
-                        self,
-                        self.unsettled[key],
-                        claimed.append,
-                        counts,
-                    )
-                    budget -= len(entries)
-                cursor = next_cursor
-                if cursor == "0-0":
-                    break
-            if cursor == "0-0":
-                self._cursors.pop(key, None)
-            else:
-                self._cursors[key] = cursor
-                self._next_reclaim = 0.0  # more to scan: continue on the next turn
-        if claimed:
-            self.stats.reclaimed += len(claimed)
-            self.stats.delivered += len(claimed)
-            logger.info(
-                "Reclaimed %d idle entries in group %r (crashed consumers or released deliveries)",
-                len(claimed),
-                self.group,
-            )
-            self.waiting.extendleft(reversed(claimed))
-
-    async def _delivery_counts(self, key: str, entries: list[Any]) -> dict[bytes, int]:
-        extra = len(self.unsettled[key])
-        async with self._timeout():
-            rows = await self.client.xpending_range(
-                key,
-                self.group,
-                min=entries[0][0],
-                max=entries[-1][0],
-                count=len(entries) + extra,
-                consumername=self.consumer,
-            )
-        result: dict[bytes, int] = {}
-        for row in rows:
-            entry_id = row["message_id"]
-            result[entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()] = int(
-                row["times_delivered"]
-            )
-        return result
-
-    async def _resilient(self, step: Callable[[], Awaitable[None]]) -> None:
-        """Run ``step``; on a lost connection wait (backoff with jitter) and try again."""
-        delay = self.settings.reconnect_initial
-        failures = 0
-        while True:
-            try:
-                await step()
-            except TRANSIENT_ERRORS as exc:
-                failures += 1
-                self.stats.reconnects += 1
-                wait = delay / 2 + random.random() * delay / 2
-                log = logger.warning if failures == 1 else logger.debug
-                log(
-                    "Redis unavailable (%s: %s); retrying in %.2fs (attempt %d)",
-                    type(exc).__name__,
-                    exc,
-                    wait,
-                    failures,
-                )
-                await self._sleep(wait)
-                delay = min(delay * 2, self.settings.reconnect_max)
-                continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream or group vanished (deleted, or Redis restarted without
-                # persistence): create it again and go on.
-                logger.warning("Consumer group %r is missing; creating it again", self.group)
-                self._groups_ready = False
-                await self._ensure_groups()
-                continue
-            if failures:
-                logger.warning("Redis reachable again after %d failed attempt(s)", failures)
-            return
-
-    # -- keeping held entries alive ---------------------------------------------------------------
-
-    async def _keep_alive(self) -> None:
-        """Reset the idle time of every entry this reader holds, every ``claim_idle / 3``."""
-        interval = self.settings.claim_idle / 3
-        while True:
-            await asyncio.sleep(interval)
-            for key, ids in self.unsettled.items():
-                if not ids:
-                    continue
-                try:
-                    async with self._timeout():
-                        await self.client.xclaim(
-                            key, self.group, self.consumer, 0, list(ids), justid=True
-                        )
-                except _KEEP_ALIVE_ERRORS as exc:
-                    logger.debug("Keep-alive of held entries failed: %s", exc)
 
     # -- settling -----------------------------------------------------------------------------
 
@@ -414,7 +275,7 @@ class StreamReader:
         if not acks:
             return
         try:
-            async with self._timeout():
+            async with self.timeout():
                 if len(acks) == 1:
                     ((key, ids),) = acks.items()
                     await self.client.xack(key, self.group, *ids)
@@ -434,7 +295,7 @@ class StreamReader:
         if entry_id is None:
             return
         try:
-            async with self._timeout():
+            async with self.timeout():
                 await self.client.xclaim(
                     message.key,
                     self.group,
@@ -487,7 +348,7 @@ class StreamReader:
             if entry_id is not None:
                 by_key.setdefault(message.key, []).append(entry_id)
         for key, ids in by_key.items():
-            async with self._timeout():
+            async with self.timeout():
                 await self.client.xclaim(
                     key,
                     self.group,
@@ -497,7 +358,3 @@ class StreamReader:
                     idle=self.settings.claim_idle_ms,
                     justid=True,
                 )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

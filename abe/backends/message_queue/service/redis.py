@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, NoReturn
 
 try:
     import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
@@ -50,7 +47,16 @@ from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
 
 from ._redis_codec import encode_entry
-from ._redis_reader import TRANSIENT_ERRORS, Sleep, StreamReader
+from ._redis_common import (
+    TRANSIENT_ERRORS,
+    RedisBackendError,
+    RedisStats,
+    RedisUnavailableError,
+    Sleep,
+    make_client,
+    text,
+)
+from ._redis_reader import StreamReader
 from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
 
 __all__ = [
@@ -78,47 +84,6 @@ in the XADD aborts the script before the XACK."""
 
 _FAILURES: tuple[type[BaseException], ...] = (RedisError, *TRANSIENT_ERRORS)
 """What a Redis call raises when it fails (``TimeoutError`` comes from ``command_timeout``)."""
-
-
-class RedisBackendError(Exception):
-    """A Redis operation of :class:`RedisBackend` failed; the Redis error is the ``__cause__``."""
-
-
-class RedisUnavailableError(RedisBackendError, ConnectionError):
-    """Redis could not be reached or did not answer in time (a transient failure)."""
-
-
-@dataclass(slots=True)
-class RedisStats:
-    """Running counters of one :class:`RedisBackend` (all readers together).
-
-    Attributes:
-        published: Entries written by ``publish*``.
-        delivered: Entries handed out (new and reclaimed).
-        reclaimed: Entries taken over from idle consumers (crashed, stalled, or released).
-        acked: Entries acknowledged.
-        ack_round_trips: XACK round trips (acks ride along with reads when they can).
-        released: Entries handed back for redelivery.
-        dead_lettered: Entries dead-lettered atomically.
-        poison: Entries that could not be decoded (yielded with ``decode_error``).
-        deleted_while_pending: Pending entries found deleted from their stream (trimmed).
-        reconnects: Failed attempts to reach Redis while reading (each followed by a backoff).
-    """
-
-    published: int = 0
-    delivered: int = 0
-    reclaimed: int = 0
-    acked: int = 0
-    ack_round_trips: int = 0
-    released: int = 0
-    dead_lettered: int = 0
-    poison: int = 0
-    deleted_while_pending: int = 0
-    reconnects: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return asdict(self)
 
 
 class RedisBackend:
@@ -199,7 +164,7 @@ class RedisBackend:
         )
         self._owns_client = client is None
         if client is None:
-            client = _make_client(self._settings)
+            client = make_client(self._settings)
         elif client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the Redis client must be created with decode_responses=False")
         self._client = client
@@ -285,7 +250,7 @@ class RedisBackend:
         except _FAILURES as exc:
             self._fail(f"publishing to stream {key!r}", exc)
         self._stats.published += 1
-        return _text(entry_id)
+        return text(entry_id)
 
     async def publish_many(
         self,
@@ -323,7 +288,7 @@ class RedisBackend:
                 self._fail(
                     f"publishing to stream {key!r} ({len(ids)} of {len(encoded)} written)", exc
                 )
-            ids.extend(_text(r) for r in results)
+            ids.extend(text(r) for r in results)
             self._stats.published += len(results)
         return ids
 
@@ -472,7 +437,7 @@ class RedisBackend:
             what = f"dead-lettering entry {entry_id} of {message.key!r} to {destination!r}"
             self._fail(what, exc)
         self._stats.dead_lettered += 1
-        return _text(record_id)
+        return text(record_id)
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -561,32 +526,6 @@ class RedisBackend:
         raise RedisBackendError(text) from exc
 
 
-def _make_client(settings: RedisSettings) -> aioredis.Redis:
-    # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, which on Python
-    # 3.11 can swallow a cancellation (the consumer's shutdown would hang in a blocking read).
-    # Every call is bounded by asyncio.timeout(command_timeout) instead, and TCP keepalive
-    # finds dead peers.
-    return aioredis.Redis.from_url(
-        settings.url,
-        decode_responses=False,
-        socket_timeout=None,
-        socket_connect_timeout=min(5.0, settings.command_timeout),
-        socket_keepalive=True,
-        socket_keepalive_options=_keepalive_options(),
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-    )
-
-
-def _keepalive_options() -> dict[int, int]:
-    options: dict[int, int] = {}
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-        constant = getattr(socket, name, None)
-        if isinstance(constant, int):
-            options[constant] = value
-    return options
-
-
 def _check_key(key: object) -> None:
     if not isinstance(key, str) or not key:
         raise ValueError(f"key must be a non-empty string, got {key!r}")
@@ -596,7 +535,3 @@ def _id_of(message: InboundMessage) -> str:
     if not message.message_id:
         raise ValueError("the message has no id: it did not come from a Redis stream")
     return message.message_id
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

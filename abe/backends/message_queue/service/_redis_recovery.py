@@ -1,0 +1,182 @@
+"""Recovery duties of a stream reader: reclaim idle entries, keep held ones alive, reconnect.
+
+* :func:`reclaim` takes over entries idle longer than ``claim_idle`` (their consumer crashed,
+  stalled, or released them) with XAUTOCLAIM, reading their delivery counts from XPENDING.
+* :func:`keep_alive` resets the idle time of the entries a live reader holds (XCLAIM ... JUSTID)
+  so slow work is never reclaimed from under it.
+* :func:`resilient` runs a reader step, waiting with jittered exponential backoff while Redis
+  is unreachable and recreating a consumer group that vanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
+
+from ._redis_codec import decode_batch
+from ._redis_common import LOGGER_NAME, TRANSIENT_ERRORS, text
+
+if TYPE_CHECKING:
+    from abe.backends.message_queue.base.extensions import InboundMessage
+
+    from ._redis_reader import StreamReader
+
+__all__ = ["keep_alive", "reclaim", "resilient"]
+
+logger = logging.getLogger(LOGGER_NAME)
+
+_KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+
+
+async def reclaim(reader: StreamReader) -> None:
+    """Claim up to ``batch_size`` entries idle longer than ``claim_idle`` for ``reader``.
+
+    Claimed entries go to the front of the reader's queue, with their delivery counts. A scan
+    that stops early (the budget is spent) goes on from its cursor on the next turn.
+    """
+    reader.release_pending = False
+    settings = reader.settings
+    stats = reader.stats
+    reader.next_reclaim = time.monotonic() + settings.claim_idle / 2
+    budget = settings.batch_size
+    claimed: list[InboundMessage] = []
+    for key in reader.streams:
+        cursor = reader.cursors.get(key, "0-0")
+        while budget > 0:
+            async with reader.timeout():
+                reply = await reader.client.xautoclaim(
+                    key,
+                    reader.group,
+                    reader.consumer,
+                    settings.claim_idle_ms,
+                    start_id=cursor,
+                    count=budget,
+                )
+            entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                stats.deleted_while_pending += len(deleted)
+                logger.warning(
+                    "%d pending entries of %r were deleted from the stream (trimmed?) before "
+                    "being processed: %s",
+                    len(deleted),
+                    key,
+                    ", ".join(text(d) for d in deleted[:10]),
+                )
+            if entries:
+                counts = await _delivery_counts(reader, key, entries)
+                stats.poison += decode_batch(
+                    key,
+                    entries,
+                    reader.group,
+                    reader,
+                    reader.unsettled[key],
+                    claimed.append,
+                    counts,
+                )
+                budget -= len(entries)
+            cursor = text(reply[0])
+            if cursor == "0-0":
+                break
+        if cursor == "0-0":
+            reader.cursors.pop(key, None)
+        else:
+            reader.cursors[key] = cursor
+            reader.next_reclaim = 0.0  # more to scan: go on at the next turn
+    if claimed:
+        stats.reclaimed += len(claimed)
+        stats.delivered += len(claimed)
+        logger.info(
+            "Reclaimed %d idle entries in group %r (crashed or stalled consumers, releases)",
+            len(claimed),
+            reader.group,
+        )
+        reader.waiting.extendleft(reversed(claimed))
+
+
+async def _delivery_counts(reader: StreamReader, key: str, entries: list[Any]) -> dict[bytes, int]:
+    """Delivery counts of ``entries`` (just claimed by ``reader``) from the pending list."""
+    async with reader.timeout():
+        rows = await reader.client.xpending_range(
+            key,
+            reader.group,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) + len(reader.unsettled[key]),
+            consumername=reader.consumer,
+        )
+    counts: dict[bytes, int] = {}
+    for row in rows:
+        entry_id = row["message_id"]
+        if not isinstance(entry_id, bytes):
+            entry_id = str(entry_id).encode()
+        counts[entry_id] = int(row["times_delivered"])
+    return counts
+
+
+async def keep_alive(reader: StreamReader) -> None:
+    """Reset the idle time of every entry ``reader`` holds, every ``claim_idle / 3``, forever."""
+    interval = reader.settings.claim_idle / 3
+    while True:
+        await asyncio.sleep(interval)
+        for key, held in reader.unsettled.items():
+            if not held:
+                continue
+            try:
+                async with reader.timeout():
+                    await reader.client.xclaim(
+                        key, reader.group, reader.consumer, 0, list(held.values()), justid=True
+                    )
+            except _KEEP_ALIVE_ERRORS as exc:
+                logger.debug("Keep-alive of %d held entries failed: %s", len(held), exc)
+
+
+async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -> None:
+    """Run ``step`` for ``reader`` until it succeeds.
+
+    While Redis is unreachable, wait with jittered exponential backoff (``reconnect_initial``
+    doubling up to ``reconnect_max``; each wait is between half and all of the current delay)
+    and count every failed attempt in ``stats.reconnects``. A missing consumer group (the
+    stream was deleted, or Redis restarted without persistence) is created again.
+
+    Raises:
+        redis.exceptions.ResponseError: Redis refused the step for another reason.
+    """
+    settings = reader.settings
+    delay = settings.reconnect_initial
+    failures = 0
+    while True:
+        try:
+            if not reader.groups_ready:
+                await reader.ensure_groups()
+            await step()
+        except TRANSIENT_ERRORS as exc:
+            failures += 1
+            reader.stats.reconnects += 1
+            wait = delay / 2 + random.random() * delay / 2
+            log = logger.warning if failures == 1 else logger.debug
+            log(
+                "Redis unavailable (%s: %s); retrying in %.2fs (attempt %d)",
+                type(exc).__name__,
+                exc,
+                wait,
+                failures,
+            )
+            await reader.sleep(wait)
+            delay = min(delay * 2, settings.reconnect_max)
+            continue
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) or not reader.groups_ready:
+                raise  # refused, or missing again right after being created: give up
+            logger.warning("Consumer group %r is missing; creating it again", reader.group)
+            reader.groups_ready = False
+            continue
+        if failures:
+            logger.warning("Redis reachable again after %d failed attempt(s)", failures)
+        return
