@@ -284,11 +284,9 @@ class EventRecorder:
                 },
             )
         if self.instruments is not None:
-            attrs = {
-                **self.attributes,
-                DESTINATION: event.key or "(unknown)",
-                ERROR_TYPE: event.error_type,
-            }
+            attrs = {**self.attributes, ERROR_TYPE: event.error_type}
+            if event.key:
+                attrs[DESTINATION] = event.key
             self.instruments.retries.add(1, attrs)
 
     def _other(self, event: object) -> None:

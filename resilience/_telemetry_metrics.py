@@ -25,6 +25,7 @@ from ._telemetry_events import (
     SYSTEM,
     normalize_state,
 )
+from ._telemetry_setup import SCHEMA_URL
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -69,7 +70,7 @@ class Instruments:
     """
 
     def __init__(self, provider: MeterProvider) -> None:
-        meter = provider.get_meter("resilience", __version__)
+        meter = provider.get_meter("resilience", __version__, schema_url=SCHEMA_URL)
         self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self.duration = meter.create_histogram(
             "messaging.process.duration",

@@ -110,18 +110,21 @@ class _Destination:
     def __init__(
         self, system: str, key: str | None, delivery_group: str | None, group: str | None
     ) -> None:
-        name = key if key is not None else "(unknown)"
         self.delivery_group = delivery_group
-        self.span_name = f"process {name}"
+        # The conventions name the span "process <destination>", or just "process" when the
+        # destination is unknown (a decorated function called directly).
+        self.span_name = f"process {key}" if key else "process"
         self.span_attrs: dict[str, Any] = {
             SYSTEM: system,
             OPERATION_TYPE: "process",
             OPERATION_NAME: "process",
-            DESTINATION: name,
         }
+        self.metric_attrs = base_attributes(system, group)
+        if key:
+            self.span_attrs[DESTINATION] = key
+            self.metric_attrs[DESTINATION] = key
         if group is not None:
             self.span_attrs[CONSUMER_GROUP] = group
-        self.metric_attrs = {**base_attributes(system, group), DESTINATION: name}
         self.outcome_attrs = {
             outcome: {**self.metric_attrs, OPERATION_NAME: "process", OUTCOME: outcome.value}
             for outcome in Outcome
