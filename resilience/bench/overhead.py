@@ -113,7 +113,7 @@ def _sdk() -> tuple[Any, Any]:
     return tracer_provider, meter_provider
 
 
-def _resilient_sdk(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+def _resilient_sdk(backend: MemoryBackend, *, metrics: bool = True) -> tuple[Consumer, Wrap]:
     try:
         from resilience.telemetry import Telemetry
     except ImportError as exc:
@@ -122,10 +122,18 @@ def _resilient_sdk(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
     bus = EventBus()
     layers = full_pipeline_policy().layers(backend=backend, events=bus)
     telemetry = Telemetry(
-        system="memory", tracer_provider=tracer_provider, meter_provider=meter_provider, events=bus
+        system="memory",
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        metrics=metrics,
+        events=bus,
     )
     pipeline = Pipeline(telemetry, *layers)
     return ResilientConsumer(backend, policy=pipeline, events=bus), _same
+
+
+def _resilient_sdk_traces(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return _resilient_sdk(backend, metrics=False)
 
 
 def _span(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
@@ -248,6 +256,11 @@ CONTENDERS: tuple[_Contender, ...] = (
         "pipeline+telemetry (SDK)",
         "the same with tracing and metrics on an SDK with a no-op exporter",
         _resilient_sdk,
+    ),
+    _Contender(
+        "pipeline+telemetry (SDK, traces only)",
+        "the same with metrics off: what the spans alone cost",
+        _resilient_sdk_traces,
     ),
     _Contender("bare+otel span", "bare consumer, one SDK CONSUMER span with attributes", _span),
     _Contender(
