@@ -22,6 +22,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from typing import Literal, Unpack
+
+    from .breaker import BreakerOptions
     from .classify import Classifier
     from .clock import Clock
     from .dead_letter import DeadLetterSink
@@ -150,6 +153,23 @@ class Pipeline:
         from .dead_letter import DeadLetterRouter
 
         return self.use(DeadLetterRouter(sink, **options))
+
+    def circuit_breaker(
+        self,
+        name: str = "default",
+        *,
+        mode: Literal["pause", "fail_fast"] = "pause",
+        clock: Clock | None = None,
+        classifier: Classifier | None = None,
+        **options: Unpack[BreakerOptions],
+    ) -> Pipeline:
+        """Append a :class:`~resilience.breaker.CircuitBreaker` named ``name`` (put it inside
+        retry); breakers with the same name and clock share state."""
+        from .breaker import CircuitBreaker
+
+        return self.use(
+            CircuitBreaker(name, mode=mode, clock=clock, classifier=classifier, **options)
+        )
 
     def timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
         """Append a per-attempt :class:`~resilience.timeout.Timeout` (put it inside retry)."""

@@ -159,3 +159,18 @@ def test_terminal_reasons() -> None:
     assert terminal_reason(DeliveryLimitExceeded(4, 3), Verdict.TERMINAL) == "delivery_limit"
     assert terminal_reason(ValueError(), Verdict.TERMINAL) == "non_retryable"
     assert terminal_reason(ConnectionError(), Verdict.RETRYABLE) == "retries_exhausted"
+
+
+async def test_builder_adds_a_shared_circuit_breaker() -> None:
+    """Pipeline.circuit_breaker() adds a breaker; two pipelines with one name share state."""
+    from resilience.breaker import BreakerRegistry, CircuitBreaker
+    from resilience.clock import FakeClock
+
+    clock = FakeClock()
+    registry = BreakerRegistry()
+    first = CircuitBreaker("payments", clock=clock, registry=registry, failure_threshold=2)
+    second = CircuitBreaker("payments", clock=clock, registry=registry, failure_threshold=2)
+    pipeline = Pipeline().retry(attempts=2).circuit_breaker("payments-builder", failure_threshold=3)
+    assert type(pipeline.layers[-1]).__name__ == "CircuitBreaker"
+    first.force_open()
+    assert second.state.value.startswith("forced")

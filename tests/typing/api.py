@@ -11,6 +11,7 @@ from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.loader import load_backend
 from abe.backends.message_queue.service.memory import MemoryBackend
 from abe.types import ConsumerGroup, MessageQueueBackendProtocol, MessageQueueKey
+from resilience.breaker import BreakerStats, CircuitBreaker, get_breaker
 from resilience.classify import Classifier, Verdict
 from resilience.clock import Clock, FakeClock, LoopClock
 from resilience.consumer import ResilientConsumer
@@ -73,6 +74,13 @@ async def usage() -> None:
         .use(Retry(wait=DecorrelatedJitter(0.1, 5), budget=RetryBudget(0.2, 5, 10)))
         .use(Timeout(1.5, total=False))
     )
+    breaker = CircuitBreaker("payments", mode="fail_fast", failure_threshold=5)
+    stats: BreakerStats = breaker.stats
+    assert stats is not None
+    shared = get_breaker("payments", failure_threshold=5)
+    assert shared is not None
+    pipeline.use(breaker)
+    Pipeline().retry(attempts=3).circuit_breaker("db", mode="pause").timeout(1.0)
     waits = (Fixed(1), Exponential(0.1, 10))
     assert waits
     policy = Policy.from_dict({"retry": {"attempts": 4}})
