@@ -31,9 +31,7 @@ breaker.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Unpack
 
@@ -49,7 +47,7 @@ from ._breaker_registry import BreakerOptions, BreakerRegistry, default_registry
 from ._breaker_state import Breaker
 from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
 from .classify import Classifier, Verdict, default_classifier
-from .clock import Clock, LoopClock
+from .clock import Clock, monotonic_function
 from .errors import CircuitOpen, ConfigError
 
 if TYPE_CHECKING:
@@ -83,23 +81,6 @@ _CLOSED = BreakerState.CLOSED
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
-
-
-def _fast_monotonic(clock: Clock) -> Callable[[], float]:
-    """The cheapest reader of ``clock`` for calls made in the running loop.
-
-    :class:`~resilience.clock.LoopClock` looks the running loop up on every read; a standard
-    asyncio loop's ``time()`` is ``time.monotonic()``, the very same scale, so that is read
-    directly. Any other loop (``looptime``, uvloop) or clock is read as it is.
-    """
-    if type(clock) is LoopClock:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return clock.monotonic
-        if type(loop).time is asyncio.BaseEventLoop.time:
-            return time.monotonic
-    return clock.monotonic
 
 
 class CircuitBreaker:
@@ -185,7 +166,7 @@ class CircuitBreaker:
         Returns:
             ``async (delivery) -> None``.
         """
-        return functools.partial(self._run, _fast_monotonic(self.breaker.clock), call_next)
+        return functools.partial(self._run, monotonic_function(self.breaker.clock), call_next)
 
     async def _run(self, now: Callable[[], float], call_next: CallNext, delivery: Delivery) -> None:
         breaker = self.breaker

@@ -88,7 +88,10 @@ def monotonic_function(clock: Clock) -> Callable[[], float]:
     lookup per message; any other clock or loop (``looptime``, uvloop) keeps its own.
     """
     if isinstance(clock, LoopClock):
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return clock.monotonic
         if type(loop).time is asyncio.BaseEventLoop.time:
             import time
 

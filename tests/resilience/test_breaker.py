@@ -859,8 +859,8 @@ def test_fast_clock_reader_matches_the_clock() -> None:
     """The hot path reads time.monotonic only where the loop clock is exactly that."""
     import time
 
-    from resilience.breaker import _fast_monotonic
     from resilience.clock import LoopClock
+    from resilience.clock import monotonic_function as _fast_monotonic
 
     fake = FakeClock(5.0)
     loop_clock = LoopClock()
