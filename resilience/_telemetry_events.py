@@ -42,11 +42,13 @@ __all__ = [
     "EVENT_RETRY",
     "MESSAGE_BODY_SIZE",
     "MESSAGE_ID",
+    "LINK_KIND",
     "NEXT_ATTEMPT",
     "OPERATION_NAME",
     "OPERATION_TYPE",
     "OUTCOME",
     "REASON",
+    "REPLAY_COUNT",
     "RETRY_WAIT",
     "SYSTEM",
     "VERDICT",
@@ -84,6 +86,8 @@ DEAD_LETTER_RECORD_ID = "resilience.dead_letter.record_id"
 DEAD_LETTER_STAGE = "resilience.dead_letter.stage"
 DEAD_LETTER_REPLAY_COUNT = "resilience.dead_letter.replay_count"
 BREAKER_REASON = "resilience.breaker.reason"
+REPLAY_COUNT = "resilience.replay_count"
+LINK_KIND = "resilience.link"
 BREAKER_HELD = "resilience.breaker.held"
 
 # Span event names

@@ -22,31 +22,23 @@ logged, and the message goes on.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Link, SpanKind
 
 from . import __version__
 from ._telemetry_events import (
     ATTEMPT,
-    CONSUMER_GROUP,
     DEAD_LETTER_REASON,
     DELIVERY_COUNT,
-    DESTINATION,
     ERROR_TYPE,
-    EVENT_DEAD_LETTERED,
     MESSAGE_BODY_SIZE,
     MESSAGE_ID,
-    OPERATION_NAME,
-    OPERATION_TYPE,
     OUTCOME,
-    REASON,
-    SYSTEM,
     EventRecorder,
 )
 from ._telemetry_metrics import Instruments, base_attributes, instruments_for
@@ -59,9 +51,16 @@ from ._telemetry_setup import (
     metrics_configured,
     tracing_configured,
 )
-from .classify import Classifier, Verdict, default_classifier
+from ._telemetry_spans import (
+    OUTCOME_VALUES,
+    Destination,
+    close_terminal,
+    context_from,
+    settled_outcome,
+)
+from .classify import Classifier, default_classifier
 from .clock import Clock, default_clock
-from .errors import ConfigError, DeadLetterWriteError
+from .errors import ConfigError
 from .events import EventBus, Outcome
 from .logging import _DELIVERY
 
@@ -90,46 +89,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_TERMINAL = frozenset({Outcome.DEAD_LETTERED, Outcome.FAILED, Outcome.UNSETTLED})
-_VALUES = {outcome: outcome.value for outcome in Outcome}
-
-
-class _Destination:
-    """Per-destination constants, built once: span name, attributes, metric attributes, count."""
-
-    __slots__ = (
-        "consumed",
-        "delivery_group",
-        "metric_attrs",
-        "outcome_attrs",
-        "span_attrs",
-        "span_name",
-    )
-
-    def __init__(
-        self, system: str, key: str | None, delivery_group: str | None, group: str | None
-    ) -> None:
-        self.delivery_group = delivery_group
-        # The conventions name the span "process <destination>", or just "process" when the
-        # destination is unknown (a decorated function called directly).
-        self.span_name = f"process {key}" if key else "process"
-        self.span_attrs: dict[str, Any] = {
-            SYSTEM: system,
-            OPERATION_TYPE: "process",
-            OPERATION_NAME: "process",
-        }
-        self.metric_attrs = base_attributes(system, group)
-        if key:
-            self.span_attrs[DESTINATION] = key
-            self.metric_attrs[DESTINATION] = key
-        if group is not None:
-            self.span_attrs[CONSUMER_GROUP] = group
-        self.outcome_attrs = {
-            outcome: {**self.metric_attrs, OPERATION_NAME: "process", OUTCOME: outcome.value}
-            for outcome in Outcome
-        }
-        self.consumed = 0
 
 
 class Telemetry:
@@ -200,7 +159,7 @@ class Telemetry:
         self.group = group
         self._classifier = classifier or default_classifier
         self._monotonic = (clock or default_clock).monotonic
-        self._destinations: dict[Any, _Destination] = {}
+        self._destinations: dict[Any, Destination] = {}
         self._in_flight = 0
         self._fault_counts: dict[str, int] = {}
         self._tracer: Tracer | None = None
@@ -283,7 +242,9 @@ class Telemetry:
                 try:
                     if span is not None:
                         try:
-                            span.set_attributes({OUTCOME: _VALUES[outcome], ATTEMPT: attempt})
+                            span.set_attributes(
+                                {OUTCOME: OUTCOME_VALUES[outcome], ATTEMPT: attempt}
+                            )
                         finally:
                             span.end()
                     if instruments is not None:
@@ -312,19 +273,19 @@ class Telemetry:
         bus.subscribe(self._recorder)
         self._joined = (*self._joined, bus)
 
-    def _destination(self, key: str | None, group: str | None) -> _Destination:
+    def _destination(self, key: str | None, group: str | None) -> Destination:
         # Looked up by key on the hot path; several groups on one key fall back to (key, group).
         both = (key, group)
         destination = self._destinations.get(both)
         if destination is None:
             reported = group if group is not None else self.group
-            destination = _Destination(self._system, key or None, group, reported)
+            destination = Destination(self._system, key or None, group, reported)
             self._destinations[both] = destination
             self._destinations.setdefault(key, destination)
         return destination
 
     def _start(
-        self, delivery: Delivery, message: InboundMessage | None, destination: _Destination
+        self, delivery: Delivery, message: InboundMessage | None, destination: Destination
     ) -> tuple[Span, Context | None]:
         tracer = self._tracer
         assert tracer is not None
@@ -342,16 +303,10 @@ class Telemetry:
             headers = delivery.headers
         if message_id is not None:
             attrs[MESSAGE_ID] = message_id
-        links = None
-        parent = None
+        links: list[Link] | None = None
+        parent: Context | None = None
         if headers:
-            extracted = propagate.extract(headers)
-            producer = trace.get_current_span(extracted).get_span_context()
-            if producer.is_valid:
-                if self._parent:
-                    parent = extracted
-                else:
-                    links = (Link(producer),)
+            parent, links = context_from(headers, attrs, self._parent)
         span = tracer.start_span(
             destination.span_name,
             context=parent,
@@ -364,16 +319,16 @@ class Telemetry:
     def _finish(
         self,
         delivery: Delivery,
-        destination: _Destination,
+        destination: Destination,
         span: Span | None,
         exc: BaseException | None,
         start: float,
     ) -> None:
         try:
-            outcome, error_type = self._outcome(delivery, exc)
+            outcome, error_type = settled_outcome(delivery, exc, self._classifier)
             if span is not None:
                 try:
-                    self._close(span, delivery, outcome, error_type, exc)
+                    close_terminal(span, delivery, outcome, error_type, exc)
                 finally:
                     span.end()
             instruments = self._instruments
@@ -393,54 +348,6 @@ class Telemetry:
                     )
         except Exception:
             self._fault("finish the message span or metrics")
-
-    def _outcome(self, delivery: Delivery, exc: BaseException | None) -> tuple[Outcome, str | None]:
-        """The outcome the consumer will settle with, and ``error.type`` when terminal."""
-        if exc is None:
-            outcome = delivery.outcome
-            if outcome is None:
-                retried = delivery.attempt > _count(delivery)
-                return (Outcome.RETRIED if retried else Outcome.SUCCESS), None
-            if outcome in _TERMINAL:
-                return outcome, _last_failure(delivery) or delivery.reason or "unknown"
-            return outcome, None
-        if isinstance(exc, asyncio.CancelledError):
-            return Outcome.CANCELLED, None
-        if isinstance(exc, DeadLetterWriteError):
-            return Outcome.UNSETTLED, type(exc).__qualname__
-        if isinstance(exc, Exception) and self._classifier.classify(exc) is Verdict.IGNORED:
-            return Outcome.DROPPED, None
-        return Outcome.FAILED, type(exc).__qualname__
-
-    def _close(
-        self,
-        span: Span,
-        delivery: Delivery,
-        outcome: Outcome,
-        error_type: str | None,
-        exc: BaseException | None,
-    ) -> None:
-        if error_type is None:
-            span.set_attributes({OUTCOME: _VALUES[outcome], ATTEMPT: delivery.attempt})
-            return
-        attrs: dict[str, Any] = {
-            OUTCOME: outcome.value,
-            ATTEMPT: delivery.attempt,
-            ERROR_TYPE: error_type,
-        }
-        if delivery.reason is not None:
-            attrs[REASON] = delivery.reason
-        span.set_attributes(attrs)
-        if outcome is Outcome.DEAD_LETTERED and not any(
-            event.name == EVENT_DEAD_LETTERED for event in getattr(span, "events", ())
-        ):
-            span.add_event(EVENT_DEAD_LETTERED, {DEAD_LETTER_REASON: delivery.reason or "unknown"})
-        if exc is not None:
-            span.record_exception(exc)
-        description = delivery.reason or error_type
-        if exc is not None:
-            description = f"{description}: {exc}"
-        span.set_status(Status(StatusCode.ERROR, description))
 
     # -- metric sources ------------------------------------------------------------------------
 
@@ -494,15 +401,3 @@ class Telemetry:
 
 def _global_meters() -> MeterProvider:
     return metrics.get_meter_provider()
-
-
-def _count(delivery: Delivery) -> int:
-    message = delivery.message
-    return message.delivery_count if message is not None else delivery.delivery_count
-
-
-def _last_failure(delivery: Delivery) -> str | None:
-    failures = delivery.failures
-    if not failures:
-        return None
-    return max(failures.items(), key=lambda item: item[1].last)[0]

@@ -587,3 +587,47 @@ async def test_telemetry_in_a_hand_built_pipeline_with_explicit_providers() -> N
     assert telemetry.in_flight == 0
     meters.shutdown()
     provider.shutdown()
+
+
+async def test_replayed_dead_letter_links_to_producer_and_failed_processing(otel: Otel) -> None:
+    """A message replayed from the dead-letter store links to its producer and to the processing
+    that dead-lettered it, and carries its replay count."""
+    from resilience.dead_letter import DEAD_LETTER_TRACEPARENT_HEADER, REPLAY_COUNT_HEADER
+    from resilience.dead_letter.replay import replay_headers
+
+    policy = {"retry": False, "dead_letter": {"destination": "memory"}, "telemetry": {}}
+    backend = MemoryBackend.isolated()
+    with otel.tracer_provider.get_tracer("test").start_as_current_span("checkout"):
+        await publish_with_context(backend, "orders", {"order": 1})
+    consumer = ResilientConsumer(backend, policy=Policy.from_dict(policy), clock=FakeClock())
+    await run_until_settled(consumer, Flaky(1, ValueError("bad")), 1)
+    (send,) = otel.finished("send orders")
+    (failed,) = otel.finished("process orders")
+    assert consumer.pipeline is not None
+    (router,) = [x for x in consumer.pipeline.layers if hasattr(x, "sink")]
+    (envelope,) = router.sink.envelopes
+    headers = replay_headers(envelope)
+    assert headers[DEAD_LETTER_TRACEPARENT_HEADER].split("-")[2] == (
+        format(failed.context.span_id, "016x")
+    )
+    await backend.publish_message("orders", envelope["payload"], headers=headers)
+    await run_until_settled(ResilientConsumer(backend, policy=Policy.from_dict(policy)), Flaky(), 1)
+    replayed = otel.finished("process orders")[1]
+    assert {link.context.span_id for link in replayed.links} == {
+        send.context.span_id,
+        failed.context.span_id,
+    }
+    (kind,) = [link.attributes for link in replayed.links if link.attributes]
+    assert dict(kind or {}) == {"resilience.link": "dead_lettered_processing"}
+    assert dict(replayed.attributes or {})["resilience.replay_count"] == int(
+        headers[REPLAY_COUNT_HEADER]
+    )
+
+
+def test_replay_header_names_match_the_dead_letter_module() -> None:
+    """Telemetry's copies of the replay header names are the dead-letter module's."""
+    from resilience import _telemetry_spans
+    from resilience.dead_letter import DEAD_LETTER_TRACEPARENT_HEADER, REPLAY_COUNT_HEADER
+
+    assert _telemetry_spans.DEAD_LETTER_TRACEPARENT_HEADER == DEAD_LETTER_TRACEPARENT_HEADER
+    assert _telemetry_spans.REPLAY_COUNT_HEADER == REPLAY_COUNT_HEADER

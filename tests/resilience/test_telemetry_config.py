@@ -6,6 +6,8 @@ import enum
 import importlib.util
 import io
 import json
+import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,3 +340,51 @@ def test_recorder_counts_a_transition_it_did_not_hear() -> None:
     assert counts == {"open": 1, "half_open": 1, "closed": 1}
     assert recorder.breakers == {"pay": "closed"}
     provider.shutdown()
+
+
+def test_configure_otel_otlp_uses_the_installed_exporter(
+    clean_globals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an OTLP exporter importable, spans and metrics are sent through it."""
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, MetricExporter
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    exported: list[str] = []
+
+    class OTLPSpanExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            exported.extend(span.name for span in spans)
+            return SpanExportResult.SUCCESS
+
+    class OTLPMetricExporter(MetricExporter):
+        def __init__(self) -> None:
+            super().__init__(preferred_temporality={}, preferred_aggregation={})
+            self.temporality = AggregationTemporality.CUMULATIVE
+
+        def export(self, metrics_data: Any, timeout_millis: float = 0, **kwargs: Any) -> Any:
+            from opentelemetry.sdk.metrics.export import MetricExportResult
+
+            exported.append("metrics")
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 0) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 0, **kwargs: Any) -> None:
+            pass
+
+    base = "opentelemetry.exporter.otlp.proto.grpc"
+    for name, attr, cls in (
+        (f"{base}.trace_exporter", "OTLPSpanExporter", OTLPSpanExporter),
+        (f"{base}.metric_exporter", "OTLPMetricExporter", OTLPMetricExporter),
+    ):
+        module = types.ModuleType(name)
+        setattr(module, attr, cls)
+        monkeypatch.setitem(sys.modules, name, module)
+    shutdown = configure_otel("otlp", "billing")
+    with otel_trace.get_tracer("t").start_as_current_span("to the collector"):
+        pass
+    otel_metrics.get_meter("t").create_counter("demo.count").add(1)
+    shutdown()
+    assert exported[0] == "to the collector"
+    assert "metrics" in exported
