@@ -146,3 +146,34 @@ async def test_a_message_cancelled_at_shutdown_is_not_acked_and_comes_back(
     assert got == [{"n": 1}]
     assert outcomes.settled[0].outcome is Outcome.SUCCESS
     assert await second.pending() == 0
+
+
+async def test_the_plain_async_loop_consumer_acks_after_its_handler_returns(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """AsyncLoopConsumer on consume(): each entry is acked once its handler has returned
+    (raised or not), and the acks are flushed when the consumer shuts down."""
+    from abe.backends.message_queue.consumer import AsyncLoopConsumer
+
+    backend = make_backend(ack_delay=60)
+    await backend.publish_many(f"{prefix}s", [{"n": n} for n in range(5)])
+    seen: list[int] = []
+    all_seen = asyncio.Event()
+
+    async def handler(payload: dict[str, Any]) -> None:
+        seen.append(payload["n"])
+        if len(seen) == 5:
+            all_seen.set()
+        if payload["n"] == 2:
+            raise RuntimeError("logged, not retried: the plain consumer has no policy")
+
+    consumer = AsyncLoopConsumer(backend)
+    task = asyncio.create_task(consumer.run(handler))
+    async with asyncio.timeout(5):
+        await all_seen.wait()
+    await asyncio.sleep(0)  # let the loop come back for the next entry (acking the fifth)
+    await consumer.shutdown()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [0, 1, 2, 3, 4]
+    assert await backend.pending() == 0
