@@ -158,9 +158,8 @@ class RedisBackend:
             raise TypeError("streams must be an iterable of stream keys, not a single string")
         if "streams" in overrides:
             overrides["streams"] = tuple(overrides["streams"])
-        base = settings if settings is not None else None
         self._settings = (
-            replace(base, **overrides) if base is not None else RedisSettings(**overrides)
+            replace(settings, **overrides) if settings is not None else RedisSettings(**overrides)
         )
         self._owns_client = client is None
         if client is None:
