@@ -275,6 +275,9 @@ def test_decode_batch_matches_decode_entry_and_records_held_ids() -> None:
         (b"5-2", None),
         (b"5-3", {b"data": b"oops"}),
         (b"5-4", {b"data": b'{"a":3}', b"h:tp": b"x"}),
+        (b"57-0", {b"data": b'{"a":4}'}),
+        (b"57-1", {b"data": b'{"a":5}'}),
+        (b"5-5", {b"data": b'{"a":6}'}),
     ]
     out: list[Any] = []
     held: dict[str, bytes] = {}
@@ -285,10 +288,14 @@ def test_decode_batch_matches_decode_entry_and_records_held_ids() -> None:
         if f is not None
     ]
     assert poison == 1
-    assert [(m.payload, m.message_id, m.delivery_count, dict(m.headers)) for m in out] == [
-        (m.payload, m.message_id, m.delivery_count, dict(m.headers)) for m in expected
-    ]
-    assert held == {"5-0": b"5-0", "5-1": b"5-1", "5-3": b"5-3", "5-4": b"5-4"}
+
+    def view(m: Any) -> tuple[Any, ...]:
+        return (m.payload, m.message_id, m.delivery_count, dict(m.headers), m.enqueued_at)
+
+    assert [view(m) for m in out] == [view(m) for m in expected]
+    assert [m.enqueued_at for m in out] == [0.005] * 4 + [0.057, 0.057, 0.005]
+    assert set(held) == {"5-0", "5-1", "5-3", "5-4", "57-0", "57-1", "5-5"}
+    assert held["57-0"] == b"57-0"
     assert out[0].headers is NO_HEADERS
     assert out[0].handle == "H"
 

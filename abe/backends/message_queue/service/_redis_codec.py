@@ -200,6 +200,8 @@ def decode_batch(
     poison = 0
     scan = _scan
     no_headers = NO_HEADERS
+    stamp_prefix = b"-"  # entries of one millisecond share their publish time: parse it once
+    stamp = 0.0
     for entry_id, fields in entries:
         if fields is None:
             continue
@@ -216,6 +218,10 @@ def decode_batch(
                     pass
                 else:
                     if end == len(text) and type(payload) is dict:
+                        if not entry_id.startswith(stamp_prefix):
+                            dash = entry_id.index(b"-")
+                            stamp_prefix = entry_id[: dash + 1]
+                            stamp = int(entry_id[:dash]) * 0.001
                         append(
                             InboundMessage(
                                 payload,
@@ -223,7 +229,7 @@ def decode_batch(
                                 message_id,
                                 count,
                                 no_headers,
-                                int(entry_id[: entry_id.index(b"-")]) * 0.001,
+                                stamp,
                                 group,
                                 None,
                                 None,
