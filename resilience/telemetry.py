@@ -203,8 +203,12 @@ class Telemetry:
         await self._run(call_next, delivery)
 
     async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
-        if delivery.events is not self._bus:
-            self._join(delivery)
+        bus = delivery.events
+        if bus is not self._bus:
+            if not bus:
+                delivery.events = self._bus  # nobody listens there: use ours
+            elif bus not in self._joined:  # identity: EventBus has no __eq__
+                self._subscribe(bus)  # someone listens there already: listen along
         message = delivery.message
         if message is not None:
             destination = self._destinations.get(message.key)
@@ -258,16 +262,6 @@ class Telemetry:
             _DELIVERY.reset(log_token)
             if token is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
-
-    def _join(self, delivery: Delivery) -> None:
-        """Make sure this middleware hears the events emitted for ``delivery``."""
-        bus = delivery.events
-        if bus in self._joined:  # identity: EventBus has no __eq__
-            return
-        if bus:
-            self._subscribe(bus)  # someone listens there already: listen along
-        else:
-            delivery.events = self._bus  # nobody does: use ours
 
     def _subscribe(self, bus: EventBus) -> None:
         bus.subscribe(self._recorder)
