@@ -304,6 +304,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 delivery.message_id,
                 exc,
                 exc_info=exc,
+                extra={"message_id": delivery.message_id, "key": delivery.key},
             )
             if settling:
                 await self._release(delivery)
@@ -312,7 +313,12 @@ class ResilientConsumer(AsyncLoopConsumer):
         verdict = classifier.classify(exc)
         if verdict is Verdict.IGNORED:
             delivery.outcome = Outcome.DROPPED
-            logger.info("Message %s dropped: %r", delivery.message_id, exc)
+            logger.info(
+                "Message %s dropped: %r",
+                delivery.message_id,
+                exc,
+                extra={"message_id": delivery.message_id, "key": delivery.key},
+            )
         else:
             delivery.outcome = Outcome.FAILED
             if delivery.reason is None:
@@ -323,6 +329,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 delivery.reason,
                 exc,
                 exc_info=exc,
+                extra={"message_id": delivery.message_id, "key": delivery.key},
             )
         if settling:
             await self._ack(delivery)

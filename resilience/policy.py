@@ -320,6 +320,8 @@ class Policy:
             if reader.has(name):
                 raw = reader.get(name)
                 if raw is False or raw is None:
+                    if name == "telemetry":  # keep `telemetry = false` off (it defaults on)
+                        sections[name] = _section(name).parse(Reader({"enabled": False}, name))
                     continue
                 sections[name] = _section(name).parse(Reader(raw, name))
         unknown = sorted(set(data) - {"retry", "timeout", "classify", *SECTION_MODULES})
@@ -408,7 +410,12 @@ class Policy:
             ordered.append(
                 (ORDER_ATTEMPT_TIMEOUT, Timeout(self.timeout.attempt, clock=context.clock))
             )
-        for name, config in self.sections.items():
+        sections = dict(self.sections)
+        if "telemetry" not in sections:
+            # On by default: with enabled = "auto" it adds no layer unless an OpenTelemetry
+            # SDK is configured when the consumer starts.
+            sections["telemetry"] = _section("telemetry").parse(Reader({}, "telemetry"))
+        for name, config in sections.items():
             section = _section(name)
             layer = section.middleware(config, context)
             if layer is not None:

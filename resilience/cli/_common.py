@@ -17,21 +17,13 @@ __all__ = ["import_handler", "load_policy", "quiet_logs", "setup_otel"]
 
 
 def quiet_logs(*, verbose: bool) -> None:
-    """Send log lines to stderr; below WARNING only when ``verbose``; none from the pipeline's
-    per-message error logging unless ``verbose`` (the summary reports those)."""
+    """Readable log lines on stderr when ``verbose``; otherwise only critical ones (the
+    command's own summary reports what the per-message error lines would say)."""
     import logging
 
-    import structlog
+    from resilience.logging import configure_logging
 
-    level = logging.INFO if verbose else logging.CRITICAL
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger().setLevel(level)
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    configure_logging("console", level=logging.INFO if verbose else logging.CRITICAL)
 
 
 def import_handler(spec: str) -> Callable[[dict[str, Any]], Any]:
@@ -81,7 +73,7 @@ def load_policy(path: str | None) -> Policy:
         raise CliError(f"invalid policy: {exc}") from None
 
 
-def setup_otel(exporter: str | None, service_name: str) -> Callable[[], None]:
+def setup_otel(exporter: str | None, service_name: str, *, out: Any = None) -> Callable[[], None]:
     """Configure an OpenTelemetry SDK exporter for the command; returns its shutdown function.
 
     Raises:
@@ -96,7 +88,7 @@ def setup_otel(exporter: str | None, service_name: str) -> Callable[[], None]:
             f"--otel needs the telemetry support (pip install 'abe-resilience[otel]'): {exc}"
         ) from None
     try:
-        shutdown: Callable[[], None] = configure_otel(exporter, service_name)
+        shutdown: Callable[[], None] = configure_otel(exporter, service_name, out=out)
         return shutdown
     except (ImportError, ValueError) as exc:
         raise CliError(str(exc)) from None

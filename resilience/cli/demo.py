@@ -90,7 +90,11 @@ class _Dependency:
 
 def demo_policy(dlq_path: str) -> dict[str, Any]:
     """The demo's policy, dead-lettering into the SQLite store at ``dlq_path``."""
-    return {**DEMO_POLICY, "dead_letter": {"destination": "sqlite", "path": dlq_path}}
+    return {
+        **DEMO_POLICY,
+        "dead_letter": {"destination": "sqlite", "path": dlq_path},
+        "telemetry": {"service_name": "resilience-demo"},
+    }
 
 
 async def run_demo(
@@ -216,7 +220,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
     quiet_logs(verbose=args.verbose)
-    shutdown_otel = setup_otel(args.otel, "resilience-demo")
+    # Spans go to stderr so that stdout keeps only the summary (valid JSON with --json).
+    shutdown_otel = setup_otel(args.otel, "resilience-demo", out=sys.stderr)
     try:
         summary = asyncio.run(run_demo(args.messages, args.concurrency, args.seed, args.dlq))
     finally:

@@ -49,7 +49,16 @@ def register(subparsers: Any) -> None:
         "--max-messages", type=int, metavar="N", help="stop gracefully after N messages are settled"
     )
     parser.add_argument("--otel", choices=("console", "otlp"), help="export traces and metrics")
-    parser.add_argument("--service-name", default="resilience", help="service name for telemetry")
+    parser.add_argument(
+        "--service-name",
+        help="service name for telemetry (default: telemetry.service_name, else resilience)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log lines: json for production, console for people (auto: console on a terminal)",
+    )
     parser.set_defaults(func=_main)
 
 
@@ -60,11 +69,14 @@ def _main(args: argparse.Namespace) -> int:
         raise CliError(f"--max-messages must be >= 0, got {args.max_messages}")
     handler = import_handler(args.handler)
     policy = load_policy(args.policy)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    shutdown_otel = setup_otel(args.otel, args.service_name)
+    from resilience.logging import configure_logging
+
+    configure_logging(args.log_format)
+    service_name = args.service_name
+    telemetry = policy.sections.get("telemetry")
+    if service_name is None:
+        service_name = getattr(telemetry, "service_name", None) or "resilience"
+    shutdown_otel = setup_otel(args.otel, service_name)
     try:
         return asyncio.run(_serve(args, handler, policy))
     finally:

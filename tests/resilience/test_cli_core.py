@@ -196,3 +196,31 @@ def test_demo_text_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert "Processed 40 of 40 orders" in out
     assert "succeeded after retry" in out
     assert "resilience dlq list" in out
+
+
+@pytest.mark.slow
+def test_demo_with_console_spans_keeps_stdout_json(tmp_path: Path) -> None:
+    """`demo --otel console --json` prints one span per message on stderr and JSON on stdout."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resilience",
+            "demo",
+            "--json",
+            "--otel",
+            "console",
+            "--messages",
+            "8",
+            "--dlq",
+            str(tmp_path / "d.sqlite3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["settled"] == 8
+    assert proc.stderr.count('"name": "process orders"') >= 8
