@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis_support import RedisServer
+from redis_support import MakeBackend, RedisServer
 
 from abe.backends.message_queue.service.redis import RedisBackend
 
@@ -65,9 +65,6 @@ async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
         keys = [k async for k in client.scan_iter(match=f"{p}*", count=1000)]
         if keys:
             await client.delete(*keys)
-
-
-MakeBackend = Callable[..., RedisBackend]
 
 
 @pytest.fixture

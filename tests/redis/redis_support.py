@@ -14,7 +14,12 @@ from pathlib import Path
 
 import redis
 
+from abe.backends.message_queue.service.redis import RedisBackend
+
 WORKER = Path(__file__).with_name("redis_worker.py")
+
+MakeBackend = Callable[..., RedisBackend]
+"""The ``make_backend`` fixture: keyword arguments of :class:`RedisBackend`, test defaults."""
 
 
 async def eventually(

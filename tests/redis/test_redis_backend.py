@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import MakeBackend
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis_support import eventually, free_port
+from redis_support import MakeBackend, eventually, free_port
 
 from abe.backends.message_queue.service.redis import (
     RedisBackend,

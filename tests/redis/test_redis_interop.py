@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import MakeBackend
+from redis_support import MakeBackend
 
 pytestmark = pytest.mark.broker
 

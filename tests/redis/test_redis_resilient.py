@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import MakeBackend
+from redis_support import MakeBackend
 
 from resilience.consumer import ResilientConsumer
 from resilience.events import Outcome
