@@ -191,6 +191,18 @@ def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[d
             "bare AsyncLoopConsumer",
         )
     )
+    core = per_message.get("resilient, retry+timeout")
+    value = core / bare if core and bare else None
+    rows.append(
+        _ratio(
+            "Policy() / bare consumer",
+            value,
+            "<= 2.0",
+            None if value is None else value <= 2.0,
+            "per-message cost of ResilientConsumer with Policy() as is (retry and per-attempt "
+            "timeout; telemetry auto adds nothing without an SDK) over the bare AsyncLoopConsumer",
+        )
+    )
     direct = per_call["direct call"]
     retry_added = per_call["Retry middleware"] - direct
     tenacity_added = per_call["tenacity AsyncRetrying"] - direct
@@ -226,6 +238,20 @@ def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[d
             None if value is None else value <= 1.25,
             "the project's instrumentation cost (SDK on, no-op exporter) over the cost of one "
             "bare SDK CONSUMER span with attributes",
+        )
+    )
+    traces = per_message.get("pipeline+telemetry (SDK, traces only)")
+    value = None
+    if traces and pipeline and span and bare and span > bare:
+        value = (traces - pipeline) / (span - bare)
+    rows.append(
+        _ratio(
+            "traces only / bare span",
+            value,
+            "<= 1.25",
+            None if value is None else value <= 1.25,
+            "the project's span instrumentation alone (metrics off) over one bare SDK CONSUMER "
+            "span with attributes; the row above adds the metrics",
         )
     )
     for peer in ("bare+tenacity", "bare+stamina", "bare+aiobreaker", "bare+purgatory"):
