@@ -13,7 +13,7 @@ from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
-from .delivery import Delivery
+from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError
 from .events import EventBus, MessageSettled, Outcome
 from .pipeline import Pipeline
@@ -185,10 +185,10 @@ class ResilientConsumer(AsyncLoopConsumer):
         task = asyncio.current_task()
         async for message in source:
             if settling:
-                delivery = Delivery(message.payload, message, now(), events)
+                delivery = new_delivery(message, now(), events, task)
             else:
                 delivery = Delivery(message, None, now(), events)
-            delivery.task = task
+                delivery.task = task
             self._busy = True
             try:
                 await call(delivery)
@@ -247,7 +247,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 slots.release()
                 break
             if settling:
-                delivery = Delivery(message.payload, message, now(), events)
+                delivery = new_delivery(message, now(), events, None)
             else:
                 delivery = Delivery(message, None, now(), events)
             task = asyncio.create_task(self._process(delivery, call, classifier, settling))

@@ -32,7 +32,7 @@ __all__ = ["Timeout"]
 class _Watchdog:
     """Cancels overdue tasks; one timer armed at the earliest deadline among active tasks."""
 
-    __slots__ = ("active", "armed_at", "clock", "fired", "loop", "now", "timer")
+    __slots__ = ("active", "armed_at", "clock", "fired", "last_task", "loop", "now", "timer")
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -42,6 +42,7 @@ class _Watchdog:
         self.armed_at = float("inf")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.now: Callable[[], float] = clock.monotonic
+        self.last_task: asyncio.Task[Any] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start over on a new event loop (tests run one per test): old timers never fire."""
@@ -118,8 +119,12 @@ class Timeout:
         if task is None:
             raise RuntimeError("Timeout middleware must run inside an asyncio task")
         watchdog = self._watchdog
-        if task.get_loop() is not watchdog.loop:
-            watchdog.bind(task.get_loop())
+        if task is not watchdog.last_task:
+            # A task never changes loops: check the loop once per task, not per message.
+            loop = task.get_loop()
+            if loop is not watchdog.loop:
+                watchdog.bind(loop)
+            watchdog.last_task = task
         deadline = watchdog.now() + self.seconds  # type: ignore[operator]
         if self.total:
             if delivery.deadline is None or deadline < delivery.deadline:
