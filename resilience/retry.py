@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import structlog
 import tenacity
 from tenacity.wait import wait_base
 
+from ._log import get_logger
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock
 from .errors import ConfigError, DeliveryLimitExceeded, RetryAfter
@@ -38,7 +38,7 @@ __all__ = [
     "RetryBudget",
 ]
 
-log = structlog.get_logger("resilience.retry")
+log = get_logger("resilience.retry")
 
 
 class _TestingMode:

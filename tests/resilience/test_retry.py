@@ -352,3 +352,26 @@ def test_invalid_backoff_arguments_raise() -> None:
     """A maximum below the initial wait is rejected."""
     with pytest.raises(ConfigError, match="maximum"):
         Exponential(initial=5, maximum=1)
+
+
+async def test_retry_logs_go_through_stdlib_logging(caplog: pytest.LogCaptureFixture) -> None:
+    """A scheduled retry is an INFO record of logger resilience.retry with its fields."""
+    import logging
+
+    clock = FakeClock()
+    call = Pipeline(Retry(attempts=2, wait=Fixed(0.5), clock=clock)).build(Flaky(1))
+    with caplog.at_level(logging.INFO, logger="resilience.retry"):
+        await call(Delivery({}, key="orders", message_id="7", started_at=0.0))
+    (record,) = [r for r in caplog.records if r.name == "resilience.retry"]
+    assert record.getMessage() == "retry_scheduled"
+    assert record.levelno == logging.INFO
+    assert record.__dict__["wait"] == 0.5
+    assert record.__dict__["message_id"] == "7"
+    assert record.__dict__["error_type"] == "ConnectionError"
+
+
+async def test_retry_logs_are_silent_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without logging configuration, retries print nothing to stdout."""
+    clock = FakeClock()
+    await Pipeline(Retry(attempts=3, wait=Fixed(1), clock=clock)).build(Flaky(2))(delivery(clock))
+    assert capsys.readouterr().out == ""
