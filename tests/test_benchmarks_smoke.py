@@ -328,7 +328,7 @@ def test_builtin_policies_round_trip_through_toml(tmp_path: Path) -> None:
 
 
 def test_overhead_benchmark_runs_and_reports_ratios() -> None:
-    """The overhead benchmark measures every contender and computes the four target ratios."""
+    """The overhead benchmark measures every contender and computes the six target ratios."""
     report = measure_overhead(messages=300, rounds=1)
     costs = report["per_message_us"]
     assert costs["bare"] > 0
@@ -339,11 +339,13 @@ def test_overhead_benchmark_runs_and_reports_ratios() -> None:
         "tenacity AsyncRetrying",
     }
     names = [r["name"] for r in report["ratios"]]
-    assert names[:4] == [
+    assert names[:6] == [
         "pipeline / bare consumer",
+        "Policy() / bare consumer",
         "tenacity per call / Retry middleware",
         "telemetry without SDK",
         "telemetry with SDK / bare span",
+        "traces only / bare span",
     ]
     assert "pipeline / bare consumer" in format_overhead(report)
     json.dumps(report)
