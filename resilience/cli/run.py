@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 from resilience.cli import CliError
 from resilience.cli._common import import_handler, load_policy, setup_otel
 from resilience.errors import ConfigError
+from resilience.policy import Policy
 
 log = logging.getLogger("resilience.cli.run")
 
@@ -54,6 +56,13 @@ def register(subparsers: Any) -> None:
         help="service name for telemetry (default: telemetry.service_name, else resilience)",
     )
     parser.add_argument(
+        "--log-context",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="put message id, key and attempt in every log line inside the pipeline, even "
+        "without OpenTelemetry (default: on; about 0.4 us per message)",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("auto", "json", "console"),
         default="auto",
@@ -69,6 +78,8 @@ def _main(args: argparse.Namespace) -> int:
         raise CliError(f"--max-messages must be >= 0, got {args.max_messages}")
     handler = import_handler(args.handler)
     policy = load_policy(args.policy)
+    if args.log_context:
+        policy = _with_log_context(policy)
     from resilience.logging import configure_logging
 
     configure_logging(args.log_format)
@@ -81,6 +92,16 @@ def _main(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args, handler, policy))
     finally:
         shutdown_otel()
+
+
+def _with_log_context(policy: Policy) -> Policy:
+    """``policy`` with ``telemetry.log_context`` on (the command's default)."""
+    sections = dict(policy.sections)
+    telemetry = sections.get("telemetry")
+    if telemetry is None:
+        telemetry = Policy.from_dict({"telemetry": {}}).sections["telemetry"]
+    sections["telemetry"] = dataclasses.replace(telemetry, log_context=True)
+    return dataclasses.replace(policy, sections=sections)
 
 
 async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:

@@ -224,3 +224,34 @@ def test_demo_with_console_spans_keeps_stdout_json(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["settled"] == 8
     assert proc.stderr.count('"name": "process orders"') >= 8
+
+
+def test_run_log_lines_carry_the_message_context(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --log-format json, a handler's own stdlib log line carries message id and key."""
+    write_handler(
+        workdir,
+        "logging_handler",
+        """
+        import logging
+
+        async def handle(payload):
+            logging.getLogger("app").warning("handling order %s", payload["i"])
+        """,
+    )
+    shared = MemoryBackend()
+    import asyncio
+
+    asyncio.run(shared.publish("orders", {"i": 1}))
+    with pytest.warns(UserWarning, match="MemoryBackend"):
+        code = main(
+            ["run", "logging_handler:handle", "--max-messages", "1", "--log-format", "json"]
+        )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x.get("logger") == "app"]
+    assert line["event"] == "handling order 1"
+    assert line["key"] == "orders"
+    assert line["message_id"] == "1"
+    assert line["attempt"] == 1
