@@ -4,16 +4,20 @@ not tests); what is asserted is correctness: determinism, accounting, outputs an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from abe.backends.message_queue.base import InboundMessage
+from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.bench import (
     SCENARIOS,
     NamedPolicy,
@@ -36,6 +40,7 @@ from resilience.bench.redis_throughput import (
 )
 from resilience.bench.report import ProgressBar, format_comparison
 from resilience.cli import main
+from resilience.consumer import ResilientConsumer
 from resilience.errors import ConfigError
 from resilience.policy import Policy
 
@@ -138,6 +143,52 @@ def test_policy_without_dead_letter_destination_reports_losses(tmp_path: Path) -
     result = simulate(named, parse_scenario("transient:p=0.5"), TINY)
     assert result.lost > 0
     assert result.lost + result.succeeded == TINY.messages
+
+
+class _SwallowingConsumer(ResilientConsumer):
+    """A broken consumer: it hides every handler error, so the pipeline reports success."""
+
+    async def run(self, handler: Any) -> None:
+        async def swallow(payload: dict[str, Any]) -> None:
+            with contextlib.suppress(Exception):
+                await handler(payload)
+
+        await super().run(swallow)
+
+
+class _SilentlyAckingBackend(MemoryBackend):
+    """A broken backend: it acknowledges every third delivery without handing it out."""
+
+    async def deliveries(self, *, group: str | None = None) -> AsyncIterator[InboundMessage]:
+        async for message in super().deliveries(group=group):
+            if message.payload.get("n", 1) % 3 == 0:
+                await self.ack(message)
+                continue
+            yield message
+
+
+def test_lost_counts_failures_a_consumer_reports_as_successes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Messages the dependency refused but the consumer called successes are counted as lost."""
+    sim = sys.modules["resilience.bench.simulate"]
+    monkeypatch.setattr(sim, "ResilientConsumer", _SwallowingConsumer)
+    result = simulate(_policy("no-retry"), parse_scenario("transient:p=0.5"), TINY)
+    assert result.lost > 0
+    assert result.succeeded + result.lost == TINY.messages
+    assert result.dead_lettered == 0
+
+
+def test_lost_counts_messages_acknowledged_without_an_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Messages that left the backend with no outcome at all are lost, not pending."""
+    sim = sys.modules["resilience.bench.simulate"]
+    monkeypatch.setattr(sim, "MemoryBackend", _SilentlyAckingBackend)
+    result = simulate(_policy("no-retry"), parse_scenario("healthy"), TINY)
+    assert result.pending == 0
+    assert result.lost == len(range(0, TINY.messages, 3))
+    assert result.succeeded == TINY.messages - result.lost
 
 
 def test_policy_file_dead_letters_go_to_the_simulated_backend(tmp_path: Path) -> None:

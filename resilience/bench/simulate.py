@@ -99,14 +99,18 @@ class RunResult:
         policy: The policy's label.
         scenario: The scenario's name.
         messages: Messages published.
-        succeeded: Handled successfully (first attempt or after retries).
+        succeeded: Accepted by the dependency (first attempt or after retries).
         retried: Of ``succeeded``, how many needed more than one attempt.
         dead_lettered: Records found in the dead-letter stream (``<key>.dlq``) at the end.
         dropped: Dropped on purpose (ignored failures, ``Drop``).
         lost: Neither succeeded, dead-lettered, dropped nor pending: acknowledged and gone
-            (a terminal failure under a policy without a dead-letter destination). Counted by
-            conservation, so a message the pipeline dropped silently would show here too.
-        pending: Not settled when the horizon ended (still queued, retrying or hanging).
+            (a terminal failure under a policy without a dead-letter destination). Counted
+            from ground truth, not from what the consumer reports: a message counts as
+            succeeded only if the dependency accepted it, as dead-lettered only if its record
+            is in the dead-letter stream, as pending only if the backend still holds it; so a
+            message the pipeline acknowledged silently, or reported as a success although the
+            dependency failed it, shows here.
+        pending: Not settled when the horizon ended: still queued or delivered and unacked.
         calls: Calls that reached the dependency.
         amplification: ``calls / messages``: load against the no-retry baseline (1.0).
         latency_p50: Median publish-to-settlement time of settled messages.
@@ -166,6 +170,8 @@ class _Stats:
         self.latencies: list[float] = []
         self.settled = 0
         self.calls = 0
+        self.accepted: set[int] = set()
+        self.dropped: list[str | None] = []
         self.last_backlog_settled: float | None = None
         self.done = asyncio.Event()
         self.progress: Progress | None = None
@@ -195,6 +201,8 @@ class _Stats:
             return
         now = self.loop.time()
         self.outcomes[event.outcome] += 1
+        if event.outcome is Outcome.DROPPED:
+            self.dropped.append(event.message_id)
         if event.reason and event.outcome is not Outcome.SUCCESS:
             self.reasons[event.reason] += 1
         self.latencies.append(now - published)
@@ -246,13 +254,16 @@ async def _run(
             if isinstance(error, RateLimitedError):
                 raise RetryAfter(error.retry_after, "rate limited") from error
             raise error
+        stats.accepted.add(payload["n"])
 
     run_task = asyncio.create_task(consumer.run(handler))
+    numbers: dict[str | None, int] = {}
     for n in range(workload.messages):
         await asyncio.sleep(arrivals.expovariate(workload.rate))
         poison = arrivals.random() < scenario.poison_rate
         message_id = await backend.publish_message(WORK_KEY, {"n": n, "poison": poison})
         stats.published[message_id] = loop.time()
+        numbers[message_id] = n
         if run_task.done():
             break
     waiter = asyncio.create_task(stats.done.wait())
@@ -268,10 +279,7 @@ async def _run(
         await run_task
     _forget_breakers(clock)
 
-    succeeded = stats.outcomes[Outcome.SUCCESS] + stats.outcomes[Outcome.RETRIED]
-    dead_lettered = backend.size(DLQ_KEY)
-    dropped = stats.outcomes[Outcome.DROPPED]
-    pending = len(stats.published)
+    tally = _tally(backend, numbers, stats)
     latencies = sorted(stats.latencies)
     drain: float | None = None
     recovery = scenario.recovery_at
@@ -282,12 +290,12 @@ async def _run(
         policy=named.name,
         scenario=scenario_name(scenario),
         messages=workload.messages,
-        succeeded=succeeded,
+        succeeded=len(tally.succeeded),
         retried=stats.outcomes[Outcome.RETRIED],
-        dead_lettered=dead_lettered,
-        dropped=dropped,
-        lost=workload.messages - succeeded - dead_lettered - dropped - pending,
-        pending=pending,
+        dead_lettered=tally.dead_letter_records,
+        dropped=len(tally.dropped),
+        lost=workload.messages - len(tally.accounted),
+        pending=len(tally.pending),
         calls=stats.calls,
         amplification=stats.calls / workload.messages,
         latency_p50=percentile(latencies, 0.50),
@@ -299,6 +307,45 @@ async def _run(
         wall=time.perf_counter() - started,
         reasons=dict(sorted(stats.reasons.items())),
     )
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Where every message ended, by message number, each counted in its first column only."""
+
+    succeeded: set[int]
+    dead_lettered: set[int]
+    dropped: set[int]
+    pending: set[int]
+    dead_letter_records: int
+
+    @property
+    def accounted(self) -> set[int]:
+        return self.succeeded | self.dead_lettered | self.dropped | self.pending
+
+
+def _tally(backend: MemoryBackend, numbers: dict[str | None, int], stats: _Stats) -> _Tally:
+    """Count outcomes from ground truth: what the dependency accepted and what the backend
+    holds, not what the consumer says it did (the consumer is what is being measured)."""
+    succeeded = set(stats.accepted)
+    records = backend.peek(DLQ_KEY)
+    dead_lettered: set[int] = set()
+    for record in records:
+        source = record.payload.get("source")
+        message_id = source.get("message_id") if isinstance(source, dict) else None
+        n = numbers.get(message_id) if isinstance(message_id, str) else None
+        if n is None:  # a record without a usable source id: fall back to the payload
+            payload = record.payload.get("payload")
+            n = payload.get("n") if isinstance(payload, dict) else None
+        if isinstance(n, int):
+            dead_lettered.add(n)
+    dead_lettered -= succeeded
+    held = [m for m in (*backend.peek(WORK_KEY), *backend.unacked()) if m.key == WORK_KEY]
+    pending = {numbers[m.message_id] for m in held if m.message_id in numbers}
+    pending -= succeeded | dead_lettered
+    dropped = {numbers[i] for i in stats.dropped if i in numbers}
+    dropped -= succeeded | dead_lettered | pending
+    return _Tally(succeeded, dead_lettered, dropped, pending, len(records))
 
 
 def _forget_breakers(clock: LoopClock) -> None:
