@@ -21,6 +21,7 @@ from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.bench import (
     SCENARIOS,
     NamedPolicy,
+    RunResult,
     SimulationStalled,
     Workload,
     builtin_policies,
@@ -52,7 +53,7 @@ def _policy(name: str) -> NamedPolicy:
     return builtin_policies()[name]
 
 
-def _accounted(result: Any) -> int:
+def _accounted(result: RunResult) -> int:
     return result.succeeded + result.dead_lettered + result.dropped + result.lost + result.pending
 
 
@@ -408,6 +409,8 @@ def test_memory_benchmark_runs() -> None:
     assert report["messages"] == 3000
     assert report["samples"]
     assert report["growth_mb"] is not None
+    assert report["max_rss_mb"] >= max(s["rss_mb"] for s in report["samples"])
+    assert report["max_rss_mb"] >= report["rss_final_mb"]
     assert "growth" in format_memory(report)
 
 
@@ -428,8 +431,20 @@ def test_redis_throughput_benchmark_runs() -> None:
             pytest.fail(f"{exc}; CI=true, so broker tests must run")
         pytest.skip(str(exc))
     rates = report["messages_per_second"]
-    assert {"hand-written", "abe-redis pattern", "ResilientConsumer"} <= set(rates)
+    assert set(rates) == {
+        "ResilientConsumer",
+        "ResilientConsumer, Policy()",
+        "ResilientConsumer, no middleware",
+        "ResilientConsumer (backend defaults)",
+        "hand-written",
+        "abe-redis pattern",
+    }
     assert all(rate > 0 for rate in rates.values())
+    assert [r["name"] for r in report["ratios"]] == [
+        "ResilientConsumer / hand-written",
+        "ResilientConsumer, Policy() / hand-written",
+        "ResilientConsumer / abe-redis pattern",
+    ]
     assert set(report["unacknowledged_after_drain"].values()) == {0}
     assert "hand-written" in format_throughput(report)
 
