@@ -174,6 +174,26 @@ class BackendContract(abc.ABC):
         await backend.publish(key, {"after": "cancel"})
         assert await self._read(backend) == [{"after": "cancel"}]
 
+    async def test_concurrent_publishers_reach_a_waiting_consumer_once_each(
+        self, backend: Any, key: str
+    ) -> None:
+        """Payloads from concurrent publishers reach a waiting consumer once each, in order."""
+        publishers, per_publisher = 4, 25
+        reader = asyncio.create_task(self._read(backend, publishers * per_publisher))
+        await self.wait_until_consuming(backend)
+
+        async def publish(p: int) -> None:
+            for n in range(per_publisher):
+                await backend.publish(key, {"p": p, "n": n})
+
+        async with asyncio.timeout(self.timeout):
+            await asyncio.gather(*(publish(p) for p in range(publishers)))
+            received = await reader
+        expected = [{"p": p, "n": n} for p in range(publishers) for n in range(per_publisher)]
+        assert sorted(received, key=lambda m: (m["p"], m["n"])) == expected
+        for p in range(publishers):
+            assert [m["n"] for m in received if m["p"] == p] == list(range(per_publisher))
+
     # -- the SettlingBackend extension ---------------------------------------------------------
 
     async def test_deliveries_carry_payload_key_and_first_delivery_count(

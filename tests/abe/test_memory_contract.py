@@ -84,3 +84,24 @@ class TestBackendContractItself:
         await contract.test_publish_then_consume_yields_the_payload(backend, "k")
         with pytest.raises(AssertionError, match="does not implement SettlingBackend"):
             await contract.test_released_delivery_is_delivered_again(backend, "k")
+
+    async def test_a_backend_that_duplicates_fails_the_concurrent_publishers_test(self) -> None:
+        """A backend that delivers one concurrent publish twice fails the concurrency test."""
+
+        class Duplicating(MemoryBackend):
+            async def publish(self, key: str, payload: dict[str, Any]) -> None:
+                await super().publish(key, payload)
+                if payload.get("n") == 3 and payload.get("p") == 1:
+                    await super().publish(key, payload)
+
+        class Contract(_MemoryContract):
+            async def make_backend(self) -> MemoryBackend:
+                return Duplicating(MemoryBackend.isolated().channel)
+
+        contract = Contract()
+        backend = await contract.make_backend()
+        await contract.test_single_key_order_is_preserved(backend, "k")
+        with pytest.raises(AssertionError):
+            await contract.test_concurrent_publishers_reach_a_waiting_consumer_once_each(
+                backend, "k"
+            )
