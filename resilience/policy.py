@@ -30,17 +30,15 @@ implement them (:data:`SECTION_MODULES`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import json
 import os
-import tomllib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._config import Reader, resolve_exception
+from ._decorator import policy_of, resilient
+from ._policy_io import apply_env, dump_toml, read_toml
 from .classify import Classifier
 from .clock import Clock, default_clock
 from .errors import ConfigError
@@ -437,130 +435,3 @@ class Policy:
             clock=clock, backend=backend, group=group, handler=handler, events=events
         )
         return Pipeline(*layers)
-
-
-# -- files and environment ---------------------------------------------------------------------
-
-
-def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a TOML file, turning every failure into a one-line :class:`ConfigError`."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"policy file not found: {p}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"policy file {p} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file {p}: {exc.strerror}") from None
-
-
-def apply_env(data: dict[str, Any], environ: Mapping[str, str], prefix: str) -> None:
-    """Apply ``PREFIX_SECTION__KEY=value`` overrides to ``data`` in place."""
-    for name in sorted(environ):
-        if not name.startswith(prefix) or "__" not in name[len(prefix) :]:
-            continue
-        parts = [p.lower() for p in name[len(prefix) :].split("__")]
-        if not all(parts):
-            raise ConfigError(f"environment variable {name}: empty path segment")
-        raw = environ[name]
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        target = data
-        for part in parts[:-1]:
-            nested = target.get(part)
-            if nested is None or nested is False:
-                nested = target[part] = {}
-            if not isinstance(nested, dict):
-                raise ConfigError(f"environment variable {name}: {part} is not a table")
-            target = nested
-        target[parts[-1]] = value
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value) if not isinstance(value, float) or value == value else "nan"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise ConfigError(f"cannot write {value!r} as TOML")
-
-
-def dump_toml(data: Mapping[str, Any]) -> str:
-    """Write a policy mapping as TOML (tables of scalars, lists and inline tables)."""
-    lines: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines.append(f"[{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-            lines.append("")
-        else:
-            lines.insert(0, f"{key} = {_toml_value(value)}")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-# -- the decorator -----------------------------------------------------------------------------
-
-H = TypeVar("H", bound=Callable[[dict[str, Any]], Awaitable[None]])
-
-_POLICY_ATTR = "__resilience_policy__"
-_WRAPPED_ATTR = "__resilience_handler__"
-
-
-def resilient(
-    policy: Policy | Mapping[str, Any] | None = None,
-    *,
-    clock: Clock | None = None,
-    **sections: Any,
-) -> Callable[[H], H]:
-    """Wrap ``async def handler(payload)`` with a policy, declaratively.
-
-    ``@resilient(retry={"attempts": 5}, timeout={"attempt": 2})`` builds the policy from
-    keyword sections (the TOML layout); ``@resilient(Policy.from_toml("policy.toml"))`` takes a
-    ready one. Calling the decorated function runs the whole pipeline around the call; handing
-    it to :class:`~resilience.consumer.ResilientConsumer` or ``resilience run`` makes the
-    consumer use the policy (and settle messages by its outcome) instead.
-
-    Raises:
-        ConfigError: the policy is invalid (at decoration time).
-    """
-    if policy is None:
-        resolved = Policy.from_dict(sections)
-    elif isinstance(policy, Policy):
-        if sections:
-            raise ConfigError("pass either a Policy or keyword sections to @resilient, not both")
-        resolved = policy
-    else:
-        resolved = Policy.from_dict({**policy, **sections})
-
-    def decorate(handler: H) -> H:
-        from .delivery import Delivery
-
-        the_clock = clock or default_clock
-        call = resolved.pipeline(clock=the_clock, handler=handler).build(handler)
-
-        @functools.wraps(handler)
-        async def wrapper(payload: dict[str, Any]) -> None:
-            await call(Delivery(payload, started_at=the_clock.monotonic()))
-
-        setattr(wrapper, _POLICY_ATTR, resolved)
-        setattr(wrapper, _WRAPPED_ATTR, handler)
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def policy_of(handler: Handler) -> tuple[Policy | None, Handler]:
-    """The policy ``@resilient`` attached to ``handler`` and the undecorated handler."""
-    policy = getattr(handler, _POLICY_ATTR, None)
-    if isinstance(policy, Policy):
-        return policy, getattr(handler, _WRAPPED_ATTR)
-    return None, handler

@@ -1,4 +1,7 @@
-"""Retry with backoff, built on tenacity, plus a retry budget shared by all messages.
+"""Retry with backoff, built on tenacity.
+
+Backoff strategies live in :mod:`resilience.backoff` and the shared retry budget in
+:mod:`resilience.budget`; both are re-exported here.
 
 The success path never enters tenacity: the first attempt is a plain ``await`` inside
 ``try``. Only after a failure does the middleware build a per-message
@@ -10,8 +13,7 @@ sleeping, through the injectable clock.
 from __future__ import annotations
 
 import functools
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,16 @@ import tenacity
 from tenacity.wait import wait_base
 
 from ._log import get_logger
+from ._units import seconds
+from .backoff import (
+    Backoff,
+    DecorrelatedJitter,
+    Exponential,
+    Fixed,
+    FullJitter,
+    tenacity_wait,
+)
+from .budget import RetryBudget
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock
 from .errors import ConfigError, DeliveryLimitExceeded, RetryAfter
@@ -36,6 +48,7 @@ __all__ = [
     "FullJitter",
     "Retry",
     "RetryBudget",
+    "seconds",
 ]
 
 log = get_logger("resilience.retry")
@@ -51,235 +64,6 @@ class _TestingMode:
 
 
 testing_mode = _TestingMode()
-
-
-def seconds(value: float | timedelta | None, name: str, *, allow_none: bool = False) -> float:
-    """Normalise ``float | timedelta`` to float seconds, rejecting negatives and NaN."""
-    if value is None:
-        if allow_none:
-            return float("inf")
-        raise ConfigError(f"{name} must be a number of seconds, got None")
-    if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
-        raise ConfigError(f"{name} must be seconds (number or timedelta), got {value!r}")
-    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if result != result or result < 0:
-        raise ConfigError(f"{name} must be >= 0 seconds, got {value!r}")
-    return result
-
-
-# -- backoff strategies -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Fixed:
-    """The same wait before every retry."""
-
-    delay: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "delay", seconds(self.delay, "Fixed.delay"))
-
-    def to_tenacity(self) -> wait_base:
-        """The equivalent tenacity wait."""
-        return tenacity.wait_fixed(self.delay)
-
-
-@dataclass(frozen=True, slots=True)
-class Exponential:
-    """``initial * multiplier ** (n - 1)`` before retry ``n``, capped at ``maximum``."""
-
-    initial: float = 0.1
-    maximum: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_exponential(self, "Exponential")
-
-    def to_tenacity(self) -> wait_base:
-        """The equivalent tenacity wait."""
-        return tenacity.wait_exponential(
-            multiplier=self.initial, exp_base=self.multiplier, max=self.maximum
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class FullJitter:
-    """A uniformly random wait between 0 and the capped exponential value (AWS "full jitter")."""
-
-    initial: float = 0.1
-    maximum: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_exponential(self, "FullJitter")
-
-    def to_tenacity(self) -> wait_base:
-        """The equivalent tenacity wait."""
-        return tenacity.wait_random_exponential(
-            multiplier=self.initial, exp_base=self.multiplier, max=self.maximum
-        )
-
-
-class _WaitDecorrelated(wait_base):
-    """Per-message tenacity wait: ``min(maximum, uniform(initial, previous * 3))``."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random | None) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.rng = rng if rng is not None else random._inst
-        self.previous = initial
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        upper = max(self.initial, self.previous * 3)
-        self.previous = min(self.maximum, self.rng.uniform(self.initial, upper))
-        return self.previous
-
-
-@dataclass(frozen=True, slots=True)
-class DecorrelatedJitter:
-    """Decorrelated jitter: each wait is random between ``initial`` and 3x the previous one.
-
-    Args:
-        initial: The smallest wait and the first upper bound's base.
-        maximum: Cap on every wait.
-        rng: Random source (seed one for reproducible runs); the ``random`` module by default.
-    """
-
-    initial: float = 0.1
-    maximum: float = 30.0
-    rng: random.Random | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "initial", seconds(self.initial, "DecorrelatedJitter.initial"))
-        object.__setattr__(self, "maximum", seconds(self.maximum, "DecorrelatedJitter.maximum"))
-        if self.maximum < self.initial:
-            raise ConfigError("DecorrelatedJitter.maximum must be >= initial")
-
-    def to_tenacity(self) -> wait_base:
-        """A fresh tenacity wait (it remembers the previous wait, so one per message)."""
-        return _WaitDecorrelated(self.initial, self.maximum, self.rng)
-
-
-def _check_exponential(obj: Exponential | FullJitter, name: str) -> None:
-    object.__setattr__(obj, "initial", seconds(obj.initial, f"{name}.initial"))
-    object.__setattr__(obj, "maximum", seconds(obj.maximum, f"{name}.maximum"))
-    if obj.maximum < obj.initial:
-        raise ConfigError(f"{name}.maximum must be >= initial ({obj.initial}), got {obj.maximum}")
-    if not obj.multiplier >= 1:
-        raise ConfigError(f"{name}.multiplier must be >= 1, got {obj.multiplier!r}")
-
-
-Backoff = Fixed | Exponential | FullJitter | DecorrelatedJitter | wait_base
-"""A backoff strategy: one of this module's, or any tenacity wait (they compose with ``+``)."""
-
-
-def _tenacity_wait(backoff: Backoff) -> wait_base:
-    if isinstance(backoff, wait_base):
-        return backoff
-    return backoff.to_tenacity()
-
-
-# -- retry budget -------------------------------------------------------------------------------
-
-
-class RetryBudget:
-    """Caps retries at a fraction of recent traffic, shared by every message that uses it.
-
-    Over a sliding ``window`` the budget allows ``ratio * first_attempts + min_per_second *
-    window`` retries. When it is spent, a retryable failure goes straight to its terminal outcome
-    (reason ``budget_exhausted``) instead of adding load to a dependency that is already failing.
-
-    Args:
-        ratio: Extra load allowed, as a fraction of first attempts (0.2 = 20%).
-        min_per_second: Retries always allowed per second, so low traffic can still retry.
-        window: Seconds of history considered.
-        clock: Time source (the default loop clock when ``None``).
-    """
-
-    __slots__ = (
-        "_buckets",
-        "_clock",
-        "_current",
-        "_deposits",
-        "_start",
-        "_width",
-        "_withdrawals",
-        "min_per_second",
-        "ratio",
-        "window",
-    )
-
-    _SLOTS = 10
-
-    def __init__(
-        self,
-        ratio: float = 0.2,
-        min_per_second: float = 10.0,
-        window: float | timedelta = 10.0,
-        clock: Clock | None = None,
-    ) -> None:
-        if not ratio >= 0:
-            raise ConfigError(f"RetryBudget.ratio must be >= 0, got {ratio!r}")
-        if not min_per_second >= 0:
-            raise ConfigError(f"RetryBudget.min_per_second must be >= 0, got {min_per_second!r}")
-        self.ratio = float(ratio)
-        self.min_per_second = float(min_per_second)
-        self.window = seconds(window, "RetryBudget.window")
-        if self.window <= 0:
-            raise ConfigError("RetryBudget.window must be > 0 seconds")
-        self._clock = clock or default_clock
-        self._width = self.window / self._SLOTS
-        self._buckets = [[0, 0] for _ in range(self._SLOTS)]
-        self._current = 0
-        self._start: float | None = None
-        self._deposits = 0
-        self._withdrawals = 0
-
-    def _roll(self) -> list[int]:
-        now = self._clock.monotonic()
-        if self._start is None:
-            self._start = now
-        elapsed = int((now - self._start) // self._width)
-        if elapsed > 0:
-            for _ in range(min(elapsed, self._SLOTS)):
-                self._current = (self._current + 1) % self._SLOTS
-                bucket = self._buckets[self._current]
-                self._deposits -= bucket[0]
-                self._withdrawals -= bucket[1]
-                bucket[0] = bucket[1] = 0
-            self._start += elapsed * self._width
-        return self._buckets[self._current]
-
-    def deposit(self) -> None:
-        """Count one first attempt."""
-        self._roll()[0] += 1
-        self._deposits += 1
-
-    def try_spend(self) -> bool:
-        """Take one retry from the budget; ``False`` when it is spent."""
-        bucket = self._roll()
-        allowed = self.ratio * self._deposits + self.min_per_second * self.window
-        if self._withdrawals + 1 > allowed:
-            return False
-        bucket[1] += 1
-        self._withdrawals += 1
-        return True
-
-    @property
-    def available(self) -> float:
-        """Retries that could be spent right now."""
-        self._roll()
-        allowed = self.ratio * self._deposits + self.min_per_second * self.window
-        return max(0.0, allowed - self._withdrawals)
-
-    def __repr__(self) -> str:
-        return (
-            f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
-            f"window={self.window})"
-        )
-
-
-# -- the middleware -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +171,7 @@ class _RetryState:
         self.clock: Clock = clock
         self.sleep = clock.sleep
         assert policy.wait is not None
-        self.base_wait = _tenacity_wait(policy.wait)
+        self.base_wait = tenacity_wait(policy.wait)
 
     def retry(self, rs: tenacity.RetryCallState) -> bool:
         assert rs.outcome is not None
