@@ -180,6 +180,33 @@ def test_a_client_that_decodes_responses_is_rejected() -> None:
         RedisBackend(client=client)
 
 
+@pytest.mark.parametrize(
+    ("socket_timeout", "block", "accepted"),
+    [(None, 30.0, True), (5.0, 2.0, True), (2.0, 2.0, False), (1.0, 2.0, False)],
+)
+def test_a_client_whose_socket_timeout_would_cut_blocking_reads_is_rejected(
+    socket_timeout: float | None, block: float, accepted: bool
+) -> None:
+    """A passed client must time out later than a blocking read waits (block), or every
+    idle read would count as a lost connection; the error names both settings."""
+    client = aioredis.Redis(socket_timeout=socket_timeout)
+    if accepted:
+        RedisBackend(client=client, block=block, consumer="c")
+    else:
+        with pytest.raises(ValueError, match=r"block \(2s\).*socket_timeout \(.*s\)"):
+            RedisBackend(client=client, block=block, consumer="c")
+
+
+def test_the_redis_py_default_socket_timeout_is_read_from_its_connections() -> None:
+    """A client made without socket_timeout gets redis-py's default, and the backend sees it."""
+    from abe.backends.message_queue.service._redis_common import socket_timeout_of
+
+    default = aioredis.Redis.from_url("redis://localhost:6379/0")
+    assert socket_timeout_of(default) == default.connection_pool.make_connection().socket_timeout
+    assert socket_timeout_of(aioredis.Redis(socket_timeout=None)) is None
+    assert socket_timeout_of(aioredis.Redis(socket_timeout=3)) == 3.0
+
+
 def test_from_env_and_the_loader_build_a_configured_backend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

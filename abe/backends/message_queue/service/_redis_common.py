@@ -24,6 +24,7 @@ __all__ = [
     "RedisUnavailableError",
     "Sleep",
     "make_client",
+    "socket_timeout_of",
     "text",
 ]
 
@@ -101,6 +102,29 @@ def make_client(settings: RedisSettings) -> aioredis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
     )
+
+
+def socket_timeout_of(client: aioredis.Redis) -> float | None:
+    """The socket timeout of ``client``'s connections, in seconds (``None``: no timeout).
+
+    redis-py leaves it out of the pool's connection arguments when the caller did not set it
+    (its connections then default to 5 s), so a connection object is built, never connected,
+    to read it. Anything unexpected reads as ``None``.
+    """
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return None
+    if "socket_timeout" in kwargs:
+        value = kwargs["socket_timeout"]
+    else:
+        try:
+            value = getattr(pool.connection_class(**kwargs), "socket_timeout", None)  # type: ignore[union-attr]
+        except Exception:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    return float(value)
 
 
 def _keepalive_options() -> dict[int, int]:

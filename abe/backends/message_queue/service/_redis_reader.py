@@ -23,7 +23,7 @@ from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
 from ._redis_common import LOGGER_NAME, RedisStats, Sleep
-from ._redis_recovery import keep_alive, reclaim, resilient
+from ._redis_recovery import keep_alive, reclaim, resilient, unswallowed
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -46,6 +46,10 @@ class StreamReader:
         group: The consumer group.
         stats: Counters to update.
         sleep: Awaited for reconnection backoff.
+        guard_reads: Run each blocking read in a task of its own (see
+            :func:`._redis_recovery.unswallowed`), for a client whose socket timeout makes
+            redis-py send through ``asyncio.wait_for``, which loses cancellations before
+            Python 3.12.
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class StreamReader:
         group: str,
         stats: RedisStats,
         sleep: Sleep,
+        *,
+        guard_reads: bool = False,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -84,12 +90,19 @@ class StreamReader:
         self.next_reclaim = 0.0
         """Monotonic time of the next reclaim scan (the first one runs at start)."""
         self.groups_ready = False
+        self.owner: asyncio.Task[Any] | None = None
+        """The task iterating :meth:`messages` (set when it starts)."""
+        self.cancel_baseline = 0
+        """:attr:`owner`'s ``cancelling()`` when it started: more means a lost cancellation."""
+        self._guard_reads = guard_reads
 
     # -- the iterator -------------------------------------------------------------------------
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
         """Yield deliveries until cancelled or closed (the body of ``deliveries()``)."""
         waiting = self.waiting
+        owner = self.owner = asyncio.current_task()
+        self.cancel_baseline = owner.cancelling() if owner is not None else 0
         try:
             await resilient(self, self.ensure_groups)
             self._heartbeat = asyncio.create_task(keep_alive(self))
@@ -142,11 +155,15 @@ class StreamReader:
                     for key, ids in acks.items():
                         pipe.xack(key, self.group, *ids)
                     pipe.execute_command(*self._read_command(timeout_ms))
-                    results = await pipe.execute()
+                    if self._guard_reads:
+                        results = await unswallowed(pipe.execute())
+                    else:
+                        results = await pipe.execute()
                     response = results[-1]
                 else:
                     command = self._read_command(timeout_ms)
-                    response = await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+                    read = self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+                    response = await (unswallowed(read) if self._guard_reads else read)
             if acks:
                 self._acked(acks)
         except BaseException:

@@ -6,6 +6,12 @@
   so slow work is never reclaimed from under it.
 * :func:`resilient` runs a reader step, waiting with jittered exponential backoff while Redis
   is unreachable and recreating a consumer group that vanished.
+
+Both re-raise a cancellation that a Redis call swallowed. On Python 3.11 a client with a
+``socket_timeout`` (redis-py's default is 5 s, so any client a user passes in) sends every
+command through ``asyncio.wait_for``, which loses a cancellation that arrives as the send
+completes; the read would then go on as if nothing happened and ``shutdown()`` would wait out
+its whole drain timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -27,11 +33,56 @@ if TYPE_CHECKING:
 
     from ._redis_reader import StreamReader
 
-__all__ = ["keep_alive", "reclaim", "resilient"]
+__all__ = ["keep_alive", "raise_if_cancel_swallowed", "reclaim", "resilient", "unswallowed"]
 
 logger = logging.getLogger(LOGGER_NAME)
 
 _KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+
+_RECANCEL_EVERY = 0.005
+"""Seconds between cancellations of a guarded call that swallowed the previous one."""
+
+T = TypeVar("T")
+
+
+def raise_if_cancel_swallowed(task: asyncio.Task[Any] | None, baseline: int) -> None:
+    """Raise ``CancelledError`` when ``task`` was cancelled and the error never reached it.
+
+    A call that returns normally while the task's cancellation count rose above ``baseline``
+    (its value before the call) swallowed the cancellation, as ``asyncio.wait_for`` can on
+    Python 3.11.
+
+    Raises:
+        asyncio.CancelledError: the cancellation was swallowed.
+    """
+    if task is not None and task.cancelling() > baseline:
+        raise asyncio.CancelledError
+
+
+async def unswallowed(call: Awaitable[T]) -> T:
+    """Await ``call`` in a task of its own, so that cancelling the caller always works.
+
+    When the caller is cancelled it gets ``CancelledError`` at once; ``call`` is cancelled
+    again and again until it ends, so a cancellation its ``asyncio.wait_for`` swallowed in the
+    send is repeated in the (blocking) read that follows.
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled.
+    """
+    inner = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        try:
+            while not inner.done():
+                inner.cancel()
+                await asyncio.wait({inner}, timeout=_RECANCEL_EVERY)
+        finally:
+            if inner.done() and not inner.cancelled():
+                inner.exception()  # retrieved: the caller is going away either way
+            else:
+                inner.cancel()
+        raise
 
 
 async def reclaim(reader: StreamReader) -> None:
@@ -123,6 +174,7 @@ async def _delivery_counts(reader: StreamReader, key: str, entries: list[Any]) -
 async def keep_alive(reader: StreamReader) -> None:
     """Reset the idle time of every entry ``reader`` holds, every ``claim_idle / 3``, forever."""
     interval = reader.settings.claim_idle / 3
+    task = asyncio.current_task()
     while True:
         await asyncio.sleep(interval)
         for key, held in reader.unsettled.items():
@@ -135,6 +187,7 @@ async def keep_alive(reader: StreamReader) -> None:
                     )
             except _KEEP_ALIVE_ERRORS as exc:
                 logger.debug("Keep-alive of %d held entries failed: %s", len(held), exc)
+            raise_if_cancel_swallowed(task, 0)  # close() cancels this task and waits for it
 
 
 async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -> None:
@@ -147,7 +200,13 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
 
     Raises:
         redis.exceptions.ResponseError: Redis refused the step for another reason.
+        asyncio.CancelledError: the task was cancelled, also when a Redis call swallowed it.
     """
+    task = asyncio.current_task()
+    if task is not None and task is reader.owner:
+        baseline = reader.cancel_baseline  # also catches a cancellation lost between steps
+    else:
+        baseline = task.cancelling() if task is not None else 0
     settings = reader.settings
     delay = settings.reconnect_initial
     failures = 0
@@ -157,6 +216,7 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
                 await reader.ensure_groups()
             await step()
         except TRANSIENT_ERRORS as exc:
+            raise_if_cancel_swallowed(task, baseline)
             failures += 1
             reader.stats.reconnects += 1
             wait = delay / 2 + random.random() * delay / 2
@@ -172,11 +232,13 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
             delay = min(delay * 2, settings.reconnect_max)
             continue
         except ResponseError as exc:
+            raise_if_cancel_swallowed(task, baseline)
             if "NOGROUP" not in str(exc) or not reader.groups_ready:
                 raise  # refused, or missing again right after being created: give up
             logger.warning("Consumer group %r is missing; creating it again", reader.group)
             reader.groups_ready = False
             continue
+        raise_if_cancel_swallowed(task, baseline)
         if failures:
             logger.warning("Redis reachable again after %d failed attempt(s)", failures)
         return

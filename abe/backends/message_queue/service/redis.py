@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
@@ -54,6 +55,7 @@ from ._redis_common import (
     RedisUnavailableError,
     Sleep,
     make_client,
+    socket_timeout_of,
     text,
 )
 from ._redis_reader import StreamReader
@@ -113,12 +115,14 @@ class RedisBackend:
             ``batch_size``).
         ack_delay: Seconds an acknowledgement may wait for the next read (default 0.1).
         settings: Ready :class:`RedisSettings`; the other arguments override its fields.
-        client: A ``redis.asyncio.Redis`` to use (``decode_responses=False``); the backend then
-            does not close it.
+        client: A ``redis.asyncio.Redis`` to use (``decode_responses=False``, and a
+            ``socket_timeout`` longer than ``block``, or none); the backend then does not
+            close it.
         sleep: Awaited for reconnection backoff (tests pass a fake).
 
     Raises:
-        ValueError: an invalid setting (the message names it and what is allowed).
+        ValueError: an invalid setting (the message names it and what is allowed), or a
+            ``client`` that decodes responses or would time out blocking reads.
     """
 
     def __init__(
@@ -162,10 +166,14 @@ class RedisBackend:
             replace(settings, **overrides) if settings is not None else RedisSettings(**overrides)
         )
         self._owns_client = client is None
+        # A socket timeout makes redis-py send through asyncio.wait_for, which loses
+        # cancellations before Python 3.12: readers then guard their blocking reads.
+        self._guard_reads = False
         if client is None:
             client = make_client(self._settings)
-        elif client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("the Redis client must be created with decode_responses=False")
+        else:
+            socket_timeout = _check_client(client, self._settings)
+            self._guard_reads = socket_timeout is not None and sys.version_info < (3, 12)
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._sleep = sleep
@@ -334,7 +342,12 @@ class RedisBackend:
         if group is not None and (not isinstance(group, str) or not group):
             raise ValueError(f"group must be a non-empty string or None, got {group!r}")
         reader = StreamReader(
-            self._client, self._settings, group or self._settings.group, self._stats, self._sleep
+            self._client,
+            self._settings,
+            group or self._settings.group,
+            self._stats,
+            self._sleep,
+            guard_reads=self._guard_reads,
         )
         self._readers.add(reader)
         return reader
@@ -523,6 +536,25 @@ class RedisBackend:
         if isinstance(exc, TRANSIENT_ERRORS):
             raise RedisUnavailableError(text) from exc
         raise RedisBackendError(text) from exc
+
+
+_BLOCK_MARGIN = 0.5
+"""Seconds a blocking read's reply may take beyond ``block`` before the socket times out."""
+
+
+def _check_client(client: aioredis.Redis, settings: RedisSettings) -> float | None:
+    """Refuse a client the backend cannot work with; return its socket timeout."""
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError("the Redis client must be created with decode_responses=False")
+    socket_timeout = socket_timeout_of(client)
+    if socket_timeout is not None and settings.block + _BLOCK_MARGIN > socket_timeout:
+        raise ValueError(
+            f"block ({settings.block:g}s) must be at least {_BLOCK_MARGIN:g}s shorter than the "
+            f"client's socket_timeout ({socket_timeout:g}s), or every read that waits for new "
+            "entries times out and reconnects: pass a shorter block=, or create the client "
+            "with socket_timeout=None"
+        )
+    return socket_timeout
 
 
 def _check_key(key: object) -> None:
