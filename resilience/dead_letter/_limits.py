@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import linecache
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 __all__ = ["bounded_traceback", "envelope_size", "fit"]
@@ -19,17 +21,41 @@ def envelope_size(envelope: Mapping[str, Any]) -> int:
     return len(_dumps(envelope).encode("utf-8"))
 
 
-def bounded_traceback(exc: BaseException, frames: int, max_bytes: int) -> tuple[str, bool]:
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+_REPEAT_CUTOFF = 3  # as in the traceback module: identical frames beyond this are folded
+
+
+def bounded_traceback(
+    exc: BaseException,
+    frames: int,
+    max_bytes: int,
+    *,
+    scrub: Callable[[str], str] | None = None,
+) -> tuple[str, bool]:
     """The formatted traceback of ``exc`` with at most ``frames`` innermost frames per exception
-    and ``max_bytes`` bytes (its end kept); the flag says whether anything was cut."""
+    and ``max_bytes`` bytes (its end kept); the flag says whether anything was cut. ``scrub``
+    (masking secrets) is applied before the byte cap.
+
+    The text is what :func:`traceback.format_exception` prints (the cause / context chain, the
+    source line of every frame, folded recursion, notes) without the ``^^^^`` position markers.
+    Frames beyond the limit are dropped *before* any source line is looked up, and the markers,
+    which need each frame's line re-parsed, are never computed: that keeps one envelope in the
+    tens of microseconds instead of about half a millisecond.
+    """
     cut = False
     if frames <= 0:
-        text = "".join(traceback.format_exception_only(type(exc), exc))
+        text = _exception_only(exc)
         cut = exc.__traceback__ is not None
-    else:
-        if len(traceback.extract_tb(exc.__traceback__)) > frames:
+    elif _has_group(exc):
+        # Exception groups draw nested boxes; leave those to the traceback module.
+        if _frame_count(exc.__traceback__) > frames:
             cut = True
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, -frames))
+    else:
+        text, cut = _format_chain(exc, frames)
+    if scrub is not None:
+        text = scrub(text)
     data = text.encode("utf-8")
     if len(data) > max_bytes:
         cut = True
@@ -37,6 +63,131 @@ def bounded_traceback(exc: BaseException, frames: int, max_bytes: int) -> tuple[
         tail = data[-(max_bytes - len(marker)) :].decode("utf-8", errors="ignore")
         text = marker + tail
     return text, cut
+
+
+def _frame_count(tb: TracebackType | None) -> int:
+    count = 0
+    while tb is not None:
+        count += 1
+        tb = tb.tb_next
+    return count
+
+
+def _has_group(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, BaseExceptionGroup):
+            return True
+        if e.__cause__ is not None:
+            pending.append(e.__cause__)
+        if e.__context__ is not None:
+            pending.append(e.__context__)
+    return False
+
+
+def _format_chain(exc: BaseException, frames: int) -> tuple[str, bool]:
+    # Oldest first, as Python prints it: follow __cause__, else an unsuppressed __context__.
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    link = ""
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts: list[str] = []
+    cut = False
+    for e, link in reversed(chain):
+        tb = e.__traceback__
+        if tb is not None:
+            kept: list[TracebackType] = []
+            while tb is not None:
+                kept.append(tb)
+                tb = tb.tb_next
+            if len(kept) > frames:
+                cut = True
+                kept = kept[-frames:]
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(_format_frames(kept))
+        parts.append(_exception_only(e))
+        parts.append(link)
+    return "".join(parts), cut
+
+
+def _format_frames(tbs: list[TracebackType]) -> list[str]:
+    rows = [(tb.tb_frame, tb.tb_lineno) for tb in tbs]
+    files: set[str] = set()
+    for frame, _ in rows:
+        filename = frame.f_code.co_filename
+        if filename not in files:
+            files.add(filename)
+            linecache.lazycache(filename, frame.f_globals)
+    for filename in files:
+        linecache.checkcache(filename)
+    out: list[str] = []
+    last: tuple[str, int | None, str] | None = None
+    count = 0
+    for frame, lineno in rows:
+        code = frame.f_code
+        where = (code.co_filename, lineno, code.co_name)
+        if where != last:
+            if count > _REPEAT_CUTOFF:
+                out.append(_repeated(count - _REPEAT_CUTOFF))
+            last = where
+            count = 0
+        count += 1
+        if count > _REPEAT_CUTOFF:
+            continue
+        out.append(f'  File "{where[0]}", line {lineno}, in {where[2]}\n')
+        line = linecache.getline(where[0], lineno).strip() if lineno is not None else ""
+        if line:
+            out.append(f"    {line}\n")
+    if count > _REPEAT_CUTOFF:
+        out.append(_repeated(count - _REPEAT_CUTOFF))
+    return out
+
+
+def _repeated(count: int) -> str:
+    return f"  [Previous line repeated {count} more time{'s' if count > 1 else ''}]\n"
+
+
+def _safe_str(value: object, what: str) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<{what} str() failed>"
+
+
+def _exception_only(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    cls = type(exc)
+    name = cls.__qualname__
+    module = cls.__module__
+    if module not in ("__main__", "builtins"):
+        name = f"{module if isinstance(module, str) else '<unknown>'}.{name}"
+    text = _safe_str(exc, "exception")
+    lines = [f"{name}: {text}\n" if text else f"{name}\n"]
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, Sequence) and not isinstance(notes, str | bytes):
+        for note in notes:
+            lines.extend(line + "\n" for line in _safe_str(note, "note").split("\n"))
+    elif notes is not None:
+        try:
+            lines.append(repr(notes))
+        except Exception:
+            lines.append("<__notes__ repr() failed>")
+    return "".join(lines)
 
 
 def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ An envelope is a plain JSON-serialisable ``dict``::
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import socket
 import time
@@ -212,17 +213,22 @@ class EnvelopeBuilder:
         paths += header_paths
         secrets |= header_secrets
         raw = _raw_body(message.raw) if message is not None and decode_failed else None
+        if raw is not None and raw["encoding"] == "utf-8":
+            raw["data"], raw_paths, raw_secrets = redactor.redact_text(raw["data"], "raw")
+            paths += raw_paths
+            secrets |= raw_secrets
         truncated: list[str] = []
-        text = str(exc)
+        # Secrets are masked before anything is cut, so a cut never leaves part of one behind.
+        scrub = functools.partial(Redactor.scrub, secrets=secrets) if secrets else None
+        text = str(exc) if scrub is None else scrub(str(exc))
         if len(text) > opts.max_message_chars:
             text = text[: opts.max_message_chars] + f"... [{len(text)} chars]"
             truncated.append("message")
-        tb, cut = bounded_traceback(exc, opts.max_traceback_frames, opts.max_traceback_bytes)
+        tb, cut = bounded_traceback(
+            exc, opts.max_traceback_frames, opts.max_traceback_bytes, scrub=scrub
+        )
         if cut:
             truncated.append("traceback")
-        if secrets:
-            text = Redactor.scrub(text, secrets)
-            tb = Redactor.scrub(tb, secrets)
         cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         offset = now - monotonic_now
         history = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,8 +79,7 @@ class Redactor:
                 if self.fields and _normalise(name) in self.fields:
                     out[name] = MASK
                     paths.append(where)
-                    if isinstance(item, str) and len(item) >= _MIN_SECRET_CHARS:
-                        secrets.add(item)
+                    _collect(item, secrets, depth)
                 else:
                     out[name] = self._walk(item, where, paths, secrets, depth + 1)
             return out
@@ -95,10 +95,63 @@ class Redactor:
                 return base64.b64encode(bytes(value)).decode("ascii")
         return repr(value)[:_REPR_CHARS]
 
+    def redact_text(self, text: str, path: str = "raw") -> tuple[str, list[str], set[str]]:
+        """Mask ``"field": value`` pairs (string or scalar values) of configured fields in text
+        that did not parse (an undecodable body is often almost-JSON).
+
+        Args:
+            text: The raw text.
+            path: Prefixed to the reported paths.
+
+        Returns:
+            The masked text, the masked fields as ``path.field``, and the masked values.
+        """
+        if not self.fields or '"' not in text:
+            return text, [], set()
+        paths: list[str] = []
+        secrets: set[str] = set()
+
+        def mask(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if _normalise(name) not in self.fields:
+                return match.group(0)
+            paths.append(f"{path}.{name}")
+            value = match.group(3)
+            value = value[1:-1] if value.startswith('"') else value
+            if len(value) >= _MIN_SECRET_CHARS:
+                secrets.add(value)
+            return f'"{name}"{match.group(2)}"{MASK}"'
+
+        return _RAW_PAIR.sub(mask, text), paths, secrets
+
     @staticmethod
     def scrub(text: str, secrets: set[str]) -> str:
-        """``text`` with every secret replaced by :data:`MASK`."""
-        for secret in secrets:
+        """``text`` with every secret replaced by :data:`MASK` (longest first, so a secret that
+        contains another one is masked whole)."""
+        for secret in sorted(secrets, key=len, reverse=True):
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
+
+
+_RAW_PAIR = re.compile(
+    r'"((?:[^"\\]|\\.){1,128})"(\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\]\s{\[][^,}\]\s]*)'
+)
+"""A ``"name": value`` pair with a string or other scalar value (objects and lists are left)."""
+
+
+def _collect(value: Any, secrets: set[str], depth: int) -> None:
+    """Remember the text a masked value holds, at any depth (``{"authorization": {"bearer":
+    "..."}}`` masks the whole mapping, and its strings must not reappear in messages either)."""
+    if isinstance(value, str):
+        if len(value) >= _MIN_SECRET_CHARS:
+            secrets.add(value)
+    elif isinstance(value, bytes | bytearray):
+        _collect(bytes(value).decode("utf-8", errors="ignore"), secrets, depth)
+    elif depth < _MAX_DEPTH:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                _collect(item, secrets, depth + 1)
+        elif isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                _collect(item, secrets, depth + 1)

@@ -263,3 +263,45 @@ def test_options_reject_impossible_caps(name: str, value: Any) -> None:
     """Caps below their minimum or of the wrong type raise a ConfigError naming them."""
     with pytest.raises(ConfigError, match=name):
         EnvelopeOptions(**{name: value})
+
+
+def test_strings_inside_a_masked_value_are_scrubbed_from_the_error() -> None:
+    """A masked mapping or list hides its strings from the message and traceback too."""
+    payload = {"authorization": {"scheme": "bearer", "credentials": ["tok-abcdef"]}}
+    env = build(payload, failed(lambda: boom("rejected bearer tok-abcdef")))
+    assert env["payload"] == {"authorization": MASK}
+    assert "tok-abcdef" not in json.dumps(env)
+    assert env["error"]["message"] == f"rejected {MASK} {MASK}"
+
+
+def test_a_secret_containing_another_is_masked_whole() -> None:
+    """Scrubbing replaces longer secrets first, so no tail of one is left behind."""
+    assert Redactor.scrub("key=abcd-efgh-ijkl", {"abcd", "abcd-efgh-ijkl"}) == f"key={MASK}"
+
+
+def test_a_secret_across_the_message_cap_is_not_partly_kept() -> None:
+    """Masking happens before the message is cut, so the cut cannot keep half a secret."""
+    secret = "s3cret-" + "x" * 40
+    options = EnvelopeOptions(max_message_chars=80)
+    env = build(
+        {"password": secret}, failed(lambda: boom("y" * 60 + secret + "z" * 40)), options=options
+    )
+    assert "s3cret" not in json.dumps(env)
+    assert "message" in env["truncated"]
+
+
+def test_fields_of_an_undecodable_json_like_body_are_masked() -> None:
+    """A raw body that is almost JSON still has its configured fields masked."""
+    raw = b'{"user": "ann", "Password": "hunter22", "api_key": 12345678, "note": "ok"'
+    message = InboundMessage(
+        payload={}, key="orders", message_id="9", raw=raw, decode_error=ValueError("eof")
+    )
+    delivery = Delivery.from_message(message, started_at=0.0)
+    env = EnvelopeBuilder().build(
+        delivery, ValueError("bad hunter22"), reason="decode_error", stage="decode", monotonic_now=0
+    )
+    assert env["raw"]["data"] == (
+        f'{{"user": "ann", "Password": "{MASK}", "api_key": "{MASK}", "note": "ok"'
+    )
+    assert env["redacted"] == ["raw.Password", "raw.api_key"]
+    assert "hunter22" not in json.dumps(env)
