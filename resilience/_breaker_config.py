@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .events import Event
 
 __all__ = [
+    "GATES_EXTRA",
     "BreakerConfig",
     "BreakerState",
     "BreakerStateChanged",
@@ -19,6 +20,13 @@ __all__ = [
     "CallNotPermitted",
     "seconds_of",
 ]
+
+
+GATES_EXTRA = "resilience.breaker.gates"
+"""Key in :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` of the list of pausing
+breakers that held the delivery or saw it fail. The dead-letter router reads it to hold, rather
+than dead-letter, a message that ran out of attempts or time while such a breaker is forced
+open, and to warn when a message runs out of attempts before the breaker opened."""
 
 
 class BreakerState(enum.Enum):

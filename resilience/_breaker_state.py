@@ -136,6 +136,11 @@ class Breaker:
             return self._taken >= self._probes
         return True
 
+    @property
+    def forced_open(self) -> bool:
+        """Whether :meth:`force_open` holds the breaker open (until :meth:`reset`)."""
+        return self._state is _FORCED_OPEN
+
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event)`` with every :class:`BreakerStateChanged` record.
 

@@ -16,7 +16,8 @@ What "not permitted" means depends on the middleware's ``mode``:
 
 * ``"pause"`` (default): the delivery is *held* until a probe is admitted, and a delivery whose
   call failed because of the outage is held and replayed too, so nothing is dead-lettered
-  however long the outage lasts. :class:`CircuitBreaker` is a
+  however long the outage lasts (unless the message's total timeout ends the wait: that bound
+  is also what lets a poison message that fails every probe go). :class:`CircuitBreaker` is a
   :class:`~resilience.consumer.Gate`, so :class:`~resilience.consumer.ResilientConsumer` also
   stops pulling new messages while the breaker is open.
 * ``"fail_fast"``: the call raises :class:`~resilience.errors.CircuitOpen` at once (retryable
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Unpack
 
 from ._breaker_config import (
+    GATES_EXTRA,
     BreakerConfig,
     BreakerState,
     BreakerStateChanged,
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .pipeline import CallNext
 
 __all__ = [
+    "GATES_EXTRA",
     "Breaker",
     "BreakerConfig",
     "BreakerOptions",
@@ -247,12 +250,25 @@ class CircuitBreaker:
         breaker._record(epoch, code, delivery, end)
         if not (self._pause and code & FAILURE):
             return False
+        self._mark(delivery)
         state = breaker._state
         return state is not _CLOSED and state is not _FORCED_CLOSED
+
+    def _mark(self, delivery: Delivery) -> None:
+        """List this pausing breaker on the delivery, for the dead-letter router."""
+        extras = delivery.extras
+        if extras is None:
+            delivery.extras = {GATES_EXTRA: [self]}
+            return
+        gates: list[CircuitBreaker] = extras.setdefault(GATES_EXTRA, [])
+        if not any(gate is self for gate in gates):
+            gates.append(self)
 
     def _not_permitted(self, delivery: Delivery) -> None:
         breaker = self.breaker
         breaker._not_permitted += 1
+        if self._pause:
+            self._mark(delivery)
         if delivery.events:
             delivery.events.emit(
                 CallNotPermitted(
@@ -279,6 +295,22 @@ class CircuitBreaker:
         """Return once the breaker would permit a new call (at once in fail-fast mode)."""
         if self._pause:
             await self.breaker.wait_resumed()
+
+    def holds(self, delivery: Delivery) -> bool:
+        """In pause mode: whether a message that failed through this breaker must be held
+        rather than dead-lettered; ``True`` while the breaker is forced open.
+
+        A breaker that opened by itself does not say so: its open state may come from one
+        poison message failing every probe, and the total timeout is what then lets that
+        message go to the dead-letter destination.
+
+        Args:
+            delivery: A delivery that went through this breaker and failed.
+
+        Returns:
+            Whether the dead-letter layer should hold it until the breaker admits calls.
+        """
+        return self._pause and self.breaker.forced_open
 
     # -- reading and control (shared by every middleware using the breaker) ------------------------
 

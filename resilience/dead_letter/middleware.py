@@ -7,10 +7,11 @@ import inspect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from .._breaker_config import GATES_EXTRA
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError
@@ -32,6 +33,42 @@ __all__ = [
 ]
 
 log = structlog.get_logger("resilience.dead_letter")
+
+_OUTAGE_REASONS = frozenset(("retries_exhausted", "timeout", "budget_exhausted"))
+"""Reasons an open breaker can explain: out of attempts, time or retry budget."""
+
+
+class OutageGate(Protocol):
+    """A pausing circuit breaker as the router sees it (it lists itself in the delivery's
+    ``extras`` under :data:`~resilience.breaker.GATES_EXTRA` when it holds or fails one)."""
+
+    @property
+    def name(self) -> str:
+        """The breaker's name, for logs."""
+        ...
+
+    def holds(self, delivery: Delivery) -> bool:
+        """Whether ``delivery``, which failed, must be held rather than dead-lettered (the
+        circuit breaker is forced open)."""
+        ...
+
+    async def wait_resumed(self) -> None:
+        """Return once the breaker admits calls again."""
+        ...
+
+
+def _open_gate(delivery: Delivery, reason: str) -> OutageGate | None:
+    """A pausing breaker the delivery went through that holds it back now, if the failure is
+    one the breaker explains (out of attempts, time or budget)."""
+    extras = delivery.extras
+    if not extras or reason not in _OUTAGE_REASONS:
+        return None
+    gates: list[OutageGate] = extras.get(GATES_EXTRA) or []
+    for gate in gates:
+        if gate.holds(delivery):
+            return gate
+    return None
+
 
 Validator = Callable[[dict[str, Any]], object]
 """``validate(payload)``: raise (or return ``False``) when the payload is invalid; may be async."""
@@ -73,14 +110,18 @@ class DeadLetterStats:
         by_reason: Dead-lettered messages by reason.
         poison: Of those, how many never reached the handler (stage ``decode``).
         write_failures: Sink writes that failed (each left its message unacknowledged).
+        held: Failures not dead-lettered because a pausing circuit breaker the message went
+            through was forced open: the message was held and processed again once the
+            breaker was reset.
     """
 
-    __slots__ = ("by_reason", "poison", "write_failures")
+    __slots__ = ("by_reason", "held", "poison", "write_failures")
 
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
         self.poison = 0
         self.write_failures = 0
+        self.held = 0
 
     @property
     def dead_lettered(self) -> int:
@@ -104,6 +145,13 @@ class DeadLetterRouter:
       (the consumer drops the message); everything else is dead-lettered with stage ``handle``
       and the reason the inner layers recorded (``retries_exhausted``, ``timeout``, ...) or
       :func:`~resilience.classify.terminal_reason`. ``CancelledError`` is never caught.
+    * A failure that ran out of attempts, time or retry budget (``retries_exhausted``,
+      ``timeout``, ``budget_exhausted``) while a pausing circuit breaker the message went
+      through is forced open is *not* dead-lettered: the message is held until the breaker is
+      reset and then processed afresh (attempts and total timeout start over; see
+      :attr:`DeadLetterStats.held`). A breaker that opened by itself holds its calls without
+      this layer's help; a message held longer than its total timeout is dead-lettered then,
+      which is what lets a poison message that fails every probe go.
     * Only after the sink confirmed the write is the outcome set to ``DEAD_LETTERED`` (the
       consumer then acknowledges). When the write fails the middleware waits a short, growing
       backoff (so a broken sink does not turn redeliveries into a busy loop) and raises
@@ -132,6 +180,7 @@ class DeadLetterRouter:
         "_clock",
         "_failures_in_row",
         "_validate",
+        "_warned_early",
         "sink",
         "stats",
         "write_failure_backoff",
@@ -159,6 +208,7 @@ class DeadLetterRouter:
         self._validate = validate
         self._builder = EnvelopeBuilder(options, system=system, handler_name=handler_name)
         self._failures_in_row = 0
+        self._warned_early = False
 
     @property
     def options(self) -> EnvelopeOptions:
@@ -181,17 +231,71 @@ class DeadLetterRouter:
         except DeadLetterWriteError:
             raise
         except Exception as exc:
+            await self._failed_call(delivery, call_next, exc)
+
+    async def _failed_call(self, delivery: Delivery, call_next: CallNext, exc: Exception) -> None:
+        """Dead-letter a terminal failure, or hold it while a pausing breaker is forced open."""
+        while True:
             verdict = self._classifier.classify(exc)
             if verdict is Verdict.IGNORED:
-                raise
+                raise exc
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # A shutdown cancelled the message and the handler turned that into an error:
                 # it was interrupted, not failed. Never dead-letter it; let it be released.
                 raise asyncio.CancelledError from exc
-            await self._route(
-                delivery, exc, delivery.reason or terminal_reason(exc, verdict), "handle"
-            )
+            reason = delivery.reason or terminal_reason(exc, verdict)
+            gate = _open_gate(delivery, reason)
+            if gate is None:
+                if not self._warned_early and reason in _OUTAGE_REASONS:
+                    self._warn_early(delivery, reason)
+                await self._route(delivery, exc, reason, "handle")
+                return
+            await self._hold(delivery, gate, exc, reason)
+            try:
+                await call_next(delivery)
+                return
+            except DeadLetterWriteError:
+                raise
+            except Exception as again:
+                exc = again
+
+    def _warn_early(self, delivery: Delivery, reason: str) -> None:
+        gates = (delivery.extras or {}).get(GATES_EXTRA)
+        if not gates:
+            return
+        self._warned_early = True
+        log.warning(
+            "dead_lettered_before_breaker_opened",
+            message_id=delivery.message_id,
+            key=delivery.key,
+            reason=reason,
+            breaker=gates[0].name,
+            hint="the message ran out of attempts before the circuit breaker opened; for an "
+            "outage to dead-letter nothing, let the breaker trip within one message's attempts "
+            "(failure_threshold or window minimum_calls <= retry attempts). Logged once.",
+        )
+
+    async def _hold(
+        self, delivery: Delivery, gate: OutageGate, exc: Exception, reason: str
+    ) -> None:
+        # The breaker was forced open: the message could not run, its failure says nothing
+        # about it. Hold it like the breaker holds calls, then give it a fresh start.
+        self.stats.held += 1
+        log.info(
+            "dead_letter_held",
+            message_id=delivery.message_id,
+            key=delivery.key,
+            reason=reason,
+            error_type=exception_name(type(exc)),
+            breaker=gate.name,
+            action="held until the circuit breaker is reset, then processed again",
+        )
+        await gate.wait_resumed()
+        delivery.attempt = max(1, delivery.delivery_count)
+        delivery.deadline = None
+        delivery.reason = None
+        delivery.outcome = None
 
     async def _check(self, delivery: Delivery) -> Exception | None:
         assert self._validate is not None
@@ -220,10 +324,14 @@ class DeadLetterRouter:
         try:
             await self.sink.write(envelope, delivery)
         except Exception as err:
-            await self._failed(delivery, envelope_id, reason, err)
+            text = await self._failed(delivery, envelope, reason, err)
+            # The sink error was raised while the handler's exception was being handled, so a
+            # log line with its traceback would print that exception unredacted: the envelope
+            # (not written) and the dead_letter_write_failed line carry it, masked.
+            err.__suppress_context__ = True
             raise DeadLetterWriteError(
                 f"dead-letter write to {self.sink.name} failed for message "
-                f"{delivery.message_id}: {type(err).__name__}: {err}"
+                f"{delivery.message_id}: {type(err).__name__}: {text}"
             ) from err
         self._failures_in_row = 0
         self.stats.by_reason[reason] += 1
@@ -256,11 +364,13 @@ class DeadLetterRouter:
             )
 
     async def _failed(
-        self, delivery: Delivery, envelope_id: str, reason: str, err: Exception
-    ) -> None:
+        self, delivery: Delivery, envelope: dict[str, Any], reason: str, err: Exception
+    ) -> str:
+        """Log, count and report a failed write, wait the backoff; returns the masked error."""
         self.stats.write_failures += 1
         self._failures_in_row += 1
         in_row = self._failures_in_row
+        envelope_id: str = envelope["id"]
         text = self._builder.scrub(str(err), delivery)
         log.error(
             "dead_letter_write_failed",
@@ -271,6 +381,8 @@ class DeadLetterRouter:
             destination=self.sink.name,
             error_type=exception_name(type(err)),
             error=text,
+            failure_type=envelope["error"]["type"],
+            failure=envelope["error"]["message"][:500],
             consecutive_failures=in_row,
             action="message left unacknowledged; it will be delivered again",
         )
@@ -290,6 +402,7 @@ class DeadLetterRouter:
         if self.write_failure_backoff > 0:
             wait = min(self.write_failure_backoff, 0.1 * 2 ** min(in_row - 1, 30))
             await self._clock.sleep(wait)
+        return text
 
     def __repr__(self) -> str:
         return f"DeadLetterRouter(sink={self.sink.name!r})"

@@ -8,13 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
 
 from abe.backends.message_queue.service.memory import MemoryBackend
-from resilience.breaker import BreakerState, BreakerStateChanged, CallNotPermitted
+from resilience.breaker import BreakerState, BreakerStateChanged, CallNotPermitted, get_breaker
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
+from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.events import EventBus, MessageSettled, Outcome
 from resilience.policy import Policy
+from resilience.testing import run_until_settled
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -174,3 +177,168 @@ async def test_shutdown_during_an_outage_releases_the_held_messages(concurrency:
     assert backend.size() == MESSAGES  # everything is back in the queue
     redelivered = [m for m in backend.peek("orders") if m.delivery_count == 2]
     assert len(redelivered) == concurrency
+
+
+def guarded_policy(name: str, total: float | None) -> Policy:
+    """Breaker, retry, per-attempt and total timeouts, and a memory dead-letter destination."""
+    return Policy.from_dict(
+        {
+            "retry": {"attempts": 3, "backoff": "exponential", "initial": 0.1, "maximum": 1},
+            "timeout": {"attempt": 5, "total": total or 0},
+            "circuit_breaker": {
+                "name": name,
+                "failure_threshold": 3,
+                "open_wait": 1,
+                "open_wait_multiplier": 2,
+                "open_wait_max": 60,
+            },
+            "dead_letter": {"destination": "memory"},
+        }
+    )
+
+
+def router_of(consumer: ResilientConsumer) -> DeadLetterRouter:
+    """The dead-letter layer the consumer built from its policy."""
+    assert consumer.pipeline is not None
+    (router,) = [x for x in consumer.pipeline.layers if isinstance(x, DeadLetterRouter)]
+    return router
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_an_outage_with_a_dead_letter_destination_dead_letters_nothing(
+    concurrency: int,
+) -> None:
+    """With breaker and dead_letter in one policy, an hour-long outage dead-letters nothing
+    and every message is processed once after recovery."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    dep = Dependency()
+    consumer, task, events = await start(
+        backend, guarded_policy(f"guarded-{concurrency}", None), clock, concurrency, dep
+    )
+
+    await advance_until(clock, lambda: False, until=OUTAGE)
+    router = router_of(consumer)
+    store = router.sink
+    assert isinstance(store, MemoryStore)
+    assert store.write_attempts == 0
+    assert [e for e in events if isinstance(e, MessageSettled)] == []
+    assert dep.failed_calls < 3 * concurrency + 80
+
+    dep.down = False
+    await advance_until(clock, lambda: len(dep.processed) == MESSAGES, until=OUTAGE + 300)
+    await stop(consumer, task)
+
+    assert store.write_attempts == 0
+    settled = [e for e in events if isinstance(e, MessageSettled)]
+    assert len(settled) == MESSAGES
+    assert {e.outcome for e in settled} <= {Outcome.SUCCESS, Outcome.RETRIED}
+    assert sorted(dep.processed) == list(range(MESSAGES))
+    assert backend.size() == 0
+    assert backend.unacked() == []
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_a_forced_open_breaker_holds_messages_past_their_total_timeout(
+    concurrency: int,
+) -> None:
+    """force_open() during an outage holds every message until reset(), even past its total
+    timeout: the dead-letter layer holds it too and runs it afresh after the reset."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    dep = Dependency()
+    name = f"forced-{concurrency}"
+    consumer, task, _ = await start(backend, guarded_policy(name, 30), clock, concurrency, dep)
+    await advance_until(clock, lambda: False, until=5)
+    breaker = get_breaker(name, clock=clock)
+    assert breaker.state is BreakerState.OPEN
+    breaker.force_open()  # an operator keeps it open for maintenance
+    await advance_until(clock, lambda: False, until=600)
+    router = router_of(consumer)
+    assert router.stats.held >= concurrency  # each held message outlived its 30 s
+    assert router.stats.dead_lettered == 0
+
+    dep.down = False
+    breaker.reset()
+    await advance_until(clock, lambda: len(dep.processed) == MESSAGES, until=700)
+    await stop(consumer, task)
+    assert router.stats.dead_lettered == 0
+    assert sorted(dep.processed) == list(range(MESSAGES))
+
+
+async def test_a_total_timeout_lets_a_poison_message_through_a_breaker_it_keeps_open() -> None:
+    """A message failing alone with a retryable error keeps the breaker open; its total timeout
+    bounds the hold, it is dead-lettered, and the messages behind it are processed."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    processed: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        if payload["n"] == 0:
+            raise ConnectionError("fails for this message only")
+        processed.append(payload["n"])
+
+    for n in range(5):
+        await backend.publish("orders", {"n": n})
+    consumer = ResilientConsumer(backend, policy=guarded_policy("poison-total", 30), clock=clock)
+    task = asyncio.create_task(consumer.run(handler))
+    await advance_until(clock, lambda: len(processed) == 4, until=600)
+    await stop(consumer, task)
+    assert processed == [1, 2, 3, 4]
+    assert router_of(consumer).stats.by_reason == {"timeout": 1}
+
+
+async def test_a_message_out_of_attempts_before_the_breaker_opens_is_dead_lettered() -> None:
+    """A failure while the breaker is still closed is the message's own: it is dead-lettered
+    (once warned about), not held; the warning names the breaker and the fix."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    await backend.publish("orders", {"n": 0})
+    policy = Policy.from_dict(
+        {
+            "retry": {"attempts": 2, "initial": 0.1},
+            "circuit_breaker": {"name": "early-dlq", "failure_threshold": 5},
+            "dead_letter": {"destination": "memory"},
+        }
+    )
+    consumer = ResilientConsumer(backend, policy=policy, clock=clock)
+    dep = Dependency()
+    with structlog.testing.capture_logs() as logs:
+        outcomes = await run_until_settled(consumer, dep.handler, 1)
+    assert [e.outcome for e in outcomes.settled] == [Outcome.DEAD_LETTERED]
+    router = router_of(consumer)
+    assert router.stats.by_reason == {"retries_exhausted": 1}
+    assert router.stats.held == 0
+    (warning,) = [x for x in logs if x["event"] == "dead_lettered_before_breaker_opened"]
+    assert warning["breaker"] == "early-dlq"
+    assert "failure_threshold" in warning["hint"]
+
+
+async def test_force_closed_lets_a_poison_message_through_to_the_dead_letter_layer() -> None:
+    """A message failing alone with a retryable error holds a one-at-a-time consumer (it looks
+    like an outage); force_closed() lets it reach the dead-letter layer and the rest flows."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    processed: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        if payload["n"] == 0:
+            raise ConnectionError("fails for this message only")
+        processed.append(payload["n"])
+
+    for n in range(5):
+        await backend.publish("orders", {"n": n})
+    consumer = ResilientConsumer(backend, policy=guarded_policy("poison", None), clock=clock)
+    task = asyncio.create_task(consumer.run(handler))
+    await advance_until(clock, lambda: False, until=600)
+    assert processed == []  # held: the breaker cannot tell it from an outage
+    router = router_of(consumer)
+    assert router.stats.dead_lettered == 0
+
+    get_breaker("poison", clock=clock).force_closed()
+    await advance_until(clock, lambda: len(processed) == 4, until=700)
+    await stop(consumer, task)
+    assert processed == [1, 2, 3, 4]
+    assert router.stats.by_reason == {"retries_exhausted": 1}

@@ -4,6 +4,7 @@ failure without loss, backend sinks, events and counters."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -16,9 +17,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.breaker import GATES_EXTRA, BreakerRegistry, CircuitBreaker
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import (
+    MASK,
     BackendSink,
     DeadLettered,
     DeadLetterFailed,
@@ -510,3 +513,148 @@ async def test_resilient_decorator_dead_letters_to_memory() -> None:
         raise ConnectionError("down")
 
     await handler({"n": 1})  # no exception: the failure went to the dead-letter store
+
+
+async def advance(clock: FakeClock, seconds: int) -> None:
+    """Move virtual time one second at a time, letting the loop run in between."""
+    for _ in range(seconds):
+        clock.advance(1.0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+async def test_router_holds_failures_while_a_pausing_breaker_is_forced_open() -> None:
+    """A message past its total timeout because its breaker is forced open is held, then
+    processed afresh once the breaker is reset; nothing is dead-lettered."""
+    clock = FakeClock()
+    store = MemoryStore()
+    router = DeadLetterRouter(store, clock=clock)
+    breaker = CircuitBreaker("router-hold", clock=clock, registry=BreakerRegistry())
+    pipeline = Pipeline(router).total_timeout(30, clock=clock).retry(attempts=2, clock=clock)
+    calls: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        calls.append(payload["n"])
+
+    call = pipeline.use(breaker).build(handler)
+    breaker.force_open()
+    delivery = Delivery({"n": 1}, delivery_count=1)
+    task = asyncio.create_task(call(delivery))
+    await advance(clock, 31)  # held by the breaker past the 30 s total timeout
+    assert not task.done()
+    assert router.stats.held == 1
+    assert store.write_attempts == 0
+    breaker.reset()
+    await advance(clock, 1)
+    await task
+    assert calls == [1]
+    assert delivery.attempt == 1  # a fresh start: attempts and deadline start over
+    assert store.write_attempts == 0
+    assert delivery.outcome is None
+
+
+async def test_router_dead_letters_after_a_total_timeout_when_the_breaker_opened_itself() -> None:
+    """A breaker that opened by itself may be held open by this very message (poison): the
+    total timeout bounds the hold and the message is dead-lettered with reason timeout."""
+    clock = FakeClock()
+    store = MemoryStore()
+    router = DeadLetterRouter(store, clock=clock)
+    breaker = CircuitBreaker(
+        "router-self", failure_threshold=1, open_wait=100, clock=clock, registry=BreakerRegistry()
+    )
+    pipeline = Pipeline(router).total_timeout(30, clock=clock).use(breaker)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise ConnectionError("down")
+
+    delivery = Delivery({"n": 1})
+    task = asyncio.create_task(pipeline.build(handler)(delivery))
+    await advance(clock, 31)
+    await task
+    assert delivery.outcome is Outcome.DEAD_LETTERED
+    assert [e["error"]["reason"] for e in store.envelopes] == ["timeout"]
+    assert router.stats.held == 0
+
+
+class Gate:
+    """A stand-in pausing breaker as the router sees it."""
+
+    name = "stand-in"
+
+    def __init__(self) -> None:
+        self.resumed = asyncio.Event()
+
+    def holds(self, delivery: Delivery) -> bool:
+        return True
+
+    async def wait_resumed(self) -> None:
+        await self.resumed.wait()
+
+
+def gated(reason: str | None, exc: Exception, gate: Gate) -> Any:
+    """A rest-of-pipeline that lists ``gate`` on the delivery and fails with ``exc``."""
+
+    async def inner(delivery: Delivery) -> None:
+        delivery.extras = {GATES_EXTRA: [gate]}
+        delivery.reason = reason
+        raise exc
+
+    return inner
+
+
+async def test_router_dead_letters_a_message_fault_even_during_an_outage() -> None:
+    """A terminal failure (the message's own fault) is dead-lettered even while held back."""
+    store = MemoryStore()
+    router = DeadLetterRouter(store, clock=FakeClock())
+    delivery = Delivery({"n": 1})
+    await router(delivery, gated(None, DeadLetter("bad order"), Gate()))
+    assert delivery.outcome is Outcome.DEAD_LETTERED
+    assert [e["error"]["reason"] for e in store.envelopes] == ["rejected"]
+    assert router.stats.held == 0
+
+
+async def test_shutdown_while_held_by_the_router_releases_the_message() -> None:
+    """Cancelling a message the router holds propagates CancelledError and writes nothing."""
+    store = MemoryStore()
+    router = DeadLetterRouter(store, clock=FakeClock())
+    task = asyncio.create_task(
+        router(Delivery({"n": 1}), gated("timeout", ConnectionError("down"), Gate()))
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert router.stats.held == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.write_attempts == 0
+
+
+async def test_sink_failure_logs_keep_redacted_values_masked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the write fails, no log line (tracebacks included) shows a redacted value."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    await backend.publish("orders", {"user": {"password": "hunter2-secret"}})
+    store = MemoryStore()
+    store.failure = OSError("disk full")
+    router = DeadLetterRouter(store, clock=clock, write_failure_backoff=0)
+    consumer = ResilientConsumer(backend, policy=Pipeline(router), clock=clock)
+    consumer.events.subscribe(
+        lambda e: setattr(store, "failure", None) if isinstance(e, DeadLetterFailed) else None
+    )
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise DeadLetter(f"login failed for {payload}")
+
+    with structlog.testing.capture_logs() as logs, caplog.at_level("ERROR"):
+        outcomes = await run_until_settled(consumer, handler, 2)
+    assert [e.outcome for e in outcomes.settled] == [Outcome.UNSETTLED, Outcome.DEAD_LETTERED]
+    formatter = logging.Formatter()
+    texts = [formatter.format(record) for record in caplog.records]
+    assert any("left unacknowledged" in text for text in texts)
+    assert not any("hunter2-secret" in text for text in texts)
+    (failed,) = [x for x in logs if x["event"] == "dead_letter_write_failed"]
+    assert failed["failure_type"] == "resilience.errors.DeadLetter"
+    assert "hunter2-secret" not in repr(logs)
+    assert MASK in failed["failure"]
