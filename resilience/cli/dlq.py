@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -338,6 +339,7 @@ def _replay(args: argparse.Namespace) -> int:
                     backend = load_backend()
                 except (RuntimeError, ValueError) as exc:
                     raise CliError(str(exc)) from None
+            _check_reachable(backend)
         try:
             report = await replay(
                 store,
@@ -365,6 +367,30 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         print(render_report(report, backend_name))
     return 0 if report.ok else 1
+
+
+def _check_reachable(backend: Any) -> None:
+    """Refuse to replay into an in-memory queue nobody else can read.
+
+    Without ``QUEUE_BACKEND`` (and no third-party provider), ``load_backend()`` falls back to a
+    ``MemoryBackend`` living in this command's process: the replayed messages would vanish when
+    it exits, while their envelopes would be marked as replayed.
+    """
+    from abe.backends.message_queue.service.memory import MemoryBackend
+
+    if not isinstance(backend, MemoryBackend):
+        return
+    if not os.environ.get("QUEUE_BACKEND", "").strip():
+        raise CliError(
+            "replay needs the broker your consumers read from: set QUEUE_BACKEND (for example "
+            "QUEUE_BACKEND=redis); without it the replayed messages would go to an in-memory "
+            "queue that disappears when this command exits (nothing was replayed or marked)"
+        )
+    print(
+        "resilience: warning: QUEUE_BACKEND=memory: the replayed messages stay in this "
+        "process's memory and are lost when it exits",
+        file=sys.stderr,
+    )
 
 
 async def _close(backend: Any) -> None:

@@ -323,6 +323,35 @@ def test_replay_reports_an_unknown_backend(
     assert all(r.replayed_at is None for r in asyncio.run(SQLiteStore(path).find()))
 
 
+def test_replay_refuses_the_in_memory_fallback(
+    db: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without QUEUE_BACKEND, replay would publish into a queue that dies with the command:
+    it exits 2 naming QUEUE_BACKEND, and publishes and marks nothing."""
+    path, _ = db
+    code, out, err = run(capsys, "replay", "--db", str(path))
+    assert code == 2
+    assert out == ""
+    assert "set QUEUE_BACKEND" in err
+    assert "nothing was replayed or marked" in err
+    assert MemoryBackend().size() == 0
+    assert all(r.replayed_at is None for r in asyncio.run(SQLiteStore(path).find()))
+
+
+def test_replay_to_an_explicit_memory_backend_warns(
+    db: tuple[Path, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """QUEUE_BACKEND=memory is honoured (in-process use), with a warning about losing them."""
+    path, _ = db
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    code, _, err = run(capsys, "replay", "--db", str(path), "--key", "users")
+    assert code == 0
+    assert "lost when it exits" in err
+    assert MemoryBackend().size() == 2
+
+
 class Orders:
     """Fails every order with ValueError until fixed."""
 
