@@ -83,6 +83,49 @@ async def test_store_survives_a_process_restart(tmp_path: Path) -> None:
     assert [r.envelope["error"]["message"] for r in records] == ["bad 0", "bad 1", "bad 2"]
 
 
+def test_a_confirmed_write_survives_the_process_being_killed(tmp_path: Path) -> None:
+    """A consumer killed with SIGKILL right after its dead letters were confirmed keeps them:
+    the next process reads every envelope (the store commits before write() returns)."""
+    db = tmp_path / "store.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from abe.backends.message_queue.service.memory import MemoryBackend
+        from resilience.clock import FakeClock
+        from resilience.consumer import ResilientConsumer
+        from resilience.errors import DeadLetter
+        from resilience.policy import Policy
+        from resilience.testing import run_until_settled
+
+        async def handler(payload):
+            raise DeadLetter("bad order")
+
+        async def main():
+            backend = MemoryBackend.isolated()
+            for n in range(5):
+                await backend.publish("orders", {{"n": n}})
+            policy = Policy.from_dict({{"dead_letter": {{"path": {str(db)!r}}}}})
+            consumer = ResilientConsumer(backend, policy=policy, clock=FakeClock())
+            await run_until_settled(consumer, handler, 5)
+            print("confirmed", flush=True)
+            await asyncio.Event().wait()  # killed here, before any orderly shutdown
+
+        asyncio.run(main())
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        lines = iter(child.stdout.readline, "")
+        assert any(line.strip() == "confirmed" for line in lines)  # after the log lines
+        child.kill()
+        child.wait(timeout=60)
+    records = asyncio.run(SQLiteStore(db, create=False).find())
+    assert sorted(r.envelope["payload"]["n"] for r in records) == [0, 1, 2, 3, 4]
+    assert {r.reason for r in records} == {"rejected"}
+
+
 async def test_reopening_the_file_keeps_records_and_replay_marks(tmp_path: Path) -> None:
     """A new store object on the same file sees earlier writes and replay bookkeeping."""
     db = tmp_path / "store.sqlite3"
