@@ -279,5 +279,6 @@ def describe(summary: DeadLetterSummary, *, db: str | None = None) -> list[str]:
         f"stored in {summary.destination.removeprefix('sqlite:')}",
         f"  list them:    resilience dlq list{option}",
         f"  inspect one:  resilience dlq show{option} ID",
-        f"  replay them:  resilience dlq replay{option} --dry-run   (then without --dry-run)",
+        f"  replay them:  resilience dlq replay{option} --dry-run   (then without --dry-run,",
+        "                with QUEUE_BACKEND naming the broker your consumers read)",
     ]

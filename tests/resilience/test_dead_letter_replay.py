@@ -261,6 +261,7 @@ async def test_summary_for_the_demo(tmp_path: Path) -> None:
     assert lines[0].startswith("Dead letters: 3 (retries_exhausted 3); 2 not replayed yet")
     assert "resilience dlq list --db dl.sqlite3" in lines[1]
     assert "resilience dlq replay --db dl.sqlite3 --dry-run" in lines[3]
+    assert "QUEUE_BACKEND" in lines[4]  # a real replay needs the consumers' broker
     assert describe(await summarize(MemoryStore())) == ["No dead letters."]
 
 
