@@ -450,19 +450,23 @@ def test_redis_throughput_benchmark_runs() -> None:
 
 
 @pytest.mark.slow
-def test_benchmark_scripts_run_as_programs() -> None:
-    """`python benchmarks/policies.py` runs the command from a checkout."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/policies.py",
-            "--messages",
-            "20",
-            "--policy",
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        (
+            "policies.py",
+            ["--messages", "20", "--policy", "no-retry", "--scenario", "transient"],
             "no-retry",
-            "--scenario",
-            "transient",
-        ],
+        ),
+        ("overhead.py", ["--messages", "200", "--rounds", "1"], "pipeline / bare consumer"),
+        ("memory.py", ["--messages", "2000", "--batch", "500"], "growth"),
+    ],
+    ids=["policies", "overhead", "memory"],
+)
+def test_benchmark_scripts_run_as_programs(script: str, args: list[str], expected: str) -> None:
+    """Each script in benchmarks/ runs its command from a checkout on a tiny size."""
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args, "--no-progress"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -470,4 +474,4 @@ def test_benchmark_scripts_run_as_programs() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "no-retry" in done.stdout
+    assert expected in done.stdout
