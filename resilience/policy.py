@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._config import Reader, resolve_exception
 from ._decorator import policy_of, resilient
+from ._log import get_logger
 from ._policy_io import apply_env, dump_toml, read_toml
 from .classify import Classifier
 from .clock import Clock, default_clock
@@ -63,6 +64,8 @@ __all__ = [
     "policy_of",
     "resilient",
 ]
+
+_log = get_logger("resilience.policy")
 
 BACKOFFS = ("fixed", "exponential", "full_jitter", "decorrelated_jitter")
 
@@ -419,7 +422,33 @@ class Policy:
             if layer is not None:
                 ordered.append((section.order, layer))
         ordered.sort(key=lambda item: item[0])
+        self._warn_about_foot_guns()
         return [layer for _, layer in ordered]
+
+    def _warn_about_foot_guns(self) -> None:
+        """Log combinations that work but defeat their purpose (once per build)."""
+        breaker = self.sections.get("circuit_breaker")
+        if breaker is None or getattr(breaker, "mode", None) != "pause" or self.retry is None:
+            return
+        config = breaker.breaker
+        threshold = config.failure_threshold
+        if threshold and threshold > self.retry.attempts:
+            _log.warning(
+                "breaker_opens_after_retries_exhausted",
+                breaker=breaker.name,
+                failure_threshold=threshold,
+                retry_attempts=self.retry.attempts,
+                hint="at the start of an outage a message runs out of attempts before the "
+                "breaker opens and holds it; set failure_threshold <= retry.attempts",
+            )
+        if self.timeout.total is not None:
+            _log.warning(
+                "total_timeout_ends_held_messages",
+                breaker=breaker.name,
+                total=self.timeout.total,
+                hint="a message held by the paused breaker ends with TotalTimeout (and is "
+                "dead-lettered) when the outage outlasts timeout.total",
+            )
 
     def pipeline(
         self,

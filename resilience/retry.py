@@ -241,8 +241,7 @@ class _RetryState:
             attempt=d.attempt,
             wait=rs.upcoming_sleep,
             error_type=error_type,
-            error=str(exc),
-        )
+        )  # no str(exc): exception messages may quote payload fields the policy redacts
         if d.events:
             d.events.emit(
                 RetryScheduled(d.message_id, d.key, d.attempt, rs.upcoming_sleep, error_type)

@@ -157,3 +157,23 @@ def test_decorator_validates_at_decoration_time() -> None:
         @resilient(retry={"attempts": -1})
         async def handler(payload: dict[str, Any]) -> None:
             return None
+
+
+def test_breaker_threshold_above_attempts_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """A pause-mode breaker that opens after retries are exhausted is flagged at build time."""
+    import logging
+
+    policy = Policy.from_dict(
+        {"retry": {"attempts": 3}, "circuit_breaker": {"name": "warned", "failure_threshold": 5}}
+    )
+    with caplog.at_level(logging.WARNING, logger="resilience.policy"):
+        policy.layers()
+    messages = [r.getMessage() for r in caplog.records if r.name == "resilience.policy"]
+    assert "breaker_opens_after_retries_exhausted" in messages
+    caplog.clear()
+    fine = Policy.from_dict(
+        {"retry": {"attempts": 3}, "circuit_breaker": {"name": "fine", "failure_threshold": 3}}
+    )
+    with caplog.at_level(logging.WARNING, logger="resilience.policy"):
+        fine.layers()
+    assert not [r for r in caplog.records if r.name == "resilience.policy"]
