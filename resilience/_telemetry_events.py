@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from .events import AttemptFailed, MessageSettled, RetryScheduled
+from .logging import current_delivery
 
 if TYPE_CHECKING:
     from ._telemetry_metrics import Instruments
@@ -291,6 +292,12 @@ class EventRecorder:
             attrs = {**self.attributes, ERROR_TYPE: event.error_type}
             if event.key:
                 attrs[DESTINATION] = event.key
+            if CONSUMER_GROUP not in attrs:
+                # No group configured: report the delivery's, as the other metrics do.
+                delivery = current_delivery()
+                group = delivery.group if delivery is not None else None
+                if group is not None:
+                    attrs[CONSUMER_GROUP] = group
             self.instruments.retries.add(1, attrs)
 
     def _other(self, event: object) -> None:

@@ -86,7 +86,7 @@ async def publish_with_context(
                 attributes={
                     SYSTEM: system or messaging_system(backend),
                     OPERATION_TYPE: "send",
-                    OPERATION_NAME: "publish",
+                    OPERATION_NAME: "send",  # the span is named "<operation name> <key>"
                     DESTINATION: key,
                 },
             )

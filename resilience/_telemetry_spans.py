@@ -62,6 +62,7 @@ class Destination:
 
     __slots__ = (
         "consumed",
+        "consumed_attrs",
         "delivery_group",
         "metric_attrs",
         "outcome_attrs",
@@ -87,6 +88,8 @@ class Destination:
             self.metric_attrs[DESTINATION] = key
         if group is not None:
             self.span_attrs[CONSUMER_GROUP] = group
+        # The conventions require messaging.operation.name on every messaging metric.
+        self.consumed_attrs = {**self.metric_attrs, OPERATION_NAME: "process"}
         self.outcome_attrs = {
             outcome: {**self.metric_attrs, OPERATION_NAME: "process", OUTCOME: outcome.value}
             for outcome in Outcome

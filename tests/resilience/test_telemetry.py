@@ -309,7 +309,8 @@ async def test_concurrent_messages_get_spans_of_their_own(otel: Otel) -> None:
 
 
 async def test_metrics_count_messages_durations_and_retries(otel: Otel) -> None:
-    """Duration histogram (virtual seconds), consumed counter, retries counter, in-flight gauge."""
+    """Duration histogram (virtual seconds), consumed counter with the attributes the
+    conventions require, retries counter, in-flight gauge."""
     clock = FakeClock()
     handler = Flaky(2)
     consumer, _ = await consume(  # keep the consumer: observable counts live as long as it does
@@ -332,13 +333,38 @@ async def test_metrics_count_messages_durations_and_retries(otel: Otel) -> None:
     assert retried["messaging.operation.name"] == "process"
     (consumed,) = otel.points("messaging.client.consumed.messages")
     assert consumed.value == 2
-    assert consumed.attributes["messaging.destination.name"] == "orders"
+    assert dict(consumed.attributes) == {
+        "messaging.system": "memory",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": "orders",
+        "messaging.consumer.group.name": "billing",
+    }
     (retries,) = otel.points("resilience.retries")
     assert retries.value == 2
     assert retries.attributes["error.type"] == "ConnectionError"
     (in_flight,) = otel.points("resilience.in_flight")
     assert in_flight.value == 0
     assert consumer.pipeline is not None
+
+
+async def test_retries_carry_the_delivery_group_when_none_is_configured(otel: Otel) -> None:
+    """Without a group given to the consumer, retries are counted under the group the backend
+    delivered in, like the duration and consumed-messages metrics."""
+    backend = MemoryBackend.isolated()
+    await backend.publish_message("orders", {"order": 1})
+    real_deliveries = backend.deliveries
+
+    def in_group(*, group: str | None = None) -> Any:
+        return real_deliveries(group="from-backend")
+
+    backend.deliveries = in_group  # type: ignore[method-assign]
+    policy = Policy.from_dict({"retry": {"attempts": 3}, "telemetry": {}})
+    consumer = ResilientConsumer(backend, policy=policy, clock=FakeClock())
+    await run_until_settled(consumer, Flaky(1), 1)
+    (duration,) = otel.points("messaging.process.duration")
+    (retries,) = otel.points("resilience.retries")
+    assert duration.attributes["messaging.consumer.group.name"] == "from-backend"
+    assert retries.attributes["messaging.consumer.group.name"] == "from-backend"
 
 
 async def test_in_flight_gauge_counts_messages_being_processed(otel: Otel) -> None:
@@ -381,6 +407,8 @@ async def test_publish_then_consume_links_to_the_producer_span(otel: Otel) -> No
     assert send.kind is SpanKind.PRODUCER
     assert dict(send.attributes or {})["messaging.message.id"] == message_id
     assert dict(send.attributes or {})["messaging.operation.type"] == "send"
+    # the conventions name the span "<messaging.operation.name> <destination>"
+    assert dict(send.attributes or {})["messaging.operation.name"] == "send"
     assert backend.peek("orders")[0].headers["traceparent"].split("-")[2] == (
         format(send.context.span_id, "016x")
     )
