@@ -44,8 +44,11 @@ def free_port() -> int:
 class RedisServer:
     """A test-owned redis-server with append-only persistence, on its own port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
         self.directory = directory
+        self.args = args
+        """Extra redis-server arguments."""
+        self.password = password
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -69,11 +72,13 @@ class RedisServer:
                 "always",
                 "--dir",
                 str(self.directory),
+                *(("--requirepass", self.password) if self.password is not None else ()),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         try:
             while True:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis_support import MakeBackend, eventually, free_port
+from redis_support import MakeBackend, RedisServer, eventually, free_port
 
 from abe.backends.message_queue.service.redis import (
     RedisBackend,
@@ -479,3 +482,61 @@ async def test_closing_the_backend_ends_its_open_iterators(
 async def test_pending_of_a_missing_stream_is_zero(make_backend: MakeBackend, prefix: str) -> None:
     """pending() reports 0 for a stream or group that does not exist yet."""
     assert await make_backend().pending(f"{prefix}nothing") == 0
+
+
+# -- authentication -------------------------------------------------------------------------------
+
+PASSWORD = "p@ss/w:rd#1?%"
+
+
+@pytest.fixture
+def secured_server(tmp_path: Path, redis_url: str) -> Iterator[RedisServer]:
+    """A private redis-server that requires PASSWORD (a password full of URL characters)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail("redis-server is not on PATH; CI=true, so the password test must run")
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path, password=PASSWORD)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_from_env_with_a_password_publishes_and_consumes(
+    secured_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REDIS_URL without a password plus REDIS_PASSWORD (with '@', '/', ':' and '%' in it)
+    authenticates both publishing and consuming."""
+    monkeypatch.setenv("REDIS_URL", secured_server.url)
+    monkeypatch.setenv("REDIS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("REDIS_STREAMS", "secured")
+    async with RedisBackend.from_env() as backend:
+        await backend.publish("secured", {"n": 1})
+        stream = backend.deliveries()
+        (message,) = await _take(stream)
+        await backend.ack(message)
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert message.payload == {"n": 1}
+    assert PASSWORD not in repr(backend)
+
+
+async def test_a_wrong_password_fails_clearly_instead_of_retrying(
+    secured_server: RedisServer,
+) -> None:
+    """Wrong credentials are not an outage: publish raises RedisBackendError (not the retryable
+    RedisUnavailableError) and a reader stops with RedisBackendError instead of backing off
+    forever; neither message shows the password."""
+    url = secured_server.url.replace("redis://", "redis://:wrong-secret@")
+    backend = RedisBackend(url, streams=["secured"], consumer="c")
+    with pytest.raises(RedisBackendError) as published:
+        await backend.publish("secured", {"n": 1})
+    assert not isinstance(published.value, RedisUnavailableError)
+    with pytest.raises(RedisBackendError, match="refused the connection") as read:
+        async with asyncio.timeout(5):
+            await anext(backend.deliveries())
+    for error in (published.value, read.value):
+        assert "wrong-secret" not in str(error)
+    assert backend.stats.reconnects == 0
+    await backend.aclose()

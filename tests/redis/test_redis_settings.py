@@ -104,6 +104,19 @@ def test_redis_password_is_used_when_the_url_has_none() -> None:
     assert kept.url == "redis://u:own@cache/0"
 
 
+def test_a_redis_password_with_url_characters_survives_the_url() -> None:
+    """REDIS_PASSWORD is percent-encoded into the URL: redis-py reads it back unchanged (with
+    '@', '/', ':', '#', '?', '%' and spaces), the host stays right, and redact() hides it all."""
+    password = " p@ss/w:rd#1?%x "
+    s = RedisSettings.from_environ(
+        {"REDIS_URL": "redis://cache:6380/1", "REDIS_PASSWORD": password}
+    )
+    kwargs = aioredis.Redis.from_url(s.url).connection_pool.connection_kwargs
+    assert kwargs["password"] == password
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("cache", 6380, 1)
+    assert redact(s.url) == "redis://:***@cache:6380/1"
+
+
 def test_redact_hides_the_password_only() -> None:
     """Messages show the URL with the password replaced by ***."""
     assert redact("rediss://user:s3cret@host:6380/0") == "rediss://user:***@host:6380/0"

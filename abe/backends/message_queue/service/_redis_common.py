@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOGGER_NAME",
+    "REFUSED_ERRORS",
     "TRANSIENT_ERRORS",
     "RedisBackendError",
     "RedisStats",
@@ -40,6 +42,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 """Errors after which reading reconnects and resumes: lost connections, timeouts (the builtin
 ``TimeoutError`` of ``command_timeout`` is an ``OSError``), and ``BusyLoadingError`` (a
 ``ConnectionError``) while a restarted Redis loads its data."""
+
+REFUSED_ERRORS: tuple[type[BaseException], ...] = (AuthenticationError, AuthorizationError)
+"""Connection errors that waiting cannot cure (a wrong password, a user without rights): they
+are raised at once as :class:`RedisBackendError`, never retried as if Redis were down, although
+redis-py derives them from its ``ConnectionError``."""
 
 Sleep = Callable[[float], Awaitable[None]]
 """How reconnection backoff waits (``asyncio.sleep``; tests pass a fake)."""

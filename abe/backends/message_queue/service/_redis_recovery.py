@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from redis.exceptions import ResponseError
 
 from ._redis_codec import decode_batch
-from ._redis_common import LOGGER_NAME, TRANSIENT_ERRORS, text
+from ._redis_common import (
+    LOGGER_NAME,
+    REFUSED_ERRORS,
+    TRANSIENT_ERRORS,
+    RedisBackendError,
+    text,
+)
+from ._redis_settings import redact
 
 if TYPE_CHECKING:
     from abe.backends.message_queue.base.extensions import InboundMessage
@@ -199,6 +206,7 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
     stream was deleted, or Redis restarted without persistence) is created again.
 
     Raises:
+        RedisBackendError: Redis refused the credentials or the user's rights.
         redis.exceptions.ResponseError: Redis refused the step for another reason.
         asyncio.CancelledError: the task was cancelled, also when a Redis call swallowed it.
     """
@@ -217,6 +225,12 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
             await step()
         except TRANSIENT_ERRORS as exc:
             raise_if_cancel_swallowed(task, baseline)
+            if isinstance(exc, REFUSED_ERRORS):
+                raise RedisBackendError(
+                    f"Redis at {redact(settings.url)} refused the connection "
+                    f"({type(exc).__name__}: {exc}); check the password (REDIS_URL or "
+                    "REDIS_PASSWORD) and the user's permissions"
+                ) from exc
             failures += 1
             reader.stats.reconnects += 1
             wait = delay / 2 + random.random() * delay / 2

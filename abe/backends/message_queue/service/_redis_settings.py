@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["DEFAULT_GROUP", "DEFAULT_STREAMS", "DEFAULT_URL", "RedisSettings", "default_consumer"]
 
@@ -187,7 +187,7 @@ class RedisSettings:
             return raw or None
 
         url = text("REDIS_URL")
-        password = text("REDIS_PASSWORD")
+        password = env.get("REDIS_PASSWORD") or None  # a secret: taken as it is, not stripped
         if url is not None or password is not None:
             url = url or DEFAULT_URL
             parts = urlsplit(url)
@@ -198,7 +198,8 @@ class RedisSettings:
                 )
             if password is not None and parts.password is None and parts.scheme != "unix":
                 user = parts.username or ""
-                netloc = f"{user}:{password}@{parts.netloc.rpartition('@')[2]}"
+                secret = quote(password, safe="")  # redis-py unquotes it; '@' or '/' stay
+                netloc = f"{user}:{secret}@{parts.netloc.rpartition('@')[2]}"
                 url = urlunsplit(parts._replace(netloc=netloc))
             values["url"] = url
         streams = text("REDIS_STREAMS")

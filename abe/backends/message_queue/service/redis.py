@@ -49,6 +49,7 @@ from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, Messa
 
 from ._redis_codec import encode_entry
 from ._redis_common import (
+    REFUSED_ERRORS,
     TRANSIENT_ERRORS,
     RedisBackendError,
     RedisStats,
@@ -533,7 +534,7 @@ class RedisBackend:
     def _fail(self, what: str, exc: BaseException) -> NoReturn:
         where = redact(self._settings.url)
         text = f"{what} on {where} failed: {type(exc).__name__}: {exc}"
-        if isinstance(exc, TRANSIENT_ERRORS):
+        if isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, REFUSED_ERRORS):
             raise RedisUnavailableError(text) from exc
         raise RedisBackendError(text) from exc
 
