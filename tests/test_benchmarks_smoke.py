@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -412,6 +413,19 @@ def test_memory_benchmark_runs() -> None:
     assert report["max_rss_mb"] >= max(s["rss_mb"] for s in report["samples"])
     assert report["max_rss_mb"] >= report["rss_final_mb"]
     assert "growth" in format_memory(report)
+
+
+def test_success_path_benchmarks_do_not_print_policy_advice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Building the full pipeline many times logs no build-time advice, and logging is restored."""
+    caplog.set_level(logging.DEBUG)
+    logger = logging.getLogger("resilience.policy")
+    before = logger.level
+    measure_memory(messages=1000, batch=500)
+    measure_overhead(messages=50, rounds=1)
+    assert [r for r in caplog.records if r.name == "resilience.policy"] == []
+    assert logger.level == before
 
 
 def test_memory_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.consumer import ResilientConsumer
 
 from .overhead import full_pipeline_policy
-from .report import format_table, machine_info
+from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["format_memory", "measure_memory", "rss_bytes"]
 
@@ -133,7 +133,8 @@ def measure_memory(
     """
     if messages < 1 or batch < 1:
         raise ValueError("messages and batch must be >= 1")
-    return asyncio.run(_run(messages, batch, progress))
+    with quiet_policy_advice():
+        return asyncio.run(_run(messages, batch, progress))
 
 
 def format_memory(report: dict[str, Any]) -> str:

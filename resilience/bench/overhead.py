@@ -26,7 +26,7 @@ from resilience.delivery import Delivery
 from resilience.retry import Retry
 
 from ._contenders import CONTENDERS, KEY, Setup, Unavailable, _Contender, full_pipeline_policy
-from .report import format_table, machine_info
+from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
 
@@ -291,7 +291,8 @@ def measure_overhead(
     """
     if messages < 2 or rounds < 1:
         raise ValueError("messages must be >= 2 and rounds >= 1")
-    return asyncio.run(_measure(messages, rounds, progress))
+    with quiet_policy_advice():
+        return asyncio.run(_measure(messages, rounds, progress))
 
 
 def format_overhead(report: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ from resilience.pipeline import Pipeline
 from resilience.policy import Policy
 
 from .overhead import full_pipeline_policy
-from .report import format_table, machine_info
+from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["RedisUnavailable", "format_throughput", "measure_throughput", "redis_server"]
 
@@ -376,7 +376,7 @@ def measure_throughput(
     """
     if messages < 1 or rounds < 1:
         raise ValueError("messages and rounds must be >= 1")
-    with _server(url) as resolved:
+    with _server(url) as resolved, quiet_policy_advice():
         return asyncio.run(_measure(resolved, messages, rounds, progress))
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,6 +17,7 @@ from .simulate import RunResult, Workload
 
 __all__ = [
     "ProgressBar",
+    "quiet_policy_advice",
     "comparison_document",
     "format_comparison",
     "format_seconds",
@@ -22,6 +25,24 @@ __all__ = [
     "machine_info",
     "write_chart",
 ]
+
+
+@contextlib.contextmanager
+def quiet_policy_advice() -> Iterator[None]:
+    """Silence the policy's build-time advice while a success-path benchmark builds pipelines.
+
+    The full default pipeline (``Policy()`` plus a default circuit breaker) logs, at every
+    build, that its breaker opens only after retries are exhausted: true, and worth knowing
+    when choosing a policy for outages (``resilience bench policies`` measures exactly that),
+    but noise when dozens of pipelines are built to time the success path.
+    """
+    logger = logging.getLogger("resilience.policy")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def machine_info() -> dict[str, Any]:
