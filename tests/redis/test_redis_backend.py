@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis_support import MakeBackend, RedisServer, eventually, free_port
 
+from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.redis import (
     RedisBackend,
     RedisBackendError,
@@ -228,6 +229,70 @@ async def test_a_full_ack_buffer_is_flushed_at_once(make_backend: MakeBackend, p
         await backend.ack(m)
     assert await backend.pending() == 2
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_ack_nowait_buffers_like_ack_and_rides_along_with_the_next_read(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """ack_nowait (what ResilientConsumer calls on its hot path) buffers without a round trip;
+    the acks go out as one XACK with the next read."""
+    backend = make_backend(batch_size=5, ack_delay=60)
+    await backend.publish_many(f"{prefix}s", [{"n": n} for n in range(6)])
+    stream = backend.deliveries()
+    for m in await _take(stream, 5):
+        backend.ack_nowait(m)
+    assert await backend.pending() == 5
+    (sixth,) = await _take(stream)
+    assert await backend.pending() == 1
+    assert (backend.stats.acked, backend.stats.ack_round_trips) == (5, 1)
+    backend.ack_nowait(sixth)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert await backend.pending() == 0
+
+
+async def test_ack_nowait_sends_in_a_task_what_cannot_wait(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """A full buffer, and a delivery that did not come from this backend's reader, are
+    acknowledged by a background task; aclose() waits for it."""
+    backend = make_backend(batch_size=10, ack_batch=2, ack_delay=60)
+    await backend.publish_many(f"{prefix}s", [{"n": n} for n in range(3)])
+    stream = backend.deliveries()
+    first, second, third = await _take(stream, 3)
+    backend.ack_nowait(first)
+    backend.ack_nowait(second)  # the buffer is full: flushed by a task
+
+    async def two_acked() -> bool:
+        return await backend.pending() == 1
+
+    await eventually(two_acked, what="the background flush")
+    detached = InboundMessage(third.payload, third.key, third.message_id, group="g")
+    backend.ack_nowait(detached)  # no reader handle: a plain XACK in a task
+    await backend.aclose()
+    assert await make_backend().pending() == 0
+    assert backend.stats.acked == 3
+
+
+async def test_a_failed_background_ack_is_logged_and_the_entry_stays_pending(
+    make_backend: MakeBackend, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When Redis refuses an acknowledgement ack_nowait sent in a task, a warning names the
+    entry (it will be delivered again); nothing is raised into the consumer."""
+    backend = make_backend()
+    await backend.publish(f"{prefix}s", {"n": 1})
+    stream = backend.deliveries()
+    (m,) = await _take(stream)
+    wrong = InboundMessage(m.payload, f"{prefix}missing", m.message_id, group="g")
+    await backend.client.set(f"{prefix}missing", "not a stream")
+    with caplog.at_level("WARNING"):
+        backend.ack_nowait(wrong)
+        await backend.aclose()
+    assert any(
+        m.message_id in r.getMessage() and "delivered again" in r.getMessage()
+        for r in caplog.records
+    )
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert await make_backend().pending() == 1
 
 
 async def test_ack_twice_or_after_dead_letter_is_a_no_op(

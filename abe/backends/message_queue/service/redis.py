@@ -28,10 +28,11 @@ Guarantees (see ``docs/redis.md``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -180,6 +181,8 @@ class RedisBackend:
         self._sleep = sleep
         self._stats = RedisStats()
         self._readers: weakref.WeakSet[StreamReader] = weakref.WeakSet()
+        self._settling: set[asyncio.Task[None]] = set()
+        """Acknowledgements :meth:`ack_nowait` had to send in a task."""
         self._closed = False
 
     @classmethod
@@ -377,6 +380,37 @@ class RedisBackend:
             self._fail(f"acknowledging entry {message.message_id}", exc)
         self._stats.acked += 1
 
+    def ack_nowait(self, message: InboundMessage) -> None:
+        """:meth:`ack` without a coroutine: buffer the acknowledgement of ``message``.
+
+        What must be sent at once (a full buffer, a closed reader, a message that did not come
+        from ``deliveries()``) is sent by a task; if Redis does not take it, that is logged and
+        the entry is delivered again.
+        """
+        handle = message.handle
+        if type(handle) is StreamReader:
+            if handle.buffer_ack(message):
+                self._in_background(handle.flush_due(), message)
+            return
+        self._in_background(self.ack(message), message)
+
+    def _in_background(self, settle: Coroutine[Any, Any, None], message: InboundMessage) -> None:
+        task = asyncio.get_running_loop().create_task(settle)
+        self._settling.add(task)
+        task.add_done_callback(functools.partial(self._settled, message))
+
+    def _settled(self, message: InboundMessage, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.warning(
+                "Acknowledging entry %s failed; it will be delivered again: %s",
+                message.message_id,
+                exc,
+            )
+
     async def release(self, message: InboundMessage) -> None:
         """Hand ``message`` back to its group: the next reclaim by any consumer redelivers it.
 
@@ -501,6 +535,8 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
+        if self._settling:
+            await asyncio.wait(set(self._settling))
         for reader in list(self._readers):
             await reader.close()
         if self._owns_client:
