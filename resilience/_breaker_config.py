@@ -98,7 +98,7 @@ class BreakerConfig:
             rate without a window, or no trip condition at all).
     """
 
-    failure_threshold: int | None = 5
+    failure_threshold: int | None = 3
     window: Window | None = None
     failure_rate: float | None = None
     slow_call_duration: float | timedelta | None = None

@@ -5,7 +5,7 @@ Example TOML::
     [circuit_breaker]
     name = "payments-api"          # equal names share one breaker
     mode = "pause"                 # pause | fail_fast
-    failure_threshold = 5          # consecutive failures (0: off)
+    failure_threshold = 3          # consecutive failures (0: off)
     window = { type = "count", size = 50, minimum_calls = 20 }   # or type = "time", size = 60
     failure_rate = 0.5             # of the window's calls
     slow_call_duration = 2.0       # seconds

@@ -73,7 +73,7 @@ def test_an_empty_section_gives_the_defaults() -> None:
     """``[circuit_breaker]`` with no keys is a pause-mode breaker named default."""
     config = Policy.from_dict({"circuit_breaker": {}}).sections["circuit_breaker"]
     assert config == CircuitBreakerConfig()
-    assert config.breaker.failure_threshold == 5
+    assert config.breaker.failure_threshold == 3  # composes with the retry default of 3 attempts
     assert Policy.from_dict({"circuit_breaker": False}).sections == {}
 
 
