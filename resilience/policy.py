@@ -434,20 +434,21 @@ class Policy:
         threshold = config.failure_threshold
         if threshold and threshold > self.retry.attempts:
             _log.warning(
-                "breaker_opens_after_retries_exhausted",
+                f"breaker_opens_after_retries_exhausted: circuit_breaker {breaker.name!r} has "
+                f"failure_threshold {threshold} > retry.attempts {self.retry.attempts}, so at "
+                "the start of an outage a message runs out of attempts before the breaker "
+                "opens and holds it; set failure_threshold <= retry.attempts",
                 breaker=breaker.name,
                 failure_threshold=threshold,
                 retry_attempts=self.retry.attempts,
-                hint="at the start of an outage a message runs out of attempts before the "
-                "breaker opens and holds it; set failure_threshold <= retry.attempts",
             )
         if self.timeout.total is not None:
             _log.warning(
-                "total_timeout_ends_held_messages",
+                f"total_timeout_ends_held_messages: a message held by the paused circuit_breaker "
+                f"{breaker.name!r} ends with TotalTimeout (and is dead-lettered) when an outage "
+                f"outlasts timeout.total ({self.timeout.total:g}s)",
                 breaker=breaker.name,
                 total=self.timeout.total,
-                hint="a message held by the paused breaker ends with TotalTimeout (and is "
-                "dead-lettered) when the outage outlasts timeout.total",
             )
 
     def pipeline(

@@ -169,7 +169,9 @@ def test_breaker_threshold_above_attempts_is_warned(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="resilience.policy"):
         policy.layers()
     messages = [r.getMessage() for r in caplog.records if r.name == "resilience.policy"]
-    assert "breaker_opens_after_retries_exhausted" in messages
+    assert len(messages) == 1
+    assert messages[0].startswith("breaker_opens_after_retries_exhausted: ")
+    assert "failure_threshold 5 > retry.attempts 3" in messages[0]
     caplog.clear()
     fine = Policy.from_dict(
         {"retry": {"attempts": 3}, "circuit_breaker": {"name": "fine", "failure_threshold": 3}}
