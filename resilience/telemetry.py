@@ -288,9 +288,11 @@ class Telemetry:
             message_id = message.message_id
             attrs[DELIVERY_COUNT] = message.delivery_count
             headers = message.headers
-            raw = message.raw  # kept by backends only when decoding failed
-            if raw is not None:
-                attrs[MESSAGE_BODY_SIZE] = len(raw)
+            size = message.body_size
+            if size is None and message.raw is not None:  # raw: kept when decoding failed
+                size = len(message.raw)
+            if size is not None:
+                attrs[MESSAGE_BODY_SIZE] = size
         else:
             message_id = delivery.message_id
             attrs[DELIVERY_COUNT] = delivery.delivery_count

@@ -659,3 +659,17 @@ def test_replay_header_names_match_the_dead_letter_module() -> None:
 
     assert _telemetry_spans.DEAD_LETTER_TRACEPARENT_HEADER == DEAD_LETTER_TRACEPARENT_HEADER
     assert _telemetry_spans.REPLAY_COUNT_HEADER == REPLAY_COUNT_HEADER
+
+
+async def test_body_size_is_reported_when_the_backend_knows_it(otel: Otel) -> None:
+    """A delivery whose backend measured the encoded body gets messaging.message.body.size."""
+    from abe.backends.message_queue.base.extensions import InboundMessage
+
+    backend = MemoryBackend.isolated()
+    backend.channel.put(InboundMessage({"order": 1}, "orders", "9", body_size=42))
+    consumer = ResilientConsumer(
+        backend, "billing", policy=Policy.from_dict({"telemetry": {}}), clock=FakeClock()
+    )
+    await run_until_settled(consumer, Flaky(), 1)
+    (span,) = otel.finished()
+    assert dict(span.attributes or {})["messaging.message.body.size"] == 42

@@ -48,6 +48,7 @@ class InboundMessage:
         raw: The undecoded body, kept only when decoding failed.
         decode_error: Why decoding failed; such a message is poison and is never retried.
         handle: Backend-private settlement data (for example a batch reference).
+        body_size: Size in bytes of the encoded body, when the backend knows it.
     """
 
     payload: MessageQueuePayload
@@ -60,6 +61,7 @@ class InboundMessage:
     raw: bytes | str | None = None
     decode_error: BaseException | None = None
     handle: Any = None
+    body_size: int | None = None
 
 
 @runtime_checkable

@@ -163,9 +163,20 @@ def decode_entry(
             raw,
             error,
             handle,
+            len(raw),
         )
     return InboundMessage(
-        payload, key, message_id, delivery_count, headers, enqueued_at, group, None, None, handle
+        payload,
+        key,
+        message_id,
+        delivery_count,
+        headers,
+        enqueued_at,
+        group,
+        None,
+        None,
+        handle,
+        len(data),  # type: ignore[arg-type]  # data is bytes here: decoding succeeded
     )
 
 
@@ -234,6 +245,7 @@ def decode_batch(
                                 None,
                                 None,
                                 handle,
+                                len(data),
                             )
                         )
                         continue
