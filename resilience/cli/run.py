@@ -160,6 +160,10 @@ async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:
             pass
         except ConfigError as exc:
             raise CliError(str(exc)) from None
+        except Exception as exc:
+            # The backend gave up (wrong credentials, a broker that refuses): one line, exit 2.
+            log.error("consumer stopped", exc_info=exc)
+            raise CliError(f"the consumer stopped: {type(exc).__name__}: {exc}") from None
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

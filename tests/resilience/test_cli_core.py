@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,24 @@ def test_run_log_lines_carry_the_message_context(
     assert line["key"] == "orders"
     assert line["message_id"] == "1"
     assert line["attempt"] == 1
+
+
+def test_run_backend_failure_is_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that fails while consuming ends the command with exit 2 and one line."""
+    write_handler(workdir, "h2", "async def handle(payload):\n    pass\n")
+
+    class Refusing(MemoryBackend):
+        async def deliveries(self, *, group: str | None = None) -> Any:
+            raise PermissionError("NOAUTH Authentication required")
+            yield  # pragma: no cover
+
+    import abe.backends.message_queue.loader as loader
+
+    monkeypatch.setattr(loader, "load_backend", lambda: Refusing.isolated())
+    assert main(["run", "h2:handle", "--log-format", "json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "resilience: error: the consumer stopped: PermissionError: NOAUTH Authentication required"
+    )
