@@ -22,6 +22,7 @@ console output for the demo. Applications with a structlog setup of their own ad
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -143,6 +144,13 @@ class LogContext:
             delivery: The message being processed.
             call_next: The rest of the pipeline.
         """
+        await self._run(call_next, delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's cheap form of this layer in front of ``call_next``."""
+        return functools.partial(self._run, call_next)
+
+    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
         token = _DELIVERY.set(delivery)
         try:
             await call_next(delivery)

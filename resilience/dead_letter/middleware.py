@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -217,6 +218,13 @@ class DeadLetterRouter:
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         """Run the rest of the pipeline; dead-letter what ends terminally."""
+        await self._run(call_next, delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """The pipeline's cheap form of this layer in front of ``call_next``."""
+        return functools.partial(self._run, call_next)
+
+    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
         message = delivery.message
         if message is not None and message.decode_error is not None:
             await self._route(delivery, message.decode_error, "decode_error", "decode")
