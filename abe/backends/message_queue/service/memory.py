@@ -96,11 +96,6 @@ class MemoryChannel:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
 
-    def track(self, seq: int, message: InboundMessage) -> None:
-        """Remember ``message`` as handed out and not yet settled."""
-        if message.message_id is not None:
-            self._unacked[message.message_id] = (seq, message)
-
     def settle(self, message: InboundMessage) -> tuple[int, InboundMessage] | None:
         """Forget ``message`` as unacked; returns what was tracked, if anything."""
         if message.message_id is None:
