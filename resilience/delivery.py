@@ -176,11 +176,6 @@ class Delivery:
     def headers(self, value: Mapping[str, str]) -> None:
         self._meta().headers = value
 
-    @property
-    def attempts_made(self) -> int:
-        """Attempts made so far across deliveries (the current one included)."""
-        return self.attempt
-
     def note_failure(self, exc: BaseException, now: float) -> None:
         """Add ``exc`` to the compact failure history."""
         name = type(exc).__qualname__
