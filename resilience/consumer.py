@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
+from ._breaker_state import _CLOSED
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
@@ -20,7 +22,9 @@ from .pipeline import Pipeline
 
 if TYPE_CHECKING:
     from abe.backends.message_queue.base import MessageQueueBackend
+    from abe.backends.message_queue.base.extensions import InboundMessage
 
+    from ._fused import Fused
     from .pipeline import CallNext, Handler, Middleware
     from .policy import Policy
 
@@ -140,7 +144,8 @@ class ResilientConsumer(AsyncLoopConsumer):
     async def _consume(self, handler: Handler) -> None:
         pipeline, handler, classifier = self._resolve(handler)
         self._pipeline = pipeline
-        call = pipeline.build(handler)
+        compiled = pipeline.compile(handler)
+        call = compiled.call
         gates = tuple(layer for layer in pipeline.layers if isinstance(layer, Gate))
         self._stopping = False
         backend = self.backend
@@ -151,7 +156,16 @@ class ResilientConsumer(AsyncLoopConsumer):
         else:
             source = backend.consume(group=self.group)
         try:
-            if self.concurrency == 1:
+            fused = compiled.fused
+            if (
+                self.concurrency == 1
+                and fused is not None
+                and settling
+                and getattr(backend, "ack_nowait", None) is not None
+                and (fused.breaker is None or fused.breaker._simple)
+            ):
+                await self._loop_fused(source, fused, call, classifier, gates)
+            elif self.concurrency == 1:
                 await self._loop_inline(source, call, classifier, gates, settling)
             else:
                 await self._loop_concurrent(source, call, classifier, gates, settling)
@@ -217,6 +231,136 @@ class ResilientConsumer(AsyncLoopConsumer):
             for gate in gates:
                 if gate.paused:
                     await gate.wait_resumed()
+
+    async def _loop_fused(
+        self,
+        source: AsyncIterator[Any],
+        fused: Fused,
+        call: CallNext,
+        classifier: Classifier,
+        gates: tuple[Gate, ...],
+    ) -> None:
+        # _loop_inline with the fused layers' success path written out in the loop itself: no
+        # Delivery object, no coroutine frame besides the handler's, one clock read. Anything
+        # off that path (an event listener, a decode error, the attempt limit, the breaker not
+        # closed, a failure) takes the layers' own code with a Delivery built then; see
+        # resilience._fused for why the behaviour is the same.
+        now = monotonic_function(self.clock)
+        events = self.events
+        ack_nowait = self.backend.ack_nowait  # type: ignore[attr-defined]
+        task = asyncio.current_task()
+        assert task is not None
+        handler = fused.handler
+        router = fused.router
+        attempts = fused.attempts if fused.retry is not None else sys.maxsize
+        budget = fused.budget
+        breaker = fused.breaker
+        breaker_now = fused.breaker_now
+        slow_duration = breaker._slow_duration if breaker is not None else 0.0
+        watchdog = fused.watchdog
+        limit = fused.limit
+        active: dict[asyncio.Task[Any], float] = {}
+        fired: set[asyncio.Task[Any]] = set()
+        shared_clock = False
+        if watchdog is not None:
+            loop = task.get_loop()
+            if loop is not watchdog.loop:
+                watchdog.bind(loop)
+            watchdog.last_task = task
+            active, fired = watchdog.active, watchdog.fired
+            shared_clock = watchdog.clock is self.clock
+        pausing = fused.guard if fused.guard is not None and fused.guard in gates else None
+        others = tuple(gate for gate in gates if gate is not pausing)
+        async for message in source:
+            started = now()
+            self._busy = True
+            if (
+                events.listeners
+                or (router is not None and message.decode_error is not None)
+                or message.delivery_count > attempts
+                or (breaker is not None and breaker._state is not _CLOSED)
+            ):
+                delivery = new_delivery(message, started, events, task)
+                await self._settle_step(delivery, call(delivery), classifier, ack_nowait)
+            else:
+                epoch = 0
+                start = 0.0
+                if breaker is not None:
+                    epoch = breaker._epoch
+                    if slow_duration:
+                        start = breaker_now()
+                if budget is not None:
+                    budget.deposit()
+                if watchdog is not None:
+                    deadline = (started if shared_clock else watchdog.now()) + limit
+                    active[task] = deadline
+                    if deadline < watchdog.armed_at:
+                        watchdog.arm(deadline)
+                try:
+                    await handler(message.payload)
+                except BaseException as exc:
+                    error: BaseException | None = exc
+                else:
+                    error = None
+                if error is None and not (watchdog is not None and fired and task in fired):
+                    if watchdog is not None:
+                        del active[task]
+                    if breaker is not None and breaker._epoch == epoch:
+                        breaker._consecutive = 0
+                    self._busy = False
+                    try:
+                        ack_nowait(message)
+                    except Exception as ack_error:
+                        self._ack_failed(new_delivery(message, started, events, task), ack_error)
+                    if events.listeners:  # subscribed while the handler ran
+                        delivery = new_delivery(message, started, events, task)
+                        delivery.outcome = Outcome.SUCCESS
+                        self._settled(delivery, None)
+                else:
+                    delivery = new_delivery(message, started, events, task)
+                    if error is None:
+                        del active[task]
+                        step = fused.finish_fired(delivery, task, epoch, start)
+                    else:
+                        step = fused.failed(delivery, error, epoch, start, task)
+                    error = None
+                    await self._settle_step(delivery, step, classifier, ack_nowait)
+            if self._stopping:
+                return
+            if pausing is not None and breaker._state is not _CLOSED and pausing.paused:  # type: ignore[union-attr]
+                await pausing.wait_resumed()
+            for gate in others:
+                if gate.paused:
+                    await gate.wait_resumed()
+
+    async def _settle_step(
+        self,
+        delivery: Delivery,
+        step: Awaitable[None],
+        classifier: Classifier,
+        ack_nowait: Callable[[InboundMessage], None],
+    ) -> None:
+        """Await ``step`` (the pipeline, or the rest of it, for ``delivery``) and settle the
+        delivery by its outcome, as the inline loop does."""
+        try:
+            await step
+        except BaseException as exc:
+            self._busy = False
+            await self._failed(delivery, exc, classifier, True)
+            return
+        self._busy = False
+        try:
+            ack_nowait(delivery.message)  # type: ignore[arg-type]
+        except Exception as ack_error:
+            self._ack_failed(delivery, ack_error)
+        if self.events.listeners:
+            if delivery.outcome is None:
+                delivery.outcome = (
+                    Outcome.RETRIED
+                    if delivery.attempt > delivery.delivery_count
+                    else Outcome.SUCCESS
+                )
+            self._settled(delivery, None)
 
     async def _loop_concurrent(
         self,

@@ -19,11 +19,12 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from typing import Literal, Unpack
 
+    from ._fused import Fused
     from .breaker import BreakerOptions
     from .classify import Classifier
     from .clock import Clock
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
     from .retry import Backoff, RetryBudget
 
-__all__ = ["CallNext", "Handler", "Middleware", "Pipeline"]
+__all__ = ["CallNext", "Compiled", "Handler", "Middleware", "Pipeline"]
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 """The user's handler: ``async def handler(payload: dict) -> None``."""
@@ -73,6 +74,14 @@ def _link(layer: Middleware, call_next: CallNext) -> CallNext:
         await layer(delivery, call_next)
 
     return step
+
+
+class Compiled(NamedTuple):
+    """A built pipeline: :attr:`call` runs it; :attr:`fused` is set when every layer is a
+    built-in one fused into a single coroutine (see :mod:`resilience._fused`)."""
+
+    call: CallNext
+    fused: Fused | None
 
 
 class Pipeline:
@@ -183,13 +192,25 @@ class Pipeline:
 
         return self.use(Timeout(seconds, total=True, clock=clock))
 
-    def build(self, handler: Handler) -> CallNext:
+    def build(self, handler: Handler, *, fuse: bool = True) -> CallNext:
         """Freeze the pipeline and compose it around ``handler``.
+
+        Args:
+            handler: The user's handler.
+            fuse: Run the innermost built-in layers (dead-letter routing, retry, circuit
+                breaker, per-attempt timeout, in that order) as one coroutine on the success
+                path; the behaviour is the same either way (see :mod:`resilience._fused`),
+                ``False`` links every layer as its own frame.
 
         Returns:
             ``async (delivery) -> None`` running every layer and finally
             ``handler(delivery.payload)``.
         """
+        return self.compile(handler, fuse=fuse).call
+
+    def compile(self, handler: Handler, *, fuse: bool = True) -> Compiled:
+        """:meth:`build`, also returning the fused run when it covers every layer (which lets
+        the consumer inline the success path in its own loop)."""
         if not callable(handler):
             raise TypeError(f"handler must be an async callable, got {handler!r}")
         self._frozen = True
@@ -198,10 +219,27 @@ class Pipeline:
             # A plain function returning the handler's awaitable: no extra coroutine frame.
             return handler(delivery.payload)
 
+        layers = self._layers
+        start = len(layers)
+        if fuse:
+            from ._fused import fusable_suffix
+
+            start = fusable_suffix(layers)
         call: CallNext = terminal
-        for layer in reversed(self._layers):
+        chains = [call]
+        for layer in reversed(layers[start:]):
             call = _link(layer, call)
-        return call
+            chains.append(call)
+        fused: Fused | None = None
+        if start < len(layers) or (fuse and not layers):
+            from ._fused import Fused
+
+            chains.reverse()
+            fused = Fused(layers[start:], chains, handler)
+            call = fused.call
+        for layer in reversed(layers[:start]):
+            call = _link(layer, call)
+        return Compiled(call, fused if start == 0 else None)
 
     def __repr__(self) -> str:
         inner = ", ".join(type(layer).__name__ for layer in self._layers)

@@ -146,13 +146,20 @@ class Timeout:
         finally:
             active.pop(task, None)
         if watchdog.fired and task in watchdog.fired:
-            # Finished in the same loop turn the watchdog fired: absorb its pending cancel.
-            watchdog.fired.discard(task)
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                if task.uncancel() > 0:
-                    raise
+            await self._absorb(task)
+
+    async def _absorb(self, task: asyncio.Task[Any]) -> None:
+        """The call finished although the watchdog cancelled it (the handler caught the
+        cancellation, or it was still pending): withdraw the watchdog's cancel request, so
+        the task's cancel count is as before (a shutdown's cancel still propagates)."""
+        self._watchdog.fired.discard(task)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if task.uncancel() > 0:
+                raise
+            return
+        task.uncancel()
 
     def _error(self, delivery: Delivery) -> TimeoutError:
         limit: float = self.seconds  # type: ignore[assignment]
