@@ -146,6 +146,44 @@ def _span(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
     return AsyncLoopConsumer(backend), wrap
 
 
+def _span_histogram(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    import time
+
+    from opentelemetry.trace import SpanKind
+
+    tracer_provider, meter_provider = _sdk()
+    tracer = tracer_provider.get_tracer("bench")
+    histogram = meter_provider.get_meter("bench").create_histogram(
+        "messaging.process.duration", unit="s"
+    )
+    attributes = {
+        "messaging.system": "memory",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": KEY,
+    }
+    metric_attributes = {
+        "messaging.system": "memory",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": KEY,
+        "outcome": "success",
+    }
+    start = tracer.start_as_current_span
+    record = histogram.record
+    monotonic = time.monotonic
+
+    def wrap(inner: Handler) -> Handler:
+        async def handler(payload: dict[str, Any]) -> None:
+            with start(f"process {KEY}", kind=SpanKind.CONSUMER, attributes=attributes):
+                began = monotonic()
+                await inner(payload)
+                record(monotonic() - began, metric_attributes)
+
+        return handler
+
+    return AsyncLoopConsumer(backend), wrap
+
+
 def _tenacity(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
     import tenacity
 
@@ -251,6 +289,12 @@ CONTENDERS: tuple[_Contender, ...] = (
         _resilient_sdk_traces,
     ),
     _Contender("bare+otel span", "bare consumer, one SDK CONSUMER span with attributes", _span),
+    _Contender(
+        "bare+otel span+histogram",
+        "the same span plus one SDK duration histogram record (four attributes) inside it: "
+        "the same two signals instrumented by hand",
+        _span_histogram,
+    ),
     _Contender(
         "bare+tenacity", "bare consumer, handler wrapped per call in AsyncRetrying", _tenacity
     ),
