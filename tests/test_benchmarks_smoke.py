@@ -33,7 +33,7 @@ from resilience.bench import (
     simulate,
 )
 from resilience.bench.memory import format_memory, measure_memory
-from resilience.bench.overhead import format_overhead, measure_overhead
+from resilience.bench.overhead import _ratios, format_overhead, measure_overhead
 from resilience.bench.policies import has_section
 from resilience.bench.redis_throughput import (
     RedisUnavailable,
@@ -392,16 +392,45 @@ def test_overhead_benchmark_runs_and_reports_ratios() -> None:
         "tenacity AsyncRetrying",
     }
     names = [r["name"] for r in report["ratios"]]
-    assert names[:6] == [
+    assert names[:8] == [
         "pipeline / bare consumer",
         "Policy() / bare consumer",
         "tenacity per call / Retry middleware",
         "telemetry without SDK",
         "telemetry with SDK / bare span",
+        "telemetry with SDK / bare span+histogram",
+        "histogram record / bare span",
         "traces only / bare span",
     ]
     assert "pipeline / bare consumer" in format_overhead(report)
     json.dumps(report)
+
+
+def test_overhead_ratios_compare_telemetry_like_for_like() -> None:
+    """The telemetry ratios divide the project's added cost by the reference's; the literal
+    span-only target is marked unreachable when one histogram record alone costs more than a
+    quarter of the span."""
+    per_message = {
+        "bare": 1.0,
+        "pipeline": 1.5,
+        "pipeline+telemetry (SDK)": 31.5,
+        "pipeline+telemetry (SDK, traces only)": 22.5,
+        "bare+otel span": 21.0,
+        "bare+otel span+histogram": 31.0,
+    }
+    per_call = {"direct call": 0.1, "Retry middleware": 0.3, "tenacity AsyncRetrying": 20.1}
+    ratios = {r["name"]: r for r in _ratios(per_message, per_call)}
+    assert ratios["telemetry with SDK / bare span"]["value"] == pytest.approx(1.5)
+    assert ratios["telemetry with SDK / bare span"]["met"] is False
+    assert "unreachable" in ratios["telemetry with SDK / bare span"]["note"]
+    assert ratios["telemetry with SDK / bare span+histogram"]["value"] == pytest.approx(1.0)
+    assert ratios["telemetry with SDK / bare span+histogram"]["met"] is True
+    assert ratios["histogram record / bare span"]["value"] == pytest.approx(0.5)
+    assert ratios["traces only / bare span"]["value"] == pytest.approx(1.05)
+    assert ratios["tenacity per call / Retry middleware"]["value"] == pytest.approx(100.0)
+    cheap = {**per_message, "bare+otel span+histogram": 23.0}
+    ratios = {r["name"]: r for r in _ratios(cheap, per_call)}
+    assert ratios["telemetry with SDK / bare span"]["note"] is None
 
 
 def test_memory_benchmark_runs() -> None:
