@@ -219,13 +219,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 elif settling:
                     await self._ack(delivery)
                 if events.listeners:
-                    if delivery.outcome is None:
-                        delivery.outcome = (
-                            Outcome.RETRIED
-                            if delivery.attempt > delivery.delivery_count
-                            else Outcome.SUCCESS
-                        )
-                    self._settled(delivery, None)
+                    self._succeeded(delivery)
             if self._stopping:
                 return
             for gate in gates:
@@ -313,9 +307,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                     except Exception as ack_error:
                         self._ack_failed(new_delivery(message, started, events, task), ack_error)
                     if events.listeners:  # subscribed while the handler ran
-                        delivery = new_delivery(message, started, events, task)
-                        delivery.outcome = Outcome.SUCCESS
-                        self._settled(delivery, None)
+                        self._succeeded(new_delivery(message, started, events, task))
                 else:
                     delivery = new_delivery(message, started, events, task)
                     if error is None:
@@ -354,13 +346,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         except Exception as ack_error:
             self._ack_failed(delivery, ack_error)
         if self.events.listeners:
-            if delivery.outcome is None:
-                delivery.outcome = (
-                    Outcome.RETRIED
-                    if delivery.attempt > delivery.delivery_count
-                    else Outcome.SUCCESS
-                )
-            self._settled(delivery, None)
+            self._succeeded(delivery)
 
     async def _loop_concurrent(
         self,
@@ -420,14 +406,10 @@ class ResilientConsumer(AsyncLoopConsumer):
         except BaseException as exc:
             await self._failed(delivery, exc, classifier, settling)
             return
-        if delivery.outcome is None:
-            delivery.outcome = (
-                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
-            )
         if settling:
             await self._ack(delivery)
         if self.events:
-            self._settled(delivery, None)
+            self._succeeded(delivery)
 
     async def _failed(
         self, delivery: Delivery, exc: BaseException, classifier: Classifier, settling: bool
@@ -502,6 +484,14 @@ class ResilientConsumer(AsyncLoopConsumer):
                 delivery.message_id,
                 exc,
             )
+
+    def _succeeded(self, delivery: Delivery) -> None:
+        """Report a delivery whose pipeline returned (success, or settled by a middleware)."""
+        if delivery.outcome is None:
+            delivery.outcome = (
+                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
+            )
+        self._settled(delivery, None)
 
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
         if not self.events:
