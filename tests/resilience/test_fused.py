@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from abe.backends.message_queue.base import InboundMessage
 from abe.backends.message_queue.service.memory import MemoryBackend
@@ -16,8 +19,9 @@ from resilience.bench import Workload, builtin_policies, compare, parse_scenario
 from resilience.breaker import BreakerState, CircuitBreaker
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
-from resilience.dead_letter import DeadLetterRouter
+from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
+from resilience.errors import DeadLetter, Drop
 from resilience.events import MessageSettled, Outcome
 from resilience.pipeline import CallNext, Compiled, Handler, Pipeline
 from resilience.policy import Policy
@@ -234,3 +238,85 @@ async def test_an_open_breaker_pauses_the_fused_loop(fusing: bool) -> None:
     assert backend.size() == 0
     await consumer.shutdown()
     await task
+
+
+BEHAVIOURS = st.one_of(
+    st.just(("ok", 0)),
+    st.tuples(st.just("transient"), st.integers(1, 4)),
+    st.just(("terminal", 0)),
+    st.just(("drop", 0)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=st.lists(BEHAVIOURS, min_size=1, max_size=25),
+    stop_at=st.none() | st.integers(0, 24),
+)
+def test_the_fast_path_loses_nothing(plan: list[tuple[str, int]], stop_at: int | None) -> None:
+    """With no event listener (the consumer's inlined fast path), under random failures and a
+    shutdown that cancels a message mid-handler, every message ends exactly once: handled,
+    dropped, dead-lettered, or back in the queue (the cancelled one redelivered, the rest never
+    pulled). Nothing is lost or left unacknowledged."""
+    if stop_at is not None and stop_at >= len(plan):
+        stop_at = None
+
+    async def scenario() -> None:
+        backend = MemoryBackend.isolated(keys=["jobs"])
+        for i in range(len(plan)):
+            await backend.publish("jobs", {"i": i})
+        store = MemoryStore()
+        calls: Counter[int] = Counter()
+        handled: list[int] = []
+        dropped: list[int] = []
+        reached = asyncio.Event()
+
+        async def handler(payload: dict[str, Any]) -> None:
+            i = payload["i"]
+            calls[i] += 1
+            kind, failures = plan[i]
+            if i == stop_at:
+                reached.set()
+                await asyncio.Event().wait()  # until the shutdown cancels it
+            if kind == "transient" and calls[i] <= failures:
+                raise ConnectionError("flaky")
+            if kind == "terminal":
+                raise DeadLetter("no")
+            if kind == "drop":
+                dropped.append(i)
+                raise Drop("duplicate")
+            handled.append(i)
+
+        pipeline = (
+            Pipeline()
+            .dead_letter(store)
+            .retry(attempts=3, wait=Fixed(0))
+            .circuit_breaker(f"fast-path-{id(plan)}", failure_threshold=10_000)
+            .timeout(30)
+        )
+        consumer = ResilientConsumer(backend, policy=pipeline, drain_timeout=0)
+        assert not consumer.events  # nobody listens: the fast path runs
+        task = asyncio.create_task(consumer.run(handler))
+        for _ in range(10_000):
+            if reached.is_set() or (backend.size() == 0 and not backend.unacked()):
+                break
+            await asyncio.sleep(0)
+        await consumer.shutdown()
+        await asyncio.gather(task, return_exceptions=True)  # cancelled when stop_at is set
+
+        dead = [envelope["payload"]["i"] for envelope in store.envelopes]
+        queued = {m.payload["i"]: m.delivery_count for m in backend.peek("jobs")}
+        assert backend.unacked() == []
+        ends = Counter(handled) + Counter(dropped) + Counter(dead) + Counter(queued.keys())
+        assert ends == Counter(range(len(plan)))  # each message ends exactly once
+        for i, (kind, failures) in enumerate(plan):
+            if stop_at is not None and i >= stop_at:
+                assert queued[i] == (2 if i == stop_at else 1)
+            elif kind == "ok" or (kind == "transient" and failures < 3):
+                assert i in handled
+            elif kind == "drop":
+                assert i in dropped
+            else:
+                assert i in dead
+
+    asyncio.run(scenario())
