@@ -18,7 +18,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.delivery import Delivery
 from resilience.errors import ConfigError, DeadLetter, Drop, RetryAfter
 from resilience.events import EventBus, MessageSettled, Outcome
-from resilience.pipeline import CallNext, Pipeline
+from resilience.pipeline import CallNext, Compiled, Pipeline
 from resilience.policy import Policy, resilient
 from resilience.retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
 from resilience.testing import Outcomes, capture_events, run_until_settled, set_testing
@@ -80,7 +80,13 @@ async def usage() -> None:
     shared = get_breaker("payments", failure_threshold=5)
     assert shared is not None
     pipeline.use(breaker)
-    Pipeline().retry(attempts=3).circuit_breaker("db", mode="pause").timeout(1.0)
+    fast = Pipeline().retry(attempts=3).circuit_breaker("db", mode="pause").timeout(1.0)
+    compiled: Compiled = fast.compile(handler)
+    entry: CallNext = compiled.call
+    assert compiled.fused is not None
+    assert entry is not None
+    linked: CallNext = Pipeline().retry(attempts=2).build(handler, fuse=False)
+    assert linked is not None
     waits = (Fixed(1), Exponential(0.1, 10))
     assert waits
     policy = Policy.from_dict({"retry": {"attempts": 4}})
