@@ -234,3 +234,32 @@ class BackendContract(abc.ABC):
         assert again.payload == {"n": 1}
         assert again.message_id == first.message_id
         assert again.delivery_count > first.delivery_count
+
+    async def test_next_nowait_hands_out_what_anext_would(self, backend: Any, key: str) -> None:
+        """When the deliveries iterator offers ``next_nowait()``, it takes the same messages in
+        the same order as ``__anext__``, settled alike, and returns ``None`` once none is
+        ready."""
+        settling = self._settling(backend)
+        for n in range(3):
+            await backend.publish(key, {"n": n})
+        async with _closing(settling.deliveries()) as stream:
+            take = getattr(stream, "next_nowait", None)
+            if take is None:
+                pytest.skip("the deliveries iterator offers no next_nowait()")
+            (first,) = await self._take(stream)  # waits until the backend has the messages
+            taken: list[InboundMessage] = []
+            while len(taken) < 2:  # a backend may have none ready yet: then __anext__ waits
+                message = take()
+                if message is None:
+                    (message,) = await self._take(stream)
+                assert isinstance(message, InboundMessage)
+                taken.append(message)
+            assert take() is None
+            await settling.release(taken[0])
+            (again,) = await self._take(stream)
+            for message in (first, taken[1], again):
+                await settling.ack(message)
+            assert take() is None
+        assert [m.payload["n"] for m in (first, *taken)] == [0, 1, 2]
+        assert (again.message_id, again.payload) == (taken[0].message_id, {"n": 1})
+        assert again.delivery_count > taken[0].delivery_count

@@ -197,7 +197,15 @@ class ResilientConsumer(AsyncLoopConsumer):
         events = self.events
         ack_nowait = getattr(self.backend, "ack_nowait", None) if settling else None
         task = asyncio.current_task()
-        async for message in source:
+        take = getattr(source, "next_nowait", None)
+        pull = source.__anext__
+        while True:
+            message = take() if take is not None else None
+            if message is None:
+                try:
+                    message = await pull()
+                except StopAsyncIteration:
+                    return
             if settling:
                 delivery = new_delivery(message, now(), events, task)
             else:
@@ -265,7 +273,15 @@ class ResilientConsumer(AsyncLoopConsumer):
             shared_clock = watchdog.clock is self.clock
         pausing = fused.guard if fused.guard is not None and fused.guard in gates else None
         others = tuple(gate for gate in gates if gate is not pausing)
-        async for message in source:
+        take = getattr(source, "next_nowait", None)
+        pull = source.__anext__
+        while True:
+            message = take() if take is not None else None
+            if message is None:
+                try:
+                    message = await pull()
+                except StopAsyncIteration:
+                    return
             started = now()
             self._busy = True
             if (

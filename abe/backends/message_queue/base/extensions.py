@@ -88,6 +88,11 @@ class SettlingBackend(Protocol):
 # A SettlingBackend may also offer ``ack_nowait(message) -> None``: the same as ``ack`` but
 # synchronous (it only records the acknowledgement, for example in a buffer flushed in batches).
 # Consumers use it when present to save a coroutine per message on the hot path.
+#
+# Likewise the iterator ``deliveries()`` returns may offer ``next_nowait() -> InboundMessage |
+# None``: the delivery its next ``__anext__`` would return if one is ready now (tracked as
+# unacked the same way), else ``None`` without waiting. Consumers use it when present to save an
+# awaitable per message while messages are waiting.
 
 
 @runtime_checkable

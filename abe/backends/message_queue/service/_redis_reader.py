@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from ._redis_settings import RedisSettings
 
-__all__ = ["StreamReader"]
+__all__ = ["RedisDeliveries", "StreamReader"]
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -121,6 +121,14 @@ class StreamReader:
                 await resilient(self, self._fill)
         finally:
             await self.close()
+
+    def take_nowait(self) -> InboundMessage | None:
+        """The next delivery :meth:`messages` would yield, if one was read and is waiting;
+        ``None`` when the generator has work to do first (not started, nothing waiting, a
+        release to reclaim, closing)."""
+        if self.owner is None or self.release_pending or self.closed or not self.waiting:
+            return None
+        return self.waiting.popleft()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -375,3 +383,28 @@ class StreamReader:
                     idle=self.settings.claim_idle_ms,
                     justid=True,
                 )
+
+
+class RedisDeliveries:
+    """The iterator of ``RedisBackend.deliveries()``: the reader's generator, plus
+    :meth:`next_nowait` for what it has read and not handed out yet."""
+
+    __slots__ = ("_messages", "_reader")
+
+    def __init__(self, reader: StreamReader) -> None:
+        self._reader = reader
+        self._messages = reader.messages()
+
+    def __aiter__(self) -> RedisDeliveries:
+        return self
+
+    def __anext__(self) -> Awaitable[InboundMessage]:
+        return self._messages.__anext__()
+
+    def next_nowait(self) -> InboundMessage | None:
+        """The next delivery if one was read and is waiting, else ``None`` (no round trip)."""
+        return self._reader.take_nowait()
+
+    async def aclose(self) -> None:
+        """Close the reader: flush acknowledgements, give back what was never handed out."""
+        await self._messages.aclose()

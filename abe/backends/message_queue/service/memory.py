@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
 
-__all__ = ["MemoryBackend", "MemoryChannel"]
+__all__ = ["MemoryBackend", "MemoryChannel", "MemoryDeliveries"]
 
 
 class MemoryChannel:
@@ -128,6 +128,54 @@ class MemoryChannel:
         return len(items)
 
 
+class MemoryDeliveries:
+    """The iterator of :meth:`MemoryBackend.deliveries`.
+
+    ``async for`` waits for messages; :meth:`next_nowait` takes one that is ready without
+    waiting (the consumer's fast path while a backlog is queued). Either way the delivery is
+    recorded as unacked before it is handed out.
+    """
+
+    __slots__ = ("_channel", "_group", "_keys", "_unacked")
+
+    def __init__(
+        self, channel: MemoryChannel, keys: frozenset[str] | None, group: ConsumerGroup
+    ) -> None:
+        self._channel = channel
+        self._keys = keys
+        self._group = group
+        self._unacked = channel._unacked
+
+    def __aiter__(self) -> MemoryDeliveries:
+        return self
+
+    async def __anext__(self) -> InboundMessage:
+        item = self._channel.pop_nowait(self._keys)
+        if item is None:
+            item = await self._channel.get(self._keys)
+        return self._track(item)
+
+    def next_nowait(self) -> InboundMessage | None:
+        """The next delivery if one is queued now (recorded as unacked), else ``None``."""
+        item = self._channel.pop_nowait(self._keys)
+        if item is None:
+            return None
+        if self._group is not None:
+            return self._track(item)
+        self._unacked[item[1].message_id] = item  # type: ignore[index]  # _track, inlined
+        return item[1]
+
+    def _track(self, item: tuple[int, InboundMessage]) -> InboundMessage:
+        seq, message = item
+        if self._group is not None:
+            message = dataclasses.replace(message, group=self._group)
+        self._unacked[message.message_id] = (seq, message)  # type: ignore[index]
+        return message
+
+    async def aclose(self) -> None:
+        """Nothing to release: undelivered messages stay queued."""
+
+
 class MemoryBackend:
     """In-memory message-queue backend (development and tests only).
 
@@ -219,18 +267,10 @@ class MemoryBackend:
         self.channel.put(message, seq)
         return message.message_id
 
-    async def deliveries(self, *, group: ConsumerGroup = None) -> AsyncIterator[InboundMessage]:
-        """Yield deliveries that stay unacked until :meth:`ack` or :meth:`release`."""
-        channel = self.channel
-        keys = self.keys
-        unacked = channel._unacked
-        while True:
-            item = channel.pop_nowait(keys)
-            seq, message = item if item is not None else await channel.get(keys)
-            if group is not None:
-                message = dataclasses.replace(message, group=group)
-            unacked[message.message_id] = (seq, message)  # type: ignore[index]
-            yield message
+    def deliveries(self, *, group: ConsumerGroup = None) -> MemoryDeliveries:
+        """Deliveries that stay unacked until :meth:`ack` or :meth:`release`, in publish order,
+        until cancelled (the iterator also offers ``next_nowait()``)."""
+        return MemoryDeliveries(self.channel, self.keys, group)
 
     async def ack(self, message: InboundMessage) -> None:
         """Settle ``message`` as done."""

@@ -60,7 +60,7 @@ from ._redis_common import (
     socket_timeout_of,
     text,
 )
-from ._redis_reader import StreamReader
+from ._redis_reader import RedisDeliveries, StreamReader
 from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
 
 __all__ = [
@@ -338,7 +338,7 @@ class RedisBackend:
         ``group=None`` uses the configured group. Entries that cannot be decoded are yielded
         with ``decode_error`` set and the raw ``data`` bytes in ``raw``.
         """
-        return self._reader(group).messages()
+        return RedisDeliveries(self._reader(group))
 
     def _reader(self, group: ConsumerGroup) -> StreamReader:
         if self._closed:
