@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
@@ -389,21 +389,19 @@ class RedisDeliveries:
     """The iterator of ``RedisBackend.deliveries()``: the reader's generator, plus
     :meth:`next_nowait` for what it has read and not handed out yet."""
 
-    __slots__ = ("_messages", "_reader")
+    __slots__ = ("_messages", "next_nowait")
 
     def __init__(self, reader: StreamReader) -> None:
-        self._reader = reader
         self._messages = reader.messages()
+        self.next_nowait: Callable[[], InboundMessage | None] = reader.take_nowait
+        """The next delivery if one was read and is waiting, else ``None`` (no round trip):
+        the reader's :meth:`StreamReader.take_nowait`, bound directly (one call per message)."""
 
     def __aiter__(self) -> RedisDeliveries:
         return self
 
     def __anext__(self) -> Awaitable[InboundMessage]:
         return self._messages.__anext__()
-
-    def next_nowait(self) -> InboundMessage | None:
-        """The next delivery if one was read and is waiting, else ``None`` (no round trip)."""
-        return self._reader.take_nowait()
 
     async def aclose(self) -> None:
         """Close the reader: flush acknowledgements, give back what was never handed out."""
