@@ -26,6 +26,7 @@ Only the exact built-in classes are fused, never subclasses (which may override 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
     from .pipeline import CallNext, Handler, Middleware
 
-__all__ = ["Fused", "fusable_suffix", "fuse"]
+__all__ = ["Fused", "fusable_suffix"]
 
 _SLOTS: tuple[type, ...] = (DeadLetterRouter, Retry, CircuitBreaker, Timeout)
 
@@ -98,8 +99,8 @@ class Fused:
         self.retry: Retry | None = found.get(Retry)
         self.guard: CircuitBreaker | None = found.get(CircuitBreaker)
         self.timeout: Timeout | None = found.get(Timeout)
-        self.attempts: int = self.retry.attempts if self.retry is not None else 0
-        """The attempt limit (0 without retry)."""
+        self.attempts: int = self.retry.attempts if self.retry is not None else sys.maxsize
+        """The attempt limit (no limit without retry)."""
         self.budget = self.retry.budget if self.retry is not None else None
         self.breaker = self.guard.breaker if self.guard is not None else None
         self.breaker_now: Callable[[], float] = (
@@ -179,16 +180,8 @@ class Fused:
         cancel, then record the success with the breaker."""
         assert self.timeout is not None
         await self.timeout._absorb(task)
-        self._breaker_success(delivery, epoch, start)
-
-    def _breaker_success(self, delivery: Delivery | None, epoch: int, start: float) -> None:
         breaker = self.breaker
-        if breaker is None:
-            return
-        if breaker._simple:
-            if breaker._epoch == epoch:
-                breaker._consecutive = 0
-        else:
+        if breaker is not None:
             end = self.breaker_now() if breaker._timed else 0.0
             breaker._closed_success(epoch, start, end, delivery)
 
@@ -197,7 +190,6 @@ class Fused:
         top = self.top
         handler = self.handler
         router = self.router
-        retry = self.retry
         attempts = self.attempts
         budget = self.budget
         breaker = self.breaker
@@ -216,7 +208,7 @@ class Fused:
                 message = delivery.message
                 if message is not None and message.decode_error is not None:
                     return await top(delivery)
-            if retry is not None and delivery.attempt > attempts:
+            if delivery.attempt > attempts:
                 return await top(delivery)
             epoch = 0
             start = 0.0
@@ -267,11 +259,6 @@ class Fused:
             return None
 
         return fused
-
-
-def fuse(layers: list[Middleware], chains: list[CallNext], handler: Handler) -> Fused:
-    """Fuse ``layers`` (see :class:`Fused` for the arguments)."""
-    return Fused(layers, chains, handler)
 
 
 def _never() -> float:

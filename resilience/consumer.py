@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -157,16 +156,16 @@ class ResilientConsumer(AsyncLoopConsumer):
             source = backend.consume(group=self.group)
         try:
             fused = compiled.fused
+            ack_nowait = getattr(backend, "ack_nowait", None) if settling else None
             if (
                 self.concurrency == 1
                 and fused is not None
-                and settling
-                and getattr(backend, "ack_nowait", None) is not None
+                and ack_nowait is not None
                 and (fused.breaker is None or fused.breaker._simple)
             ):
-                await self._loop_fused(source, fused, call, classifier, gates)
+                await self._loop_fused(source, fused, call, classifier, ack_nowait)
             elif self.concurrency == 1:
-                await self._loop_inline(source, call, classifier, gates, settling)
+                await self._loop_inline(source, call, classifier, gates, settling, ack_nowait)
             else:
                 await self._loop_concurrent(source, call, classifier, gates, settling)
         except asyncio.CancelledError:
@@ -190,12 +189,12 @@ class ResilientConsumer(AsyncLoopConsumer):
         classifier: Classifier,
         gates: tuple[Gate, ...],
         settling: bool,
+        ack_nowait: Callable[[InboundMessage], None] | None,
     ) -> None:
-        # The hot path: one message at a time, no task per message, no coroutine per settlement
-        # when the backend offers ack_nowait.
+        # One message at a time, no task per message, no coroutine per settlement when the
+        # backend offers ack_nowait.
         now = monotonic_function(self.clock)
         events = self.events
-        ack_nowait = getattr(self.backend, "ack_nowait", None) if settling else None
         task = asyncio.current_task()
         take = getattr(source, "next_nowait", None)
         pull = source.__anext__
@@ -240,7 +239,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         fused: Fused,
         call: CallNext,
         classifier: Classifier,
-        gates: tuple[Gate, ...],
+        ack_nowait: Callable[[InboundMessage], None],
     ) -> None:
         # _loop_inline with the fused layers' success path written out in the loop itself: no
         # Delivery object, no coroutine frame besides the handler's, one clock read. Anything
@@ -249,12 +248,11 @@ class ResilientConsumer(AsyncLoopConsumer):
         # resilience._fused for why the behaviour is the same.
         now = monotonic_function(self.clock)
         events = self.events
-        ack_nowait = self.backend.ack_nowait  # type: ignore[attr-defined]
         task = asyncio.current_task()
         assert task is not None
         handler = fused.handler
         router = fused.router
-        attempts = fused.attempts if fused.retry is not None else sys.maxsize
+        attempts = fused.attempts
         budget = fused.budget
         breaker = fused.breaker
         breaker_now = fused.breaker_now
@@ -271,8 +269,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             watchdog.last_task = task
             active, fired = watchdog.active, watchdog.fired
             shared_clock = watchdog.clock is self.clock
-        pausing = fused.guard if fused.guard is not None and fused.guard in gates else None
-        others = tuple(gate for gate in gates if gate is not pausing)
+        guard = fused.guard  # the only gate among the fused layers
         take = getattr(source, "next_nowait", None)
         pull = source.__anext__
         while True:
@@ -335,11 +332,8 @@ class ResilientConsumer(AsyncLoopConsumer):
                     await self._settle_step(delivery, step, classifier, ack_nowait)
             if self._stopping:
                 return
-            if pausing is not None and breaker._state is not _CLOSED and pausing.paused:  # type: ignore[union-attr]
-                await pausing.wait_resumed()
-            for gate in others:
-                if gate.paused:
-                    await gate.wait_resumed()
+            if guard is not None and breaker._state is not _CLOSED and guard.paused:  # type: ignore[union-attr]
+                await guard.wait_resumed()
 
     async def _settle_step(
         self,
