@@ -124,64 +124,53 @@ def _resilient_sdk_traces(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
     return _resilient_sdk(backend, metrics=False)
 
 
-def _span(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
-    from opentelemetry.trace import SpanKind
-
-    tracer = _sdk()[0].get_tracer("bench")
-    attributes = {
-        "messaging.system": "memory",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": KEY,
-    }
-    start = tracer.start_as_current_span
-
-    def wrap(inner: Handler) -> Handler:
-        async def handler(payload: dict[str, Any]) -> None:
-            with start(f"process {KEY}", kind=SpanKind.CONSUMER, attributes=attributes):
-                await inner(payload)
-
-        return handler
-
-    return AsyncLoopConsumer(backend), wrap
+_SPAN_ATTRIBUTES = {
+    "messaging.system": "memory",
+    "messaging.operation.type": "process",
+    "messaging.operation.name": "process",
+    "messaging.destination.name": KEY,
+}
+_METRIC_ATTRIBUTES = {
+    "messaging.system": "memory",
+    "messaging.operation.name": "process",
+    "messaging.destination.name": KEY,
+    "outcome": "success",
+}
 
 
-def _span_histogram(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+def _span(backend: MemoryBackend, *, histogram: bool = False) -> tuple[Consumer, Wrap]:
     import time
 
     from opentelemetry.trace import SpanKind
 
     tracer_provider, meter_provider = _sdk()
-    tracer = tracer_provider.get_tracer("bench")
-    histogram = meter_provider.get_meter("bench").create_histogram(
-        "messaging.process.duration", unit="s"
+    start = tracer_provider.get_tracer("bench").start_as_current_span
+    name = f"process {KEY}"
+    record = (
+        meter_provider.get_meter("bench")
+        .create_histogram("messaging.process.duration", unit="s")
+        .record
     )
-    attributes = {
-        "messaging.system": "memory",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": KEY,
-    }
-    metric_attributes = {
-        "messaging.system": "memory",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": KEY,
-        "outcome": "success",
-    }
-    start = tracer.start_as_current_span
-    record = histogram.record
     monotonic = time.monotonic
 
     def wrap(inner: Handler) -> Handler:
         async def handler(payload: dict[str, Any]) -> None:
-            with start(f"process {KEY}", kind=SpanKind.CONSUMER, attributes=attributes):
+            with start(name, kind=SpanKind.CONSUMER, attributes=_SPAN_ATTRIBUTES):
+                await inner(payload)
+
+        async def timed(payload: dict[str, Any]) -> None:
+            with start(name, kind=SpanKind.CONSUMER, attributes=_SPAN_ATTRIBUTES):
                 began = monotonic()
                 await inner(payload)
-                record(monotonic() - began, metric_attributes)
+                record(monotonic() - began, _METRIC_ATTRIBUTES)
 
-        return handler
+        return timed if histogram else handler
 
     return AsyncLoopConsumer(backend), wrap
+
+
+def _span_histogram(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return _span(backend, histogram=True)
 
 
 def _tenacity(backend: MemoryBackend) -> tuple[Consumer, Wrap]:

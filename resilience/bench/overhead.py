@@ -168,103 +168,94 @@ async def _measure(messages: int, rounds: int, progress: Progress | None) -> dic
 
 
 def _ratio(
-    name: str, value: float | None, target: str, ok: bool | None, how: str
+    name: str,
+    value: float | None,
+    target: str,
+    met: Callable[[float], bool] | None,
+    how: str,
 ) -> dict[str, Any]:
-    return {"name": name, "value": value, "target": target, "met": ok, "how": how, "note": None}
+    return {
+        "name": name,
+        "value": value,
+        "target": target,
+        "met": None if value is None or met is None else met(value),
+        "how": how,
+        "note": None,
+    }
+
+
+def _added(
+    cost: float | None, base: float | None, reference: float | None, reference_base: float | None
+) -> float | None:
+    """What ``cost`` adds over ``base``, divided by what ``reference`` adds over
+    ``reference_base`` (``None`` when a figure is missing or the reference adds nothing)."""
+    if not (cost and base and reference and reference_base) or reference <= reference_base:
+        return None
+    return (cost - base) / (reference - reference_base)
 
 
 def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[dict[str, Any]]:
     bare = per_message.get("bare")
     pipeline = per_message.get("pipeline")
+    core = per_message.get("resilient, retry+timeout")
     nosdk = per_message.get("pipeline+telemetry (no SDK)")
     sdk = per_message.get("pipeline+telemetry (SDK)")
+    traces = per_message.get("pipeline+telemetry (SDK, traces only)")
     span = per_message.get("bare+otel span")
-    rows = []
-    value = pipeline / bare if pipeline and bare else None
-    rows.append(
-        _ratio(
-            "pipeline / bare consumer",
-            value,
-            "<= 2.0",
-            None if value is None else value <= 2.0,
-            "per-message cost of ResilientConsumer with the full default pipeline over the "
-            "bare AsyncLoopConsumer",
-        )
-    )
-    core = per_message.get("resilient, retry+timeout")
-    value = core / bare if core and bare else None
-    rows.append(
-        _ratio(
-            "Policy() / bare consumer",
-            value,
-            "<= 2.0",
-            None if value is None else value <= 2.0,
-            "per-message cost of ResilientConsumer with Policy() as is (retry and per-attempt "
-            "timeout; telemetry auto adds nothing without an SDK) over the bare AsyncLoopConsumer",
-        )
-    )
+    histogram = per_message.get("bare+otel span+histogram")
     direct = per_call["direct call"]
     retry_added = per_call["Retry middleware"] - direct
     tenacity_added = per_call["tenacity AsyncRetrying"] - direct
-    value = tenacity_added / retry_added if retry_added > 0 else None
-    rows.append(
+    share = _added(histogram, span, span, bare)
+    rows = [
+        _ratio(
+            "pipeline / bare consumer",
+            pipeline / bare if pipeline and bare else None,
+            "<= 2.0",
+            lambda v: v <= 2.0,
+            "per-message cost of ResilientConsumer with the full default pipeline over the "
+            "bare AsyncLoopConsumer",
+        ),
+        _ratio(
+            "Policy() / bare consumer",
+            core / bare if core and bare else None,
+            "<= 2.0",
+            lambda v: v <= 2.0,
+            "per-message cost of ResilientConsumer with Policy() as is (retry and per-attempt "
+            "timeout; telemetry auto adds nothing without an SDK) over the bare AsyncLoopConsumer",
+        ),
         _ratio(
             "tenacity per call / Retry middleware",
-            value,
+            tenacity_added / retry_added if retry_added > 0 else None,
             ">= 20",
-            None if value is None else value >= 20,
+            lambda v: v >= 20,
             "added cost on success of a per-call AsyncRetrying over the Retry middleware "
             "(each minus a direct await)",
-        )
-    )
-    value = nosdk / pipeline - 1 if nosdk and pipeline else None
-    rows.append(
+        ),
         _ratio(
             "telemetry without SDK",
-            value,
+            nosdk / pipeline - 1 if nosdk and pipeline else None,
             "< +10%",
-            None if value is None else value < 0.10,
+            lambda v: v < 0.10,
             "extra per-message cost of the [telemetry] section when no SDK is configured",
-        )
-    )
-    value = None
-    if sdk and pipeline and span and bare and span > bare:
-        value = (sdk - pipeline) / (span - bare)
-    rows.append(
+        ),
         _ratio(
             "telemetry with SDK / bare span",
-            value,
+            _added(sdk, pipeline, span, bare),
             "<= 1.25",
-            None if value is None else value <= 1.25,
+            lambda v: v <= 1.25,
             "the project's instrumentation cost (SDK on, no-op exporter) over the cost of one "
             "bare SDK CONSUMER span with attributes",
-        )
-    )
-    histogram = per_message.get("bare+otel span+histogram")
-    share = None
-    if histogram and span and bare and span > bare:
-        share = (histogram - span) / (span - bare)
-        if share > 0.25:
-            rows[-1]["note"] = (
-                f"unreachable by any instrumentation that records a per-message duration "
-                f"histogram: one SDK histogram record alone adds {share:.2f} of the span's cost "
-                f"(row 'histogram record / bare span'); compare like for like below"
-            )
-    value = None
-    if sdk and pipeline and histogram and bare and histogram > bare:
-        value = (sdk - pipeline) / (histogram - bare)
-    rows.append(
+        ),
         _ratio(
             "telemetry with SDK / bare span+histogram",
-            value,
+            _added(sdk, pipeline, histogram, bare),
             "<= 1.25",
-            None if value is None else value <= 1.25,
+            lambda v: v <= 1.25,
             "the project's instrumentation cost (spans and metrics, SDK on) over the same two "
             "signals written by hand: one bare SDK CONSUMER span plus one duration histogram "
             "record",
-        )
-    )
-    rows.append(
+        ),
         _ratio(
             "histogram record / bare span",
             share,
@@ -272,33 +263,34 @@ def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[d
             None,
             "what one SDK histogram record (four attributes, inside the span) adds, over what "
             "the bare span costs",
-        )
-    )
-    traces = per_message.get("pipeline+telemetry (SDK, traces only)")
-    value = None
-    if traces and pipeline and span and bare and span > bare:
-        value = (traces - pipeline) / (span - bare)
-    rows.append(
+        ),
         _ratio(
             "traces only / bare span",
-            value,
+            _added(traces, pipeline, span, bare),
             "<= 1.25",
-            None if value is None else value <= 1.25,
+            lambda v: v <= 1.25,
             "the project's span instrumentation alone (metrics off) over one bare SDK CONSUMER "
-            "span with attributes; the row above adds the metrics",
+            "span with attributes; the 'telemetry with SDK' rows add the metrics",
+        ),
+    ]
+    if share is not None and share > 0.25:
+        rows[4]["note"] = (
+            f"unreachable by any instrumentation that records a per-message duration "
+            f"histogram: one SDK histogram record alone adds {share:.2f} of the span's cost "
+            f"(row 'histogram record / bare span'); compare like for like below"
         )
-    )
     for peer in ("bare+tenacity", "bare+stamina", "bare+aiobreaker", "bare+purgatory"):
-        cost = per_message.get(peer)
-        if cost is not None and bare and pipeline and pipeline > bare:
+        value = _added(per_message.get(peer), bare, pipeline, bare)
+        if value is not None:
+            name = peer.removeprefix("bare+")
             rows.append(
                 _ratio(
-                    f"{peer.removeprefix('bare+')} added / pipeline added",
-                    (cost - bare) / (pipeline - bare),
+                    f"{name} added / pipeline added",
+                    value,
                     "(info)",
                     None,
-                    f"what wrapping the handler with {peer.removeprefix('bare+')} adds to the "
-                    "bare consumer, over what the whole pipeline adds",
+                    f"what wrapping the handler with {name} adds to the bare consumer, over "
+                    "what the whole pipeline adds",
                 )
             )
     return rows
