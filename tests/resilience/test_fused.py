@@ -31,17 +31,22 @@ from resilience.timeout import Timeout
 SCENARIOS = ("transient", "outage:start=20,duration=200", "poison", "latency", "rate_limited")
 
 
+def _unfuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every pipeline link each layer as its own frame (``compile(fuse=False)``)."""
+    compile_ = Pipeline.compile
+
+    def unfused(self: Pipeline, handler: Handler, *, fuse: bool = True) -> Compiled:
+        return compile_(self, handler, fuse=False)
+
+    monkeypatch.setattr(Pipeline, "compile", unfused)
+
+
 @pytest.fixture(params=[True, False], ids=["fused", "unfused"])
 def fusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with the pipeline fused (the default) and with every layer linked."""
     fuse: bool = request.param
     if not fuse:
-        compile_ = Pipeline.compile
-
-        def unfused(self: Pipeline, handler: Handler, *, fuse: bool = True) -> Compiled:
-            return compile_(self, handler, fuse=False)
-
-        monkeypatch.setattr(Pipeline, "compile", unfused)
+        _unfuse(monkeypatch)
     return fuse
 
 
@@ -110,12 +115,7 @@ def test_fusing_changes_no_simulated_result(
     scenarios = [parse_scenario(spec) for spec in SCENARIOS]
     workload = Workload(messages=300, rate=1.0, concurrency=concurrency, seed=7)
     fused = compare(policies, scenarios, workload)
-    compile_ = Pipeline.compile
-
-    def unfused(self: Pipeline, handler: Handler, *, fuse: bool = True) -> Compiled:
-        return compile_(self, handler, fuse=False)
-
-    monkeypatch.setattr(Pipeline, "compile", unfused)
+    _unfuse(monkeypatch)
     linked = compare(policies, scenarios, workload)
     strip = [dataclasses.replace(r, wall=0.0) for r in fused]
     assert strip == [dataclasses.replace(r, wall=0.0) for r in linked]
