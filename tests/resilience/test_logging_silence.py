@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import logging
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import structlog
 
 import abe
 import resilience
+from resilience._log import get_logger
 from resilience.clock import FakeClock
 from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
@@ -158,3 +160,36 @@ async def test_the_shared_redis_logger_name_is_under_the_abe_root() -> None:
     from abe.backends.message_queue.service._redis_common import LOGGER_NAME
 
     assert LOGGER_NAME.split(".")[0] == "abe"
+
+
+async def test_structured_records_point_at_the_line_that_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A structlog event of the library is a stdlib record located at its call site."""
+    log = get_logger("resilience.tests.location")
+    with caplog.at_level(logging.INFO, logger="resilience.tests.location"):
+        log.info("located", attempt=2)
+        line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
+    (record,) = [r for r in caplog.records if r.name == "resilience.tests.location"]
+    assert (record.pathname, record.lineno, record.funcName) == (
+        __file__,
+        line,
+        "test_structured_records_point_at_the_line_that_logged",
+    )
+    assert record.__dict__["attempt"] == 2
+
+
+async def test_a_context_field_named_like_a_record_attribute_does_not_break_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bound context variable called ``name`` is kept as ``name_`` instead of raising."""
+    log = get_logger("resilience.tests.clash")
+    with (
+        caplog.at_level(logging.INFO, logger="resilience.tests.clash"),
+        structlog.contextvars.bound_contextvars(name="checkout", message="hi"),
+    ):
+        log.info("clash")
+    (record,) = [r for r in caplog.records if r.name == "resilience.tests.clash"]
+    assert record.name == "resilience.tests.clash"
+    assert record.getMessage() == "clash"
+    assert (record.__dict__["name_"], record.__dict__["message_"]) == ("checkout", "hi")
