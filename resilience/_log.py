@@ -23,6 +23,7 @@ import structlog
 __all__ = ["get_logger"]
 
 _STRUCTLOG_DIR = os.path.dirname(structlog.__file__) + os.sep
+_STDLIB_FIND_CALLER = logging.Logger.findCaller
 
 _RESERVED = (frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}) - {
     "exc_info",
@@ -49,7 +50,10 @@ def _caller_location(
     # pathname, lineno and funcName name the library line that logged. Counted from here, the
     # structlog frames include the one running the processors, which is gone when the stdlib
     # method runs; its stacklevel 1 is the first frame outside logging, so the count is exactly
-    # the stacklevel of the caller.
+    # the stacklevel of the caller. Only for the stdlib's own findCaller: other logger classes
+    # (structlog's LoggerFactory installs one that skips structlog itself) are left alone.
+    if type(logger).findCaller is not _STDLIB_FIND_CALLER:
+        return event_dict
     frame: FrameType | None = sys._getframe(1)
     frames = 0
     while frame is not None and frame.f_code.co_filename.startswith(_STRUCTLOG_DIR):

@@ -162,15 +162,29 @@ async def test_the_shared_redis_logger_name_is_under_the_abe_root() -> None:
     assert LOGGER_NAME.split(".")[0] == "abe"
 
 
+def _structlog_factory_logger_class() -> type[logging.Logger]:
+    """The Logger class structlog's LoggerFactory installs (it sets it process-wide: undone)."""
+    previous = logging.getLoggerClass()
+    try:
+        return type(structlog.stdlib.LoggerFactory()("resilience.tests.factory-probe"))
+    finally:
+        logging.setLoggerClass(previous)
+
+
+@pytest.mark.parametrize("factory", [False, True], ids=["stdlib", "structlog-factory"])
 async def test_structured_records_point_at_the_line_that_logged(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, factory: bool
 ) -> None:
-    """A structlog event of the library is a stdlib record located at its call site."""
-    log = get_logger("resilience.tests.location")
-    with caplog.at_level(logging.INFO, logger="resilience.tests.location"):
+    """A structlog event of the library is a stdlib record located at its call site, whether
+    the stdlib logger is a plain Logger or the class structlog's LoggerFactory installs."""
+    logger_class = _structlog_factory_logger_class() if factory else logging.Logger
+    name = f"resilience.tests.location.{logger_class.__name__}"
+    logging.getLogger(name).__class__ = logger_class
+    log = get_logger(name)
+    with caplog.at_level(logging.INFO, logger=name):
         log.info("located", attempt=2)
         line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
-    (record,) = [r for r in caplog.records if r.name == "resilience.tests.location"]
+    (record,) = [r for r in caplog.records if r.name == name]
     assert (record.pathname, record.lineno, record.funcName) == (
         __file__,
         line,
