@@ -13,6 +13,7 @@ from typing import Any
 
 from resilience.cli import CliError
 from resilience.cli._common import import_handler, load_policy, setup_otel
+from resilience.cli._connect import BrokerUnreachable, await_broker
 from resilience.errors import ConfigError
 from resilience.policy import Policy
 
@@ -50,6 +51,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-messages", type=int, metavar="N", help="stop gracefully after N messages are settled"
     )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long startup waits for the broker before exiting with code 2 (default 30; "
+        "0: wait forever); outages after startup are waited out with warnings",
+    )
     parser.add_argument("--otel", choices=("console", "otlp"), help="export traces and metrics")
     parser.add_argument(
         "--service-name",
@@ -68,6 +77,13 @@ def register(subparsers: Any) -> None:
         default="auto",
         help="log lines: json for production, console for people (auto: console on a terminal)",
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="least important log lines shown (default info; debug adds tracebacks of failures "
+        "that are reported in one line)",
+    )
     parser.set_defaults(func=_main)
 
 
@@ -76,13 +92,15 @@ def _main(args: argparse.Namespace) -> int:
         raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.max_messages is not None and args.max_messages < 0:
         raise CliError(f"--max-messages must be >= 0, got {args.max_messages}")
+    if not args.connect_timeout >= 0:
+        raise CliError(f"--connect-timeout must be >= 0 seconds, got {args.connect_timeout}")
     handler = import_handler(args.handler)
     policy = load_policy(args.policy)
     if args.log_context:
         policy = _with_log_context(policy)
     from resilience.logging import configure_logging
 
-    configure_logging(args.log_format)
+    configure_logging(args.log_format, level=args.log_level.upper())
     service_name = args.service_name
     telemetry = policy.sections.get("telemetry")
     if service_name is None:
@@ -92,6 +110,14 @@ def _main(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args, handler, policy))
     finally:
         shutdown_otel()
+
+
+async def _stop(consumer: Any, run_task: asyncio.Task[None]) -> None:
+    """Stop a consumer that never reached its broker (nothing was consumed)."""
+    consumer.drain_timeout = 0.0
+    await consumer.shutdown()
+    with contextlib.suppress(BaseException):
+        await run_task
 
 
 def _with_log_context(policy: Policy) -> Policy:
@@ -147,6 +173,7 @@ async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:
     if args.max_messages is not None:
         waiters.add(asyncio.create_task(outcomes.wait_for(args.max_messages)))
     try:
+        await await_broker(backend, run_task, stop_requested, args.connect_timeout)
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             if task is not run_task:
@@ -161,10 +188,17 @@ async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:
         except ConfigError as exc:
             raise CliError(str(exc)) from None
         except Exception as exc:
-            # The backend gave up (wrong credentials, a broker that refuses): one line, exit 2.
-            log.error("consumer stopped", exc_info=exc)
+            # The backend gave up (wrong credentials, a broker that refuses): one line, exit 2;
+            # the traceback only for those who ask for debug logs.
+            log.debug("the consumer stopped", exc_info=exc)
             raise CliError(f"the consumer stopped: {type(exc).__name__}: {exc}") from None
+    except BrokerUnreachable as exc:
+        await _stop(consumer, run_task)
+        raise CliError(str(exc)) from None
     finally:
+        for waiter in waiters:
+            if waiter is not run_task:
+                waiter.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
