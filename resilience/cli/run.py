@@ -257,7 +257,7 @@ async def _serve(
         while True:
             run_task = service.run_task or run_task
             done, _ = await asyncio.wait({run_task, *helpers}, return_when=asyncio.FIRST_COMPLETED)
-            if run_task in done and service.reloading:
+            if run_task in done and (service.reloading or service.run_task is not run_task):
                 await service.reloaded()  # the old consumer drained for a reload: go on
                 continue
             break
