@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from abe.backends.message_queue.base.connection import ConnectionStatus
 
 
@@ -25,7 +27,7 @@ def test_warnings_come_at_growing_intervals_and_at_most_once_a_minute() -> None:
             warned_at.append(clock.now - 100.0)
         clock.now += 5.0
     assert warned_at[:3] == [0.0, 5.0, 10.0]
-    gaps = [b - a for a, b in zip(warned_at, warned_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(warned_at)]
     assert gaps == sorted(gaps)
     assert max(gaps) == 60.0
     assert gaps.count(60.0) > 100

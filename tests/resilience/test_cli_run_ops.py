@@ -1,4 +1,4 @@
-"""`resilience run` as a subprocess: the memory refusal, the startup line, handler checks, SIGHUP."""
+"""`resilience run` as a subprocess: memory refusal, startup line, handler check, SIGHUP."""
 
 from __future__ import annotations
 
