@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -63,7 +64,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         if not args.name:
             raise CliError(f"breaker {args.action} needs the breaker's name")
-        quoted = urllib.request.quote(args.name, safe="")
+        quoted = urllib.parse.quote(args.name, safe="")
         status, data = _request("POST", f"{base}/breakers/{quoted}/{args.action}")
         rows = [data] if status == 200 else []
     if status != 200:
