@@ -330,8 +330,8 @@ def format_overhead(report: dict[str, Any]) -> str:
         rel = f"{cost / bare:.2f}x" if bare else "-"
         median = report["per_message_median_us"][name]
         rows.append([name, f"{cost:.2f}", f"{median:.2f}", rel])
-    for name, why in report["not_available"].items():
-        rows.append([name, "not available", why, ""])
+    for name in report["not_available"]:
+        rows.append([name, "-", "-", "n/a"])
     lines = [
         f"{report['messages']} messages per contender, {report['rounds']} interleaved rounds "
         f"(best round; median shown too); {report['machine']['cpu']}, "
@@ -358,4 +358,16 @@ def format_overhead(report: dict[str, Any]) -> str:
         ratio_rows.append([r["name"], value, r["target"], met])
     lines.append(format_table(("ratio", "value", "target", "met"), ratio_rows))
     lines.extend(notes)
+    lines.extend(_missing_note(report["not_available"]))
     return "\n".join(lines)
+
+
+def _missing_note(missing: dict[str, str]) -> list[str]:
+    """One line naming the contenders not measured and what installs them."""
+    if not missing:
+        return []
+    return [
+        "",
+        f"n/a: not measured, a library is missing ({', '.join(missing)}); the peer libraries "
+        "come with pip install 'abe-resilience[dev]' (telemetry rows with the otel extra)",
+    ]

@@ -250,3 +250,44 @@ def test_broker_outage_is_visible_and_readiness_follows_it(tmp_path: Path) -> No
         cli.kill()
         server.kill()
     assert "Traceback" not in cli.text()
+
+
+def test_gauges_are_in_the_final_metric_export(tmp_path: Path, redis_url: str, stream: str) -> None:
+    """With --otel console, the export at exit still carries the consumed-messages counter and
+    the in-flight gauge with the run's figures."""
+    import subprocess
+    import sys
+
+    (tmp_path / "handler.py").write_text(HANDLER)
+    publish(redis_url, stream, {"i": 1}, {"i": 2})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resilience",
+            "run",
+            "handler:handle",
+            "--otel",
+            "console",
+            "--max-messages",
+            "2",
+            "--log-format",
+            "json",
+        ],
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in __import__("os").environ.items() if not k.startswith("REDIS_")},
+            "QUEUE_BACKEND": "redis",
+            "REDIS_URL": redis_url,
+            "REDIS_STREAMS": stream,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    final = proc.stderr[proc.stderr.rindex('"resource_metrics"') :]
+    assert '"messaging.client.consumed.messages"' in final
+    assert '"resilience.in_flight"' in final
+    consumed = final[final.index('"messaging.client.consumed.messages"') :]
+    assert '"value": 2' in consumed[: consumed.index('"resilience.in_flight"')]

@@ -273,3 +273,14 @@ def test_run_backend_failure_is_one_line(
     assert err[-1] == (
         "resilience: error: the consumer stopped: PermissionError: NOAUTH Authentication required"
     )
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_demo_refuses_zero_messages_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str]
+) -> None:
+    """demo --messages 0 (with or without --json) is refused with one line instead of hanging."""
+    assert main(["demo", "--messages", "0", "--dlq", str(tmp_path / "d.sqlite3"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "resilience: error: --messages must be >= 1, got 0"
