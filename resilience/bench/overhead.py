@@ -26,6 +26,7 @@ from resilience.delivery import Delivery
 from resilience.retry import Retry
 
 from ._contenders import CONTENDERS, KEY, Setup, Unavailable, _Contender, full_pipeline_policy
+from ._http_contender import HTTP_CONTENDERS, http_ratios
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
@@ -120,7 +121,7 @@ Progress = Callable[[int, int, str, float], None]
 async def _measure(messages: int, rounds: int, progress: Progress | None) -> dict[str, Any]:
     available: list[_Contender] = []
     missing: dict[str, str] = {}
-    for contender in CONTENDERS:
+    for contender in (*CONTENDERS, *HTTP_CONTENDERS):
         try:
             consumer, _ = contender.setup(MemoryBackend.isolated(keys=[KEY]))
         except Unavailable as exc:
@@ -163,7 +164,7 @@ async def _measure(messages: int, rounds: int, progress: Progress | None) -> dic
         "per_call_us": {k: v * 1e6 for k, v in per_call.items()},
         "descriptions": {c.name: c.description for c in CONTENDERS},
         "not_available": missing,
-        "ratios": _ratios(per_message, per_call),
+        "ratios": _ratios(per_message, per_call) + http_ratios(per_message),
     }
 
 
