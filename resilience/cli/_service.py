@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 from resilience.breaker import BreakerState, default_registry
 from resilience.cli._connect import connection_of
 from resilience.errors import ConfigError
-from resilience.testing import Outcomes
+from resilience.events import MessageSettled, Outcome
 
 if TYPE_CHECKING:
     from resilience.breaker import Breaker
     from resilience.consumer import ResilientConsumer
     from resilience.policy import Policy
 
-__all__ = ["BREAKER_ACTIONS", "ReloadResult", "Service"]
+__all__ = ["BREAKER_ACTIONS", "ReloadResult", "Service", "Tally"]
 
 log = logging.getLogger("resilience.cli.run")
 
@@ -35,6 +36,31 @@ _OPEN_STATES = (BreakerState.OPEN, BreakerState.FORCED_OPEN)
 
 BREAKER_ACTIONS: dict[str, str] = {"open": "force_open", "close": "force_closed", "reset": "reset"}
 """Runtime breaker control: action name -> :class:`~resilience.breaker.CircuitBreaker` method."""
+
+
+class Tally:
+    """Counts settled messages by outcome (subscribe it to a consumer's event bus).
+
+    Unlike :class:`resilience.testing.Outcomes` it keeps no event records, so a consumer that
+    runs for weeks does not grow.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[Outcome] = Counter()
+        self.total = 0
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, MessageSettled):
+            self.counts[event.outcome] += 1
+            self.total += 1
+            self._changed.set()
+
+    async def wait_for(self, total: int) -> None:
+        """Return once at least ``total`` messages are settled."""
+        while self.total < total:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +93,7 @@ class Service:
     policy: Policy | None
     make_consumer: Callable[[Policy | None], ResilientConsumer]
     load_policy: Callable[[], Policy] | None
-    outcomes: Outcomes = field(default_factory=Outcomes)
+    outcomes: Tally = field(default_factory=Tally)
     consumer: ResilientConsumer | None = None
     run_task: asyncio.Task[None] | None = None
     draining: bool = False

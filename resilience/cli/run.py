@@ -194,20 +194,31 @@ async def _serve(
             drain_timeout=args.drain_timeout,
         )
 
+    service = Service(
+        backend,
+        handler,
+        None if decorated is not None else policy,
+        make_consumer,
+        None if decorated is not None else _reloader(args),
+    )
+    holder.append(service)
+    endpoint: HttpEndpoint | None = None
+    if address is not None:
+        from resilience.cli._http import HttpEndpoint
+
+        endpoint = HttpEndpoint(service, metrics)
+        try:
+            await endpoint.start(*address)  # before consuming: a busy port consumes nothing
+        except CliError:
+            await _close(backend)
+            raise
     try:
-        service = Service(
-            backend,
-            handler,
-            None if decorated is not None else policy,
-            make_consumer,
-            None if decorated is not None else _reloader(args),
-        )
-        holder.append(service)
         run_task = service.start()
     except ConfigError as exc:
+        if endpoint is not None:
+            await endpoint.stop()
         await _close(backend)
         raise CliError(str(exc)) from None
-    endpoint: HttpEndpoint | None = None
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = 0
@@ -239,11 +250,6 @@ async def _serve(
         status = connection_of(backend)
         if status is not None and metrics_configured():
             _watch(backend, status)
-        if address is not None:
-            from resilience.cli._http import HttpEndpoint
-
-            endpoint = HttpEndpoint(service, metrics)
-            await endpoint.start(*address)
         await await_broker(backend, run_task, stop_requested, args.connect_timeout)
         if not run_task.done():
             fields = startup_fields(

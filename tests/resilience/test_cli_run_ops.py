@@ -129,3 +129,29 @@ def test_sighup_reloads_a_good_policy_and_refuses_a_bad_one(tmp_path: Path) -> N
         cli.kill()
     assert "Traceback" not in cli.text()
     assert sum("refused" in x for x in cli.lines) == 1
+
+
+def test_run_with_a_busy_http_port_is_one_line(tmp_path: Path) -> None:
+    """--http on a port already in use ends the command at startup with one line, exit 2."""
+    import socket
+
+    (tmp_path / "h.py").write_text(HANDLER)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run(
+            tmp_path,
+            "run",
+            "h:handle",
+            "--memory",
+            "--http",
+            f"127.0.0.1:{port}",
+            "--log-format",
+            "json",
+        )
+    assert proc.returncode == 2
+    errors = [x for x in proc.stderr.splitlines() if not x.startswith("{")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"resilience: error: --http 127.0.0.1:{port}: cannot listen")
+    assert "Traceback" not in proc.stderr
