@@ -14,6 +14,7 @@ SECTIONS = (
     "dead-letter.md",
     "circuit-breaker.md",
     "observability.md",
+    "operations.md",
     "redis.md",
     "benchmarks.md",
     "_development.md",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -114,6 +114,7 @@ def configure_otel(
     *,
     out: IO[str] | None = None,
     metric_interval: float = 60.0,
+    metric_readers: Sequence[Any] = (),
 ) -> Callable[[], None]:
     """Install an OpenTelemetry SDK tracer and meter provider as the global ones.
 
@@ -127,6 +128,8 @@ def configure_otel(
         out: Stream for the console exporter (``sys.stderr`` by default, keeping stdout for
             program output).
         metric_interval: Seconds between metric exports (a final export runs at shutdown).
+        metric_readers: More SDK metric readers for the meter provider (a Prometheus reader
+            from :func:`resilience.prometheus.prometheus_metrics`).
 
     Returns:
         A function that flushes and shuts both providers down; call it before exiting. It
@@ -170,7 +173,7 @@ def configure_otel(
     reader = PeriodicExportingMetricReader(
         metric_exporter, export_interval_millis=max(0.001, metric_interval) * 1000
     )
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader, *metric_readers])
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     done = False

@@ -26,6 +26,7 @@ from resilience.delivery import Delivery
 from resilience.retry import Retry
 
 from ._contenders import CONTENDERS, KEY, Setup, Unavailable, _Contender, full_pipeline_policy
+from ._http_contender import HTTP_CONTENDERS, http_ratios
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
@@ -120,7 +121,7 @@ Progress = Callable[[int, int, str, float], None]
 async def _measure(messages: int, rounds: int, progress: Progress | None) -> dict[str, Any]:
     available: list[_Contender] = []
     missing: dict[str, str] = {}
-    for contender in CONTENDERS:
+    for contender in (*CONTENDERS, *HTTP_CONTENDERS):
         try:
             consumer, _ = contender.setup(MemoryBackend.isolated(keys=[KEY]))
         except Unavailable as exc:
@@ -163,7 +164,7 @@ async def _measure(messages: int, rounds: int, progress: Progress | None) -> dic
         "per_call_us": {k: v * 1e6 for k, v in per_call.items()},
         "descriptions": {c.name: c.description for c in CONTENDERS},
         "not_available": missing,
-        "ratios": _ratios(per_message, per_call),
+        "ratios": _ratios(per_message, per_call) + http_ratios(per_message),
     }
 
 
@@ -330,8 +331,8 @@ def format_overhead(report: dict[str, Any]) -> str:
         rel = f"{cost / bare:.2f}x" if bare else "-"
         median = report["per_message_median_us"][name]
         rows.append([name, f"{cost:.2f}", f"{median:.2f}", rel])
-    for name, why in report["not_available"].items():
-        rows.append([name, "not available", why, ""])
+    for name in report["not_available"]:
+        rows.append([name, "-", "-", "n/a"])
     lines = [
         f"{report['messages']} messages per contender, {report['rounds']} interleaved rounds "
         f"(best round; median shown too); {report['machine']['cpu']}, "
@@ -358,4 +359,16 @@ def format_overhead(report: dict[str, Any]) -> str:
         ratio_rows.append([r["name"], value, r["target"], met])
     lines.append(format_table(("ratio", "value", "target", "met"), ratio_rows))
     lines.extend(notes)
+    lines.extend(_missing_note(report["not_available"]))
     return "\n".join(lines)
+
+
+def _missing_note(missing: dict[str, str]) -> list[str]:
+    """One line naming the contenders not measured and what installs them."""
+    if not missing:
+        return []
+    return [
+        "",
+        f"n/a: not measured, a library is missing ({', '.join(missing)}); the peer libraries "
+        "come with pip install 'abe-resilience[dev]' (telemetry rows with the otel extra)",
+    ]

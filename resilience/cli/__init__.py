@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "resilience.cli.demo",
     "resilience.cli.run",
     "resilience.cli.dlq",
+    "resilience.cli.breaker",
     "resilience.cli.bench",
 )
 

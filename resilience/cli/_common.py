@@ -6,7 +6,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from resilience.cli import CliError
@@ -57,8 +57,24 @@ def import_handler(spec: str) -> Callable[[dict[str, Any]], Any]:
         inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(obj)
     ):
         raise CliError(f"{spec} must be an async function: async def handler(payload): ...")
+    _check_signature(spec, target)
     handler: Callable[[dict[str, Any]], Any] = obj
     return handler
+
+
+def _check_signature(spec: str, target: Any) -> None:
+    """Refuse a handler that cannot be called with one positional payload argument."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # nothing to check (a builtin or an unusual callable): the call will tell
+    try:
+        signature.bind({})
+    except TypeError as exc:
+        raise CliError(
+            f"{spec} cannot take one payload argument ({exc}): "
+            "the handler is called as await handler(payload)"
+        ) from None
 
 
 def load_policy(path: str | None) -> Policy:
@@ -73,14 +89,46 @@ def load_policy(path: str | None) -> Policy:
         raise CliError(f"invalid policy: {exc}") from None
 
 
-def setup_otel(exporter: str | None, service_name: str, *, out: Any = None) -> Callable[[], None]:
+def setup_otel(
+    exporter: str | None,
+    service_name: str,
+    *,
+    out: Any = None,
+    metric_readers: Sequence[Any] = (),
+) -> Callable[[], None]:
     """Configure an OpenTelemetry SDK exporter for the command; returns its shutdown function.
+
+    Args:
+        exporter: ``console``, ``otlp``, or ``None`` (none: only ``metric_readers``, if any).
+        service_name: The ``service.name`` resource attribute.
+        out: Stream of the console exporter.
+        metric_readers: More metric readers (the Prometheus reader of ``--http``).
 
     Raises:
         CliError: telemetry support or the exporter is not installed.
     """
-    if not exporter:
+    if not exporter and not metric_readers:
         return lambda: None
+    if not exporter:
+        from opentelemetry import metrics
+
+        from resilience._telemetry_setup import metrics_configured
+
+        if metrics_configured():
+            raise CliError("an OpenTelemetry SDK is already configured in this process")
+        try:
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.resources import Resource
+        except ImportError:
+            raise CliError(
+                "metrics need the OpenTelemetry SDK: pip install 'abe-resilience[http]'"
+            ) from None
+        provider = MeterProvider(
+            resource=Resource.create({"service.name": service_name}),
+            metric_readers=list(metric_readers),
+        )
+        metrics.set_meter_provider(provider)
+        return lambda: provider.shutdown()
     try:
         configure_otel = importlib.import_module("resilience.telemetry").configure_otel
     except (ImportError, AttributeError) as exc:
@@ -88,7 +136,9 @@ def setup_otel(exporter: str | None, service_name: str, *, out: Any = None) -> C
             f"--otel needs the telemetry support (pip install 'abe-resilience[otel]'): {exc}"
         ) from None
     try:
-        shutdown: Callable[[], None] = configure_otel(exporter, service_name, out=out)
+        shutdown: Callable[[], None] = configure_otel(
+            exporter, service_name, out=out, metric_readers=metric_readers
+        )
         return shutdown
     except (ImportError, ValueError) as exc:
         raise CliError(str(exc)) from None

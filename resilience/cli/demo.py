@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
         "made of each. Needs no server.",
     )
     parser.add_argument(
-        "--messages", type=int, default=40, metavar="N", help="orders to publish (default 40)"
+        "--messages", type=int, default=40, metavar="N", help="orders to publish (default 40, >= 1)"
     )
     parser.add_argument(
         "--concurrency", type=int, default=8, metavar="N", help="messages in flight (default 8)"
@@ -215,8 +215,8 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.messages < 0:
-        raise CliError(f"--messages must be >= 0, got {args.messages}")
+    if args.messages < 1:
+        raise CliError(f"--messages must be >= 1, got {args.messages}")
     if args.concurrency < 1:
         raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
     quiet_logs(verbose=args.verbose)

@@ -334,12 +334,12 @@ def _replay(args: argparse.Namespace) -> int:
         if not args.dry_run:
             from abe.backends.message_queue.loader import load_backend
 
-            with _warnings_to_stderr():
+            with _warnings_to_stderr():  # shown only when the backend is not refused
                 try:
                     backend = load_backend()
                 except (RuntimeError, ValueError) as exc:
                     raise CliError(str(exc)) from None
-            _check_reachable(backend)
+                _check_reachable(backend)
         try:
             report = await replay(
                 store,

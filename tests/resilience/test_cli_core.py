@@ -77,14 +77,13 @@ def test_run_processes_messages_from_the_configured_backend(
             await shared.publish("orders", {"i": i})
 
     asyncio.run(fill())
-    with pytest.warns(UserWarning, match="MemoryBackend"):
-        code = main(
-            ["run", "orders_handler:handle", "--policy", "policy.toml", "--max-messages", "3"]
-        )
+    code = main(["run", "orders_handler:handle", "--policy", "policy.toml", "--max-messages", "3"])
     assert code == 0
     seen = [json.loads(line)["i"] for line in (workdir / "seen.jsonl").read_text().splitlines()]
     assert seen == [0, 1, 2]
     err = capsys.readouterr().err
+    assert "UserWarning" not in err
+    assert "development and testing only" in err  # the memory backend's warning, as a log line
     assert "settled 3 message(s)" in err
     assert "retried 1" in err
     assert shared.unacked() == []
@@ -245,10 +244,7 @@ def test_run_log_lines_carry_the_message_context(
     import asyncio
 
     asyncio.run(shared.publish("orders", {"i": 1}))
-    with pytest.warns(UserWarning, match="MemoryBackend"):
-        code = main(
-            ["run", "logging_handler:handle", "--max-messages", "1", "--log-format", "json"]
-        )
+    code = main(["run", "logging_handler:handle", "--max-messages", "1", "--log-format", "json"])
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     (line,) = [x for x in lines if x.get("logger") == "app"]
@@ -277,3 +273,14 @@ def test_run_backend_failure_is_one_line(
     assert err[-1] == (
         "resilience: error: the consumer stopped: PermissionError: NOAUTH Authentication required"
     )
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_demo_refuses_zero_messages_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str]
+) -> None:
+    """demo --messages 0 (with or without --json) is refused with one line instead of hanging."""
+    assert main(["demo", "--messages", "0", "--dlq", str(tmp_path / "d.sqlite3"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "resilience: error: --messages must be >= 1, got 0"

@@ -327,11 +327,13 @@ def test_replay_refuses_the_in_memory_fallback(
     db: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without QUEUE_BACKEND, replay would publish into a queue that dies with the command:
-    it exits 2 naming QUEUE_BACKEND, and publishes and marks nothing."""
+    it exits 2 with one line naming QUEUE_BACKEND (no fallback warnings), and publishes and
+    marks nothing."""
     path, _ = db
     code, out, err = run(capsys, "replay", "--db", str(path))
     assert code == 2
     assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
     assert "set QUEUE_BACKEND" in err
     assert "nothing was replayed or marked" in err
     assert MemoryBackend().size() == 0

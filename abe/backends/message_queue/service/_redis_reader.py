@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
+from abe.backends.message_queue.base.connection import ConnectionStatus
 from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
@@ -50,6 +51,7 @@ class StreamReader:
             :func:`._redis_recovery.unswallowed`), for a client whose socket timeout makes
             redis-py send through ``asyncio.wait_for``, which loses cancellations before
             Python 3.12.
+        connection: Where reachability is recorded (a new status when ``None``).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class StreamReader:
         sleep: Sleep,
         *,
         guard_reads: bool = False,
+        connection: ConnectionStatus | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -95,6 +98,8 @@ class StreamReader:
         self.cancel_baseline = 0
         """:attr:`owner`'s ``cancelling()`` when it started: more means a lost cancellation."""
         self._guard_reads = guard_reads
+        self.connection = connection if connection is not None else ConnectionStatus()
+        """Whether the last attempt reached Redis (shared by the backend's readers)."""
 
     # -- the iterator -------------------------------------------------------------------------
 

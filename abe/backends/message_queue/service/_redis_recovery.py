@@ -202,7 +202,8 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
 
     While Redis is unreachable, wait with jittered exponential backoff (``reconnect_initial``
     doubling up to ``reconnect_max``; each wait is between half and all of the current delay)
-    and count every failed attempt in ``stats.reconnects``. A missing consumer group (the
+    and count every failed attempt in ``stats.reconnects`` and ``reader.connection`` (which
+    says when a failure is worth a warning). A missing consumer group (the
     stream was deleted, or Redis restarted without persistence) is created again.
 
     Raises:
@@ -217,7 +218,6 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
         baseline = task.cancelling() if task is not None else 0
     settings = reader.settings
     delay = settings.reconnect_initial
-    failures = 0
     while True:
         try:
             if not reader.groups_ready:
@@ -231,16 +231,18 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
                     f"({type(exc).__name__}: {exc}); check the password (REDIS_URL or "
                     "REDIS_PASSWORD) and the user's permissions"
                 ) from exc
-            failures += 1
             reader.stats.reconnects += 1
             wait = delay / 2 + random.random() * delay / 2
-            log = logger.warning if failures == 1 else logger.debug
+            connection = reader.connection
+            log = logger.warning if connection.failed(exc) else logger.debug
             log(
-                "Redis unavailable (%s: %s); retrying in %.2fs (attempt %d)",
+                "Redis at %s unavailable for %.1fs (attempt %d): %s: %s; retrying in %.2fs",
+                redact(settings.url),
+                connection.down_for,
+                connection.attempts,
                 type(exc).__name__,
                 exc,
                 wait,
-                failures,
             )
             await reader.sleep(wait)
             delay = min(delay * 2, settings.reconnect_max)
@@ -253,6 +255,12 @@ async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -
             reader.groups_ready = False
             continue
         raise_if_cancel_swallowed(task, baseline)
-        if failures:
-            logger.warning("Redis reachable again after %d failed attempt(s)", failures)
+        connection = reader.connection
+        if connection.attempts:
+            logger.warning(
+                "Redis reachable again after %d failed attempt(s) in %.1fs",
+                connection.attempts,
+                connection.down_for,
+            )
+        connection.succeeded()
         return

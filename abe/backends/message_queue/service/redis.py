@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "The Redis backend needs redis-py: install it with `pip install 'abe-resilience[redis]'`"
     ) from exc
 
+from abe.backends.message_queue.base.connection import ConnectionStatus
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
 
@@ -180,6 +181,7 @@ class RedisBackend:
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._sleep = sleep
         self._stats = RedisStats()
+        self._connection = ConnectionStatus()
         self._readers: weakref.WeakSet[StreamReader] = weakref.WeakSet()
         self._settling: set[asyncio.Task[None]] = set()
         """Acknowledgements :meth:`ack_nowait` had to send in a task."""
@@ -215,6 +217,11 @@ class RedisBackend:
     def stats(self) -> RedisStats:
         """Live counters (published, delivered, reclaimed, acked, dead-lettered, ...)."""
         return self._stats
+
+    @property
+    def connection(self) -> ConnectionStatus:
+        """Whether reading reaches Redis: updated by every reader, read by health checks."""
+        return self._connection
 
     @property
     def client(self) -> aioredis.Redis:
@@ -352,6 +359,7 @@ class RedisBackend:
             self._stats,
             self._sleep,
             guard_reads=self._guard_reads,
+            connection=self._connection,
         )
         self._readers.add(reader)
         return reader
