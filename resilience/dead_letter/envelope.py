@@ -225,7 +225,8 @@ class EnvelopeBuilder:
             secrets |= raw_secrets
         truncated: list[str] = []
         # Secrets are masked before anything is cut, so a cut never leaves part of one behind.
-        scrub = functools.partial(redactor.mask_text, secrets=secrets)
+        # A credential found in the message is then masked in the traceback too.
+        scrub = functools.partial(redactor.mask_text, secrets=secrets, collect=secrets)
         text = scrub(str(exc))
         if len(text) > opts.max_message_chars:
             text = text[: opts.max_message_chars] + f"... [{len(text)} chars]"
