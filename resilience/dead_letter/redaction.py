@@ -293,9 +293,9 @@ class Redactor:
                 masked = _substitute(text, ordered)
                 if masked != text:
                     out[slot] = masked
-                    where = _short(_child(where, slot))
-                    if where not in paths:
-                        paths.append(where)
+                    at = _short(_child(where, slot))
+                    if at not in paths:
+                        paths.append(at)
 
     # -- free text ------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def data_values(draw: st.DrawFn) -> bytes:
         depth = draw(st.sampled_from([3, 50, 5000, 20_000]))
         return b'{"payload":' + nested(depth) + b"}"
     if kind == "huge":
-        size = draw(st.sampled_from([64 * 1024, 1024 * 1024, 4 * 1024 * 1024]))
+        size = draw(st.sampled_from([64 * 1024, 1024 * 1024]))
         return b'{"blob":"' + b"x" * size + b'"}'
     if kind == "almost":
         text = json.dumps({"password": draw(st.text(max_size=6)), "n": 1})
@@ -159,7 +159,7 @@ def check_message(message: InboundMessage, fields: dict[bytes, bytes]) -> None:
 
 
 @given(st.lists(field_maps(), min_size=1, max_size=6), st.integers(1, 5))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_decode_batch_turns_every_entry_into_one_message(
     entries: list[dict[bytes, bytes]], count: int
 ) -> None:
