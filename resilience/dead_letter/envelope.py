@@ -210,8 +210,9 @@ class EnvelopeBuilder:
         redactor = self.redactor
         message = delivery.message
         decode_failed = message is not None and message.decode_error is not None
+        too_deep: list[str] = []
         payload, paths, secrets = redactor.redact(
-            None if decode_failed else delivery.payload, "payload"
+            None if decode_failed else delivery.payload, "payload", cut=too_deep
         )
         headers, header_paths, header_secrets = redactor.redact(
             dict(delivery.headers), "headers", text_pairs=True
@@ -223,7 +224,8 @@ class EnvelopeBuilder:
             raw["data"], raw_paths, raw_secrets = redactor.redact_text(raw["data"], "raw")
             paths += raw_paths
             secrets |= raw_secrets
-        truncated: list[str] = []
+        # A payload cut at the rendered depth is not the message any more: never replayed.
+        truncated: list[str] = ["payload"] if too_deep else []
         # Secrets are masked before anything is cut, so a cut never leaves part of one behind.
         # A credential found in the message is then masked in the traceback too.
         scrub = functools.partial(redactor.mask_text, secrets=secrets, collect=secrets)

@@ -158,7 +158,12 @@ class Redactor:
     # -- structured values ----------------------------------------------------------------------
 
     def redact(
-        self, value: Any, path: str = "", *, text_pairs: bool = False
+        self,
+        value: Any,
+        path: str = "",
+        *,
+        text_pairs: bool = False,
+        cut: list[str] | None = None,
     ) -> tuple[Any, list[str], set[str]]:
         """A JSON-ready copy of ``value`` with matching fields masked.
 
@@ -172,6 +177,7 @@ class Redactor:
                 ``"[TOO DEEP]"``, but masked fields are found at any depth).
             path: The dotted location of ``value``, prefixed to the reported paths.
             text_pairs: Also mask ``name=value`` pairs inside strings.
+            cut: When given, receives the paths of the values replaced by ``"[TOO DEEP]"``.
 
         Returns:
             The redacted copy, the dotted paths of the masked fields (and of strings that held
@@ -201,6 +207,8 @@ class Redactor:
             item, out, slot, where, depth = stack.pop()
             if depth >= _MAX_DEPTH:
                 out[slot] = _TOO_DEEP
+                if cut is not None:
+                    cut.append(_short(where))
                 self._find_deeper(item, where, paths, secrets)
                 continue
             depth += 1

@@ -64,6 +64,16 @@ def test_a_masked_value_below_the_rendered_depth_is_still_scrubbed(depth: int) -
     assert any(path.endswith("password") for path in env["redacted"])
 
 
+def test_a_payload_cut_at_the_rendered_depth_is_marked_truncated() -> None:
+    """A payload deeper than the rendered 64 levels is listed as truncated (so it is never
+    replayed half-cut); a shallower one is not."""
+    deep = build({"root": nest(1, 80)}, failed("boom"))
+    assert "[TOO DEEP]" in json.dumps(deep["payload"])
+    assert deep["truncated"] == ["payload"]
+    shallow = build({"root": nest(1, 40)}, failed("boom"))
+    assert shallow["truncated"] == []
+
+
 def test_a_cyclic_payload_is_rendered_and_scrubbed() -> None:
     """A payload that contains itself ends in a bounded copy; its masked value is still found."""
     payload: dict[str, Any] = {"token": "cyc-token-1"}
