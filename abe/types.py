@@ -109,9 +109,13 @@ class MessageQueueBackendProtocol(Protocol):
         """
         ...
 
-    def consume(self, *, group: ConsumerGroup = None) -> AsyncIterator[MessageQueueMessage]:
-        """Yield messages until cancelled; ``group`` selects a consumer group when supported."""
-        ...
+    async def consume(self, *, group: ConsumerGroup = None) -> AsyncIterator[MessageQueueMessage]:
+        """Yield messages until cancelled; ``group`` selects a consumer group when supported.
+
+        Implementations are async generators (or return an async iterator). The protocol's own
+        body is the published placeholder: it yields one empty message.
+        """
+        yield {}
 
     @classmethod
     def from_env(cls) -> MessageQueueBackendProtocol:

@@ -4,6 +4,8 @@
 * :func:`set_testing` / :func:`zero_waits`: zero every retry wait in the process, so users' own
   tests run retries instantly while attempt counting and classification stay real.
 * :func:`capture_events`: collect the event records a consumer or pipeline emits.
+* :func:`capture_logs`: collect the log lines of the ``resilience`` and ``abe`` loggers as
+  dicts (``event``, ``log_level``, ``logger`` and the structured fields).
 * :class:`Outcomes`: a listener that tallies settled messages by outcome for assertions.
 * :class:`~resilience.dead_letter.MemoryStore`: an in-memory dead-letter store to assert on
   (``store.envelopes``), which can be told to fail (``store.failure = OSError(...)``).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,6 +36,7 @@ __all__ = [
     "MemoryStore",
     "Outcomes",
     "capture_events",
+    "capture_logs",
     "run_until_settled",
     "set_testing",
     "zero_waits",
@@ -75,6 +79,53 @@ def capture_events(bus: EventBus, kind: type[E] | None = None) -> Iterator[list[
         yield captured
     finally:
         unsubscribe()
+
+
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class _Collector(logging.Handler):
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        super().__init__(logging.DEBUG)
+        self.entries = entries
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES}
+        entry: dict[str, Any] = {
+            "event": record.getMessage(),
+            "log_level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        entry.update(fields)
+        self.entries.append(entry)
+
+
+@contextlib.contextmanager
+def capture_logs() -> Iterator[list[dict[str, Any]]]:
+    """Collect every log line of the ``resilience`` and ``abe`` loggers, at every level.
+
+    The library logs through stdlib ``logging`` (structlog events included), so this plays the
+    part of ``structlog.testing.capture_logs`` for it. The loggers' levels are lowered to DEBUG
+    for the block and restored afterwards; handlers the application configured still receive
+    what they received before.
+
+    Yields:
+        A list that fills with one dict per line: ``event`` (the message), ``log_level``,
+        ``logger`` and the line's structured fields.
+    """
+    entries: list[dict[str, Any]] = []
+    collector = _Collector(entries)
+    loggers = [logging.getLogger("resilience"), logging.getLogger("abe")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(collector)
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield entries
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(collector)
+            logger.setLevel(level)
 
 
 class Outcomes:

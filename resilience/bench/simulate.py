@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.clock import LoopClock
 from resilience.consumer import ResilientConsumer
@@ -364,12 +362,10 @@ def _isolated(seed: int, verbose: bool) -> Iterator[None]:
     """Seed the global random module (tenacity's jitter uses it), silence per-message logs,
     and turn testing mode's zero waits off; restore all of it afterwards."""
     state = random.getstate()
-    config = structlog.get_config()
-    loggers = [logging.getLogger(name) for name in ("resilience", "abe")]
+    loggers = [logging.getLogger("resilience"), logging.getLogger("abe")]
     levels = [logger.level for logger in loggers]
     random.seed(f"{seed}:backoff")
     if not verbose:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         for logger in loggers:
             logger.setLevel(logging.CRITICAL)
     try:
@@ -377,7 +373,6 @@ def _isolated(seed: int, verbose: bool) -> Iterator[None]:
             yield
     finally:
         random.setstate(state)
-        structlog.configure(**config)
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 

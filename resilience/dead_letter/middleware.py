@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
-
 from .._breaker_config import GATES_EXTRA
+from .._log import get_logger
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError
@@ -33,7 +32,7 @@ __all__ = [
     "Validator",
 ]
 
-log = structlog.get_logger("resilience.dead_letter")
+log = get_logger("resilience.dead_letter")
 
 _OUTAGE_REASONS = frozenset(("retries_exhausted", "timeout", "budget_exhausted"))
 """Reasons an open breaker can explain: out of attempts, time or retry budget."""

@@ -91,8 +91,6 @@ async def test_handler_is_awaited_per_payload_in_order() -> None:
     await consumer.run(handler)
 
     assert events == [(edge, n) for n in (1, 2, 3) for edge in ("start", "end")]
-    assert consumer._task is None
-    assert consumer._running is False
 
 
 async def test_handler_exception_is_logged_with_traceback_and_loop_goes_on(
@@ -119,7 +117,8 @@ async def test_handler_exception_is_logged_with_traceback_and_loop_goes_on(
 
 
 async def test_cancelled_error_from_handler_propagates_out_of_run() -> None:
-    """A CancelledError raised by the handler ends run() with CancelledError and resets state."""
+    """A CancelledError raised by the handler ends run() with CancelledError; shutdown() then
+    resets the state."""
     seen: list[int] = []
 
     async def handler(payload: dict[str, Any]) -> None:
@@ -131,6 +130,9 @@ async def test_cancelled_error_from_handler_propagates_out_of_run() -> None:
         await consumer.run(handler)
 
     assert seen == [1]
+    assert consumer._task is not None
+    assert consumer._task.cancelled()
+    await consumer.shutdown()
     assert consumer._task is None
     assert consumer._running is False
 
@@ -264,7 +266,8 @@ async def test_error_while_cancelling_is_logged_at_warning_not_raised(
 
 
 async def test_cancelling_the_run_caller_stops_the_consumer() -> None:
-    """Cancelling the task awaiting run() cancels the consumer task and resets the state."""
+    """Cancelling the task awaiting run() cancels the consumer task; shutdown() then resets the
+    state."""
     backend = FakeBackend()
     consumer = AsyncLoopConsumer(backend)
     runner = await _start(consumer, backend)
@@ -276,6 +279,7 @@ async def test_cancelling_the_run_caller_stops_the_consumer() -> None:
         await runner
 
     assert task.cancelled()
+    await consumer.shutdown()
     assert consumer._task is None
     assert consumer._running is False
 

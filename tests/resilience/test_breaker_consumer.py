@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import structlog
 
 from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.breaker import BreakerState, BreakerStateChanged, CallNotPermitted, get_breaker
@@ -17,7 +16,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.events import EventBus, MessageSettled, Outcome
 from resilience.policy import Policy
-from resilience.testing import run_until_settled
+from resilience.testing import capture_logs, run_until_settled
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -304,7 +303,7 @@ async def test_a_message_out_of_attempts_before_the_breaker_opens_is_dead_letter
     )
     consumer = ResilientConsumer(backend, policy=policy, clock=clock)
     dep = Dependency()
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         outcomes = await run_until_settled(consumer, dep.handler, 1)
     assert [e.outcome for e in outcomes.settled] == [Outcome.DEAD_LETTERED]
     router = router_of(consumer)

@@ -314,12 +314,12 @@ def test_replay_reports_an_unknown_backend(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A QUEUE_BACKEND that is not installed is a one-line error, and nothing is marked."""
+    """A QUEUE_BACKEND that is not installed is an error naming it, and nothing is marked."""
     path, _ = db
     monkeypatch.setenv("QUEUE_BACKEND", "no-such-broker")
     code, _, err = run(capsys, "replay", "--db", str(path))
     assert code == 2
-    assert "Unknown message-queue backend 'no-such-broker'" in err
+    assert "Unknown backend 'no-such-broker'" in err
     assert all(r.replayed_at is None for r in asyncio.run(SQLiteStore(path).find()))
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
 from abe.backends.message_queue.base.extensions import InboundMessage
@@ -34,7 +33,7 @@ from resilience.errors import ConfigError, DeadLetter, DeadLetterWriteError, Dro
 from resilience.events import Outcome
 from resilience.pipeline import Pipeline
 from resilience.policy import Policy, resilient
-from resilience.testing import capture_events, run_until_settled
+from resilience.testing import capture_events, capture_logs, run_until_settled
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -334,7 +333,7 @@ async def test_sink_failure_loses_nothing_and_recovers() -> None:
     with (
         capture_events(consumer.events, DeadLetterFailed) as failures,
         capture_events(consumer.events, DeadLettered) as written,
-        structlog.testing.capture_logs() as logs,
+        capture_logs() as logs,
     ):
         outcomes = await run_until_settled(consumer, handler, 2)
     assert [e.outcome for e in outcomes.settled] == [Outcome.UNSETTLED, Outcome.DEAD_LETTERED]
@@ -352,7 +351,7 @@ async def test_sink_failure_loses_nothing_and_recovers() -> None:
     assert failure.consecutive_failures == 1
     assert written[0].envelope_id == env["id"]
     assert 0.1 in clock.sleeps  # the write-failure backoff ran on the clock
-    events = [entry["event"] for entry in logs]
+    events = [entry["event"] for entry in logs if entry["logger"] == "resilience.dead_letter"]
     assert "dead_letter_write_failed" in events
     assert events[-1] == "dead_lettered"
 
@@ -389,7 +388,7 @@ async def test_dead_lettered_event_and_log_are_redacted() -> None:
 
     bus = EventBus()
     delivery = Delivery({"password": "s3cr3t-pw"}, key="users", message_id="5", events=bus)
-    with capture_events(bus, DeadLettered) as events, structlog.testing.capture_logs() as logs:
+    with capture_events(bus, DeadLettered) as events, capture_logs() as logs:
         await router(delivery, call_next)
     (event,) = events
     assert event.reason == "rejected"
@@ -647,7 +646,7 @@ async def test_sink_failure_logs_keep_redacted_values_masked(
     async def handler(payload: dict[str, Any]) -> None:
         raise DeadLetter(f"login failed for {payload}")
 
-    with structlog.testing.capture_logs() as logs, caplog.at_level("ERROR"):
+    with capture_logs() as logs, caplog.at_level("ERROR"):
         outcomes = await run_until_settled(consumer, handler, 2)
     assert [e.outcome for e in outcomes.settled] == [Outcome.UNSETTLED, Outcome.DEAD_LETTERED]
     formatter = logging.Formatter()

@@ -37,22 +37,23 @@ class AsyncLoopConsumer(EventConsumer):
     async def run(self, handler: Handler) -> None:
         """Consume until the backend's iterator ends, the task is cancelled, or shutdown.
 
-        A second call while the consumer runs returns at once.
+        The consumer counts as running from the first ``run()`` until :meth:`shutdown`, even
+        after the backend's iterator has ended: another ``run()`` in that time returns at once
+        without calling ``consume()`` again (the published behaviour). Call :meth:`shutdown`
+        before running the consumer again.
+
+        Args:
+            handler: Awaited with every payload the backend yields.
 
         Raises:
-            asyncio.CancelledError: the caller's task was cancelled.
+            asyncio.CancelledError: the consumer task was cancelled (by :meth:`shutdown`, by the
+                handler, or because the caller's task was cancelled).
         """
         if self._running:
             return
         self._running = True
-        task = asyncio.create_task(self._consume(handler))
-        self._task = task
-        try:
-            await task
-        finally:
-            if self._task is task:
-                self._task = None
-                self._running = False
+        self._task = asyncio.create_task(self._consume(handler))
+        await self._task
 
     async def _consume(self, handler: Handler) -> None:
         """Iterate the backend and await the handler per payload (the overridable core)."""
@@ -73,15 +74,27 @@ class AsyncLoopConsumer(EventConsumer):
                 raise asyncio.CancelledError
 
     async def shutdown(self) -> None:
-        """Cancel the consumer task and reset the state; idempotent and safe before run()."""
+        """Cancel the consumer task and reset the state; idempotent and safe before run().
+
+        Logs at DEBUG level what it does (the published messages: "Shutting down
+        AsyncLoopConsumer", "Cancelling consumer task", "Consumer task cancelled successfully" or
+        "Consumer task was already completed", then "Consumer shutdown complete"), and at WARNING
+        level an exception the task raised while being cancelled. Never raises that exception.
+
+        Raises:
+            asyncio.CancelledError: the task calling ``shutdown()`` was itself cancelled; the
+                state is reset first.
+        """
         task = self._task
         if not self._running or task is None:
             logger.debug("Shutdown called on consumer that is not running")
             self._running = False
             self._task = None
             return
+        logger.debug("Shutting down AsyncLoopConsumer")
         self._running = False
         if not task.done():
+            logger.debug("Cancelling consumer task")
             task.cancel()
             try:
                 await task
@@ -91,11 +104,13 @@ class AsyncLoopConsumer(EventConsumer):
                     # Shutdown itself is being cancelled: honour that after resetting state.
                     self._forget(task)
                     raise
-                logger.debug("Consumer task cancelled")
+                logger.debug("Consumer task cancelled successfully")
             except TimeoutError as exc:
                 logger.warning("Timeout during consumer shutdown: %s", exc, exc_info=True)
             except Exception as exc:
                 logger.warning("Unexpected error during consumer shutdown: %s", exc, exc_info=True)
+        else:
+            logger.debug("Consumer task was already completed")
         self._forget(task)
         logger.debug("Consumer shutdown complete")
 

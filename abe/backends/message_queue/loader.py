@@ -66,6 +66,24 @@ def _instantiate(name: str, ep: EntryPoint) -> MessageQueueBackend:
     return cast(MessageQueueBackend, from_env())
 
 
+_NOTHING_REGISTERED = (
+    "No message-queue backends registered. Using MemoryBackend (development only)."
+)
+_NO_EXTERNAL = "No external backend found — using MemoryBackend (dev only)."
+
+
+def _unknown_backend(requested: str, installed: dict[str, EntryPoint]) -> RuntimeError:
+    names = ", ".join(sorted({*installed, _MEMORY}))
+    return RuntimeError(
+        f"❌ Unknown backend '{requested}'. \n"
+        f"💡 Try one of the following installation methods: \n"
+        f"🔹 by pip:    pip install abe-{requested}\n"
+        f"🔹 by poetry: poetry add abe-{requested}\n"
+        f"🔹 by uv:     uv add abe-{requested}\n"
+        f"Installed providers: {names}. Unset QUEUE_BACKEND to auto-select."
+    )
+
+
 def load_backend() -> MessageQueueBackend:
     """Create the backend this process should use.
 
@@ -76,17 +94,23 @@ def load_backend() -> MessageQueueBackend:
     2. Otherwise the first installed third-party provider that is not ``memory`` (this
        distribution's own providers are used only when named, so installing it changes nothing
        for applications that rely on auto-selection).
-    3. Otherwise :class:`MemoryBackend`, with a ``UserWarning`` (development only).
+    3. Otherwise :class:`MemoryBackend`, with the published ``UserWarning``: "No message-queue
+       backends registered. Using MemoryBackend (development only)." when no third-party
+       provider is installed, "No external backend found — using MemoryBackend (dev only)." when
+       the only third-party provider is a ``memory`` one.
 
     Providers are looked up in ``abe.backends.message_queue`` and in
-    ``abe.backends.message_queue.service``.
+    ``abe.backends.message_queue.service``. The warnings go through :mod:`warnings`, as in the
+    published package (``logging.captureWarnings(True)`` routes them to logging).
 
     Returns:
         The provider's ``from_env()`` instance.
 
     Raises:
-        RuntimeError: ``QUEUE_BACKEND`` names a provider that is not installed, or a provider
-            cannot be imported.
+        RuntimeError: ``QUEUE_BACKEND`` names a provider that is not installed (the published
+            "❌ Unknown backend '<name>'" message with the pip, poetry and uv install hints,
+            followed by a line naming the installed providers), or a provider cannot be
+            imported.
     """
     backends = available_backends()
     requested = os.getenv("QUEUE_BACKEND", "").strip()
@@ -96,20 +120,12 @@ def load_backend() -> MessageQueueBackend:
             return _instantiate(requested, ep)
         if requested == _MEMORY:
             return MemoryBackend.from_env()
-        installed = ", ".join(sorted({*backends, _MEMORY}))
-        raise RuntimeError(
-            f"Unknown message-queue backend {requested!r} (QUEUE_BACKEND). "
-            f"Installed providers: {installed}. "
-            f"Install one with `pip install abe-{requested}` (or `uv add abe-{requested}`), "
-            "or unset QUEUE_BACKEND to auto-select."
-        )
-    for name, ep in backends.items():
-        if name != _MEMORY and not _is_builtin(ep):
+        raise _unknown_backend(requested, backends)
+    external = {name: ep for name, ep in backends.items() if not _is_builtin(ep)}
+    for name, ep in external.items():
+        if name != _MEMORY:
             return _instantiate(name, ep)
-    warnings.warn(
-        "No external message-queue backend is installed and QUEUE_BACKEND is not set; using "
-        "MemoryBackend (development only: messages are lost on restart and stay in-process).",
-        UserWarning,
-        stacklevel=2,
-    )
+    # Called as the published loader calls it (no stacklevel), so code that patches
+    # ``loader.warnings`` and checks the call keeps working.
+    warnings.warn(_NO_EXTERNAL if external else _NOTHING_REGISTERED, UserWarning)  # noqa: B028
     return MemoryBackend.from_env()
