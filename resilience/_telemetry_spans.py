@@ -129,8 +129,8 @@ def context_from(
         if processing.is_valid:
             links.append(Link(processing, {LINK_KIND: "dead_lettered_processing"}))
     replays = headers.get(REPLAY_COUNT_HEADER)
-    if replays and replays.isdigit():
-        attrs[REPLAY_COUNT] = int(replays)
+    if replays and replays.isascii() and replays.isdigit() and len(replays) <= 9:
+        attrs[REPLAY_COUNT] = int(replays)  # a malformed count is left out, never an error
     return parent, links or None
 
 

@@ -103,9 +103,13 @@ def replay_count_of(headers: Mapping[str, str]) -> int:
     if raw is None:
         return 0
     try:
-        return max(0, int(str(raw).strip()))
+        return min(max(0, int(str(raw).strip())), _MAX_REPLAY_COUNT)
     except ValueError:
         return 0
+
+
+_MAX_REPLAY_COUNT = 2**31 - 1
+"""Larger counts in a header are read as this (a count is never huge; a header can be)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +210,13 @@ class EnvelopeBuilder:
         redactor = self.redactor
         message = delivery.message
         decode_failed = message is not None and message.decode_error is not None
+        too_deep: list[str] = []
         payload, paths, secrets = redactor.redact(
-            None if decode_failed else delivery.payload, "payload"
+            None if decode_failed else delivery.payload, "payload", cut=too_deep
         )
-        headers, header_paths, header_secrets = redactor.redact(dict(delivery.headers), "headers")
+        headers, header_paths, header_secrets = redactor.redact(
+            dict(delivery.headers), "headers", text_pairs=True
+        )
         paths += header_paths
         secrets |= header_secrets
         raw = _raw_body(message.raw) if message is not None and decode_failed else None
@@ -217,10 +224,12 @@ class EnvelopeBuilder:
             raw["data"], raw_paths, raw_secrets = redactor.redact_text(raw["data"], "raw")
             paths += raw_paths
             secrets |= raw_secrets
-        truncated: list[str] = []
+        # A payload cut at the rendered depth is not the message any more: never replayed.
+        truncated: list[str] = ["payload"] if too_deep else []
         # Secrets are masked before anything is cut, so a cut never leaves part of one behind.
-        scrub = functools.partial(Redactor.scrub, secrets=secrets) if secrets else None
-        text = str(exc) if scrub is None else scrub(str(exc))
+        # A credential found in the message is then masked in the traceback too.
+        scrub = functools.partial(redactor.mask_text, secrets=secrets, collect=secrets)
+        text = scrub(str(exc))
         if len(text) > opts.max_message_chars:
             text = text[: opts.max_message_chars] + f"... [{len(text)} chars]"
             truncated.append("message")
@@ -285,12 +294,16 @@ class EnvelopeBuilder:
         return fit(envelope, opts.max_envelope_bytes, _KEEP_HEADERS)
 
     def scrub(self, text: str, delivery: Delivery) -> str:
-        """``text`` with the values of ``delivery``'s redacted fields masked (for log lines)."""
-        secrets = (
-            self.redactor.redact(delivery.payload)[2]
-            | (self.redactor.redact(dict(delivery.headers))[2])
-        )
-        return Redactor.scrub(text, secrets) if secrets else text
+        """``text`` with the values of ``delivery``'s redacted fields, credentials and pairs of
+        redacted names masked (for log lines)."""
+        redactor = self.redactor
+        secrets = redactor.redact(delivery.payload)[2] | redactor.redact(dict(delivery.headers))[2]
+        message = delivery.message
+        if message is not None and message.decode_error is not None and message.raw is not None:
+            raw = _raw_body(message.raw)
+            if raw is not None and raw["encoding"] == "utf-8":
+                secrets |= redactor.redact_text(raw["data"])[2]
+        return redactor.mask_text(text, secrets)
 
 
 def _raw_body(raw: bytes | str | None) -> dict[str, str] | None:

@@ -48,6 +48,7 @@ def parse_json(data: bytes) -> Any:
     Raises:
         ValueError: ``data`` is not UTF-8 JSON (``json.JSONDecodeError`` or
             ``UnicodeDecodeError``).
+        RecursionError: ``data`` nests arrays or objects deeper than the parser allows.
     """
     text = data.decode()
     try:
@@ -60,7 +61,11 @@ def parse_json(data: bytes) -> Any:
 
 
 class EntryDecodeError(ValueError):
-    """A stream entry is not in the wire format: no ``data`` field, or not a JSON object."""
+    """A stream entry is not in the wire format: no ``data`` field, or not a JSON object.
+
+    When a parser error caused it (``json.JSONDecodeError``, ``UnicodeDecodeError``,
+    ``RecursionError``, ...) that error is its ``__cause__``.
+    """
 
 
 def encode_entry(
@@ -105,10 +110,13 @@ def decode_entry(
     delivery_count: int,
     handle: Any,
 ) -> InboundMessage:
-    """Turn one stream entry into an :class:`InboundMessage`.
+    """Turn one stream entry into an :class:`InboundMessage`; never raises.
 
     An entry that is not in the wire format is returned as *poison*: an empty payload,
-    ``decode_error`` set and the raw ``data`` bytes kept in ``raw``.
+    ``decode_error`` set and the raw ``data`` bytes kept in ``raw``. Whatever goes wrong while
+    decoding one entry (invalid UTF-8 or JSON, JSON nested too deep for the parser, a value
+    that is not a JSON object, a missing ``data`` field, any other exception) makes that entry
+    poison: no entry's content, size or shape can stop a reader.
 
     Args:
         key: The stream key.
@@ -121,6 +129,20 @@ def decode_entry(
     Returns:
         The message.
     """
+    try:
+        return _decode_entry(key, entry_id, fields, group, delivery_count, handle)
+    except Exception as exc:  # a last resort: _decode_entry turns known failures into poison
+        return _poison(key, entry_id, fields, group, delivery_count, handle, exc)
+
+
+def _decode_entry(
+    key: str,
+    entry_id: bytes,
+    fields: Mapping[bytes, bytes],
+    group: str | None,
+    delivery_count: int,
+    handle: Any,
+) -> InboundMessage:
     message_id = entry_id.decode()
     enqueued_at = int(entry_id[: entry_id.index(b"-")]) * 0.001
     data = fields.get(DATA_FIELD)
@@ -131,27 +153,23 @@ def decode_entry(
     else:
         try:
             payload = parse_json(data)
-        except ValueError as exc:
-            error = EntryDecodeError(f"entry {message_id} of {key!r}: data is not JSON: {exc}")
+        except Exception as exc:  # not only ValueError: deep nesting raises RecursionError
+            error = EntryDecodeError(
+                f"entry {message_id} of {key!r}: data is not JSON: "
+                f"{type(exc).__name__}: {_clip(exc)}"
+            )
+            error.__cause__ = exc
         else:
             if type(payload) is not dict:
                 error = EntryDecodeError(
                     f"entry {message_id} of {key!r}: data is JSON "
                     f"{type(payload).__name__}, not an object"
                 )
-    headers = NO_HEADERS
-    if len(fields) > 1:
-        found = {
-            name[2:].decode(errors="replace"): value.decode(errors="replace")
-            for name, value in fields.items()
-            if name.startswith(HEADER_PREFIX)
-        }
-        if found:
-            headers = found
+    headers = _headers(fields)
     if error is not None:
         raw: bytes | None = data
         if raw is None:
-            raw = b" ".join(name + b"=" + value for name, value in fields.items())
+            raw = _joined(fields)
         return InboundMessage(
             {},
             key,
@@ -180,6 +198,73 @@ def decode_entry(
     )
 
 
+def _headers(fields: Mapping[bytes, bytes]) -> Mapping[str, str]:
+    """The ``h:<name>`` fields as text (invalid UTF-8 replaced, never an error)."""
+    found = {
+        name[2:].decode(errors="replace"): value.decode(errors="replace")
+        for name, value in fields.items()
+        if name.startswith(HEADER_PREFIX)
+    }
+    return found or NO_HEADERS
+
+
+def _joined(fields: Mapping[bytes, bytes]) -> bytes:
+    """The whole field map as ``name=value`` pairs (the raw body of an entry without data)."""
+    return b" ".join(bytes(name) + b"=" + bytes(value) for name, value in fields.items())
+
+
+def _clip(exc: BaseException, limit: int = 200) -> str:
+    try:
+        text = str(exc)
+    except Exception:
+        return "<str() failed>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _poison(
+    key: str,
+    entry_id: bytes,
+    fields: Mapping[bytes, bytes] | Any,
+    group: str | None,
+    delivery_count: int,
+    handle: Any,
+    exc: Exception,
+) -> InboundMessage:
+    """The poison message of an entry whose decoding failed in an unforeseen way."""
+    message_id = bytes(entry_id).decode(errors="replace")
+    error = EntryDecodeError(
+        f"entry {message_id} of {key!r} could not be decoded: {type(exc).__name__}: {_clip(exc)}"
+    )
+    error.__cause__ = exc
+    raw: bytes | None
+    try:
+        data = fields.get(DATA_FIELD)
+        raw = data if isinstance(data, bytes) else _joined(fields)
+    except Exception:
+        raw = None
+    try:
+        headers = _headers(fields)
+    except Exception:
+        headers = NO_HEADERS
+    try:
+        enqueued_at: float | None = int(entry_id[: entry_id.index(b"-")]) * 0.001
+    except Exception:
+        enqueued_at = None
+    return InboundMessage(
+        {},
+        key,
+        message_id,
+        delivery_count,
+        headers,
+        enqueued_at,
+        group,
+        raw,
+        error,
+        handle,
+        None if raw is None else len(raw),
+    )
+
+
 def decode_batch(
     key: str,
     entries: Iterable[tuple[bytes, Mapping[bytes, bytes] | None]],
@@ -192,8 +277,8 @@ def decode_batch(
     """Decode the entries of one stream reply, hand each to ``append`` and record it as held.
 
     The common entry (only a ``data`` field holding compact JSON) takes a fast path; anything
-    else goes through :func:`decode_entry`. Entries deleted while pending (no fields) are
-    skipped.
+    else goes through :func:`decode_entry`, which makes an entry that fails to decode in any way
+    poison instead of raising. Entries deleted while pending (no fields) are skipped.
 
     Args:
         key: The stream key.
@@ -225,8 +310,8 @@ def decode_batch(
                 try:
                     text = data.decode()
                     payload, end = scan(text, 0)
-                except (StopIteration, ValueError):
-                    pass
+                except Exception:  # StopIteration, ValueError, RecursionError, ...
+                    pass  # decode_entry says what is wrong
                 else:
                     if end == len(text) and type(payload) is dict:
                         if not entry_id.startswith(stamp_prefix):
