@@ -58,7 +58,8 @@ class Block:
     @property
     def where(self) -> str:
         """``docs/page.md:12``, relative to the repository."""
-        return f"{self.path.relative_to(ROOT).as_posix()}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path.as_posix()}:{self.line}"
 
     @property
     def test_id(self) -> str:
@@ -66,9 +67,9 @@ class Block:
         return f"{self.where}:{self.language or 'no-language'}"
 
 
-def markdown_files() -> list[Path]:
+def markdown_files(root: Path = ROOT) -> list[Path]:
     """README.md and every Markdown page under docs/, in a stable order."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    return [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
 
 
 def _directive(lines: list[str], fence_index: int) -> tuple[str | None, frozenset[str], str | None]:
@@ -141,9 +142,9 @@ def blocks_of(path: Path) -> list[Block]:
     return found
 
 
-def all_blocks() -> list[Block]:
+def all_blocks(root: Path = ROOT) -> list[Block]:
     """Every fenced block of every Markdown file the suite checks."""
-    return [block for path in markdown_files() for block in blocks_of(path)]
+    return [block for path in markdown_files(root) for block in blocks_of(path)]
 
 
 def console_commands(source: str) -> str:

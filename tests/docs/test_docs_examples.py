@@ -149,12 +149,12 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
                 script = tmp_path / f"test_example_{block.line}.py"
             script.write_text(block.source, encoding="utf-8")
         if "pytest" in block.flags:
-            out = _run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", script.name],
-                tmp_path,
-                env,
-                block,
-            )
+            # A user's project with pytest and pytest-asyncio only: none of the other plugins
+            # of this environment (hypothesis, looptime, ...) are loaded.
+            env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            command += ["-p", "pytest_asyncio.plugin", script.name]
+            out = _run(command, tmp_path, env, block)
             assert " passed" in out, out
         else:
             _run([sys.executable, str(script.relative_to(tmp_path))], tmp_path, env, block)
