@@ -12,9 +12,14 @@ a block changes how it runs (blank lines may stand between them):
 ``<!-- example: redis -->``
     needs a real Redis: it runs with ``QUEUE_BACKEND=redis``, ``REDIS_URL`` (a private
     redis-server) and ``REDIS_STREAMS=orders``, as the Redis page's setup exports them.
+``<!-- example: rabbitmq -->``, ``<!-- example: nats -->``
+    needs that broker: ``QUEUE_BACKEND`` names it and ``RABBITMQ_URL`` / ``NATS_URL`` point at
+    the broker the broker tests use (``RABBITMQ_TEST_URL`` / ``NATS_TEST_URL``).
 ``<!-- example: pytest -->``
     a Python block that is a test module: it runs under pytest in the page's directory, which
     holds the page's ``pyproject.toml`` block when it has one.
+``NAME=VALUE``
+    an environment variable for the block (``<!-- example: rabbitmq, RABBITMQ_QUEUES=orders -->``).
 
 Flags combine with commas (``<!-- example: pytest, redis -->``).
 """
@@ -32,11 +37,13 @@ SHELL = frozenset({"bash", "sh", "shell", "console"})
 LANGUAGES = PYTHON | SHELL | {"toml", "json", "text"}
 """Languages the suite knows how to check; ``text`` is output, a picture or an error message."""
 
-FLAGS = frozenset({"redis", "pytest"})
+FLAGS = frozenset({"redis", "rabbitmq", "nats", "pytest"})
+BROKERS = ("redis", "rabbitmq", "nats")
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*example:\s*(?P<body>.*?)\s*-->\s*$")
 _ATTRIBUTE = re.compile(r'(\w+)="([^"]*)"')
+_ENV = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class Block:
     skip: str | None = None
     """The reason given by ``<!-- example: skip: ... -->``."""
     flags: frozenset[str] = field(default_factory=frozenset)
+    env: tuple[tuple[str, str], ...] = ()
+    """``NAME=VALUE`` settings of the marker."""
     problem: str | None = None
     """Why the block or its directive is malformed (the test fails with this)."""
 
@@ -72,28 +81,37 @@ def markdown_files(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
 
 
-def _directive(lines: list[str], fence_index: int) -> tuple[str | None, frozenset[str], str | None]:
-    """The skip reason, flags and problem of the ``<!-- example: ... -->`` before a fence."""
+@dataclass(frozen=True)
+class _Marker:
+    skip: str | None = None
+    flags: frozenset[str] = frozenset()
+    env: tuple[tuple[str, str], ...] = ()
+    problem: str | None = None
+
+
+def _directive(lines: list[str], fence_index: int) -> _Marker:
+    """The ``<!-- example: ... -->`` marker before a fence (an empty one when there is none)."""
     i = fence_index - 1
     while i >= 0 and not lines[i].strip():
         i -= 1
-    if i < 0:
-        return None, frozenset(), None
-    match = _DIRECTIVE.match(lines[i])
+    match = _DIRECTIVE.match(lines[i]) if i >= 0 else None
     if match is None:
-        return None, frozenset(), None
+        return _Marker()
     body = match.group("body")
     if body.startswith("skip"):
         reason = body[len("skip") :].lstrip(" :").strip()
         if not reason:
-            return None, frozenset(), "<!-- example: skip --> needs a reason: skip: WHY"
-        return reason, frozenset(), None
-    flags = frozenset(word.strip() for word in body.split(",") if word.strip())
-    unknown = flags - FLAGS
-    if unknown or not flags:
-        allowed = ", ".join(["skip: REASON", *sorted(FLAGS)])
-        return None, flags, f"unknown example directive {body!r} (allowed: {allowed})"
-    return None, flags, None
+            return _Marker(problem="<!-- example: skip --> needs a reason: skip: WHY")
+        return _Marker(skip=reason)
+    words = [word.strip() for word in body.split(",") if word.strip()]
+    env = tuple((m["name"], m["value"]) for m in map(_ENV.match, words) if m is not None)
+    flags = frozenset(word for word in words if _ENV.match(word) is None)
+    if flags - FLAGS or not words:
+        allowed = ", ".join(["skip: REASON", *sorted(FLAGS), "NAME=VALUE"])
+        return _Marker(problem=f"unknown example directive {body!r} (allowed: {allowed})")
+    if len(flags & set(BROKERS)) > 1:
+        return _Marker(problem=f"one broker per example, got {body!r}")
+    return _Marker(flags=flags, env=env)
 
 
 def blocks_of(path: Path) -> list[Block]:
@@ -117,7 +135,8 @@ def blocks_of(path: Path) -> list[Block]:
         info = info.strip()
         language = info.split(maxsplit=1)[0].lower() if info else ""
         attributes = dict(_ATTRIBUTE.findall(info))
-        skip, flags, problem = _directive(lines, i)
+        marker = _directive(lines, i)
+        problem = marker.problem
         if problem is None and language not in LANGUAGES:
             known = ", ".join(sorted(LANGUAGES))
             problem = (
@@ -133,8 +152,9 @@ def blocks_of(path: Path) -> list[Block]:
                 language=language,
                 source="\n".join(body) + "\n",
                 title=attributes.get("title"),
-                skip=skip,
-                flags=flags,
+                skip=marker.skip,
+                flags=marker.flags,
+                env=marker.env,
                 problem=problem,
             )
         )

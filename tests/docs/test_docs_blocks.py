@@ -43,6 +43,16 @@ true
 ```yaml
 a: 1
 ```
+
+<!-- example: rabbitmq, RABBITMQ_QUEUES=orders -->
+```bash
+true
+```
+
+<!-- example: redis, nats -->
+```bash
+true
+```
 """
 
 
@@ -67,6 +77,8 @@ def test_blocks_carry_language_title_and_markers(page: Path) -> None:
         "",
         "bash",
         "yaml",
+        "bash",
+        "bash",
     ]
     assert blocks[0].title == "app.py"
     assert blocks[0].source == 'print("hi")\n'
@@ -74,14 +86,17 @@ def test_blocks_carry_language_title_and_markers(page: Path) -> None:
     assert blocks[2].flags == frozenset({"pytest", "redis"})
     assert blocks[3].source == "[retry]\nattempts = 2\n"  # the list indentation is removed
     assert blocks[0].line == 3
+    assert blocks[7].flags == frozenset({"rabbitmq"})
+    assert blocks[7].env == (("RABBITMQ_QUEUES", "orders"),)
 
 
 def test_unknown_languages_and_markers_are_problems(page: Path) -> None:
     """A block without a known language, or with an unknown marker, is reported, not ignored."""
-    problems = {b.language: b.problem for b in blocks_of(page) if b.problem}
-    assert set(problems) == {"", "bash", "yaml"}
-    assert "needs one of the languages" in problems[""]
-    assert "unknown example directive 'slow'" in problems["bash"]
+    problems = [(b.language, b.problem) for b in blocks_of(page) if b.problem]
+    assert [language for language, _ in problems] == ["", "bash", "yaml", "bash"]
+    assert "needs one of the languages" in problems[0][1]
+    assert "unknown example directive 'slow'" in problems[1][1]
+    assert "one broker per example" in problems[3][1]
 
 
 def test_every_docs_page_is_collected(page: Path, tmp_path: Path) -> None:

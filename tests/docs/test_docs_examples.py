@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,8 +46,6 @@ def docs_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if _ci():
             pytest.fail("redis-server is not on PATH; CI=true, so the Redis examples must run")
         pytest.skip("redis-server is not on PATH: the Redis examples need one")
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -75,8 +76,6 @@ def docs_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except redis.ConnectionError:
                 if process.poll() is not None:
                     pytest.fail(f"redis-server exited with {process.returncode}")
-                import time
-
                 time.sleep(0.02)
         else:
             pytest.fail(f"redis-server on port {port} did not answer")
@@ -87,17 +86,44 @@ def docs_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+SHARED_BROKERS = {
+    "rabbitmq": ("RABBITMQ_URL", "RABBITMQ_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    "nats": ("NATS_URL", "NATS_TEST_URL", "nats://127.0.0.1:4222"),
+}
+"""Broker flag: (variable the backend reads, variable the tests read, default URL)."""
+
+
+def _shared_broker(flag: str) -> dict[str, str]:
+    """QUEUE_BACKEND and the URL of the broker the broker tests use; skips when it is down."""
+    variable, test_variable, default = SHARED_BROKERS[flag]
+    url = os.environ.get(test_variable, default)
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), 2).close()
+    except OSError as exc:
+        reason = f"{flag} at {url} does not answer ({exc}); set {test_variable} or start it"
+        if _ci():
+            pytest.fail(f"{reason}; CI=true, so the {flag} examples must run")
+        pytest.skip(reason)
+    return {"QUEUE_BACKEND": flag, variable: url}
+
+
 def _environment(block: Block, redis_url: str | None) -> dict[str, str]:
     """The process environment of an example: the suite's, without broker or policy settings."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("QUEUE_", "REDIS_", "RESILIENCE_", "OTEL_", "PYTEST_"))
+        if not name.startswith(
+            ("QUEUE_", "REDIS_", "RABBITMQ_", "NATS_", "RESILIENCE_", "OTEL_", "PYTEST_")
+        )
     }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     if redis_url is not None:
         env.update(QUEUE_BACKEND="redis", REDIS_URL=redis_url, REDIS_STREAMS="orders")
+    for flag in block.flags & SHARED_BROKERS.keys():
+        env.update(_shared_broker(flag))
+    env.update(block.env)
     return env
 
 
