@@ -6,21 +6,27 @@
 * ``benchmarks/README.md`` (the only place measured figures are kept) and its ``results/`` files
   become the page ``benchmarks/results.md`` of the site; links to ``../benchmarks/README.md``
   in the docs point there.
+* :class:`SphinxRoles`, a griffe extension (``mkdocs.yml`` loads it for mkdocstrings), renders
+  the Sphinx cross-reference roles of the docstrings as code for the API reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import griffe
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- cli-reference -->"
 RESULTS_PAGE = "benchmarks/results.md"
+WIDTH = 80
+"""Columns the help texts are wrapped to (argparse reads ``COLUMNS``)."""
 
 
 def _commands(
@@ -35,7 +41,7 @@ def _commands(
 
 def cli_reference() -> str:
     """Markdown for every command: a heading, its description and its ``--help`` text."""
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width: make it stable
+    os.environ["COLUMNS"] = str(WIDTH)  # argparse wraps to the terminal width: make it stable
     from resilience.cli import build_parser
 
     parts: list[str] = []
@@ -70,3 +76,20 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     return markdown.replace(
         f"]({prefix}../benchmarks/README.md", f"]({prefix}{RESULTS_PAGE}"
     )
+
+
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|exc|data|obj|const):`(~?)([^`]+)`")
+
+
+def _role_as_code(match: re.Match[str]) -> str:
+    name = match.group(2)
+    return f"`{name.rsplit('.', 1)[-1] if match.group(1) else name}`"
+
+
+class SphinxRoles(griffe.Extension):
+    """``:class:`~pkg.Name``` in a docstring becomes ```Name``` (``pkg.Name`` without ``~``)."""
+
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        """Rewrite the roles of each object's docstring once it is loaded."""
+        if obj.docstring is not None:
+            obj.docstring.value = _ROLE.sub(_role_as_code, obj.docstring.value)

@@ -23,8 +23,9 @@ def _hooks() -> ModuleType:
 
 def test_cli_reference_has_every_command_with_its_help(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every sub-command (nested ones included) gets a heading and its own --help text."""
-    monkeypatch.setenv("COLUMNS", "100")  # the hook sets it too; restored after the test
-    reference = _hooks().cli_reference()
+    hooks = _hooks()
+    monkeypatch.setenv("COLUMNS", str(hooks.WIDTH))  # the hook sets it too; restored afterwards
+    reference = hooks.cli_reference()
     parser = build_parser()
     commands = [
         (name, sub)
