@@ -18,6 +18,8 @@ a block changes how it runs (blank lines may stand between them):
 ``<!-- example: pytest -->``
     a Python block that is a test module: it runs under pytest in the page's directory, which
     holds the page's ``pyproject.toml`` block when it has one.
+``<!-- example: output -->``
+    before a ``text`` block: it is exactly what the block before it prints on stdout.
 ``NAME=VALUE``
     an environment variable for the block (``<!-- example: rabbitmq, RABBITMQ_QUEUES=orders -->``).
 
@@ -37,7 +39,7 @@ SHELL = frozenset({"bash", "sh", "shell", "console"})
 LANGUAGES = PYTHON | SHELL | {"toml", "json", "text"}
 """Languages the suite knows how to check; ``text`` is output, a picture or an error message."""
 
-FLAGS = frozenset({"redis", "rabbitmq", "nats", "pytest"})
+FLAGS = frozenset({"redis", "rabbitmq", "nats", "pytest", "output"})
 BROKERS = ("redis", "rabbitmq", "nats")
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")

@@ -155,6 +155,18 @@ def _run(command: list[str], directory: Path, env: dict[str, str], block: Block)
     return proc.stdout
 
 
+def _check_output(block: Block, stdout: str) -> None:
+    """When the next block is marked ``<!-- example: output -->``, it is what ``block`` prints."""
+    page = blocks_of(block.path)
+    position = next(i for i, other in enumerate(page) if other.line == block.line)
+    if position + 1 < len(page) and "output" in page[position + 1].flags:
+        shown = page[position + 1]
+        assert stdout.strip() == shown.source.strip(), (
+            f"{shown.where}: the output shown is not what {block.where} prints\n"
+            f"--- shown ---\n{shown.source}--- printed ---\n{stdout}"
+        )
+
+
 @pytest.mark.parametrize("block", EXAMPLES, ids=[b.test_id for b in EXAMPLES])
 def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The code block runs as written (or is skipped with the reason its marker gives)."""
@@ -183,13 +195,15 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
             out = _run(command, tmp_path, env, block)
             assert " passed" in out, out
         else:
-            _run([sys.executable, str(script.relative_to(tmp_path))], tmp_path, env, block)
+            out = _run([sys.executable, str(script.relative_to(tmp_path))], tmp_path, env, block)
+            _check_output(block, out)
     elif block.language in SHELL:
         script_text = (
             console_commands(block.source) if block.language == "console" else block.source
         )
         assert script_text.strip(), f"{block.where}: a console block without `$ ` commands"
-        _run(["bash", "-e", "-o", "pipefail", "-c", script_text], tmp_path, env, block)
+        out = _run(["bash", "-e", "-o", "pipefail", "-c", script_text], tmp_path, env, block)
+        _check_output(block, out)
     elif block.language == "toml":
         tomllib.loads(block.source)
         if (block.title or "").rsplit("/", 1)[-1] != "pyproject.toml":
