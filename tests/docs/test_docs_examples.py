@@ -216,3 +216,17 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
         json.loads(block.source)
     else:  # pragma: no cover - docs_blocks rejects other languages
         pytest.fail(f"{block.where}: no rule for {block.language!r}")
+
+
+def test_shown_output_must_match(tmp_path: Path) -> None:
+    """A text block marked as output fails the example whose printed text differs from it."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        '```python\nprint("one")\n```\n\n<!-- example: output -->\n```text\ntwo\n```\n',
+        encoding="utf-8",
+    )
+    block = blocks_of(page)[0]
+    with pytest.raises(AssertionError, match="the output shown is not what"):
+        _check_output(block, "one\n")
+    page.write_text(page.read_text(encoding="utf-8").replace("two", "one"), encoding="utf-8")
+    _check_output(block, "one\n")
