@@ -1,7 +1,8 @@
 """The metric instruments, created once per meter provider and shared by every consumer.
 
-Synchronous instruments of the OpenTelemetry SDK cost about 3-6 us per call, more than the
-rest of the pipeline, so the per-message path records one histogram value and nothing else:
+Synchronous instruments of the OpenTelemetry SDK cost more per call than the rest of the
+pipeline (figures in ``benchmarks/README.md``), so the per-message path records one histogram
+value and nothing else:
 ``messaging.client.consumed.messages`` is an asynchronous (observable) counter read from plain
 integer counts, and the gauges for in-flight messages and breaker states are observable too.
 An observable counter exports the same monotonic cumulative sum a synchronous one does.

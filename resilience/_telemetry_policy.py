@@ -9,7 +9,7 @@ Example TOML::
     service_name = "orders" # service.name when `resilience run --otel` sets the SDK up
     traces = true
     metrics = true
-    log_context = false     # message ids in log lines even without OpenTelemetry (~0.4 us)
+    log_context = false     # message ids in log lines even without OpenTelemetry
 
 With OpenTelemetry on, :class:`~resilience.telemetry.Telemetry` puts the message in the log
 context itself; ``log_context`` only matters when it is off.

@@ -12,8 +12,9 @@ dead-lettering; marks the span as an error only when the outcome is terminal; an
 
 Cost: the ``[telemetry]`` policy section decides when the pipeline is built. With no
 OpenTelemetry SDK configured (``enabled = "auto"``, the default) it adds no layer at all, so
-nothing is paid per message. With the SDK, the instrumentation adds about 5-10% to the SDK's
-own cost of a span with the same attributes (and of the duration record). Telemetry never
+nothing is paid per message. With the SDK, most of the cost is the SDK's own span (and duration
+record); what the instrumentation adds on top is measured by ``resilience bench overhead`` (see
+``benchmarks/README.md``). Telemetry never
 breaks a handler: a failing tracer, span processor or meter is logged, and the message goes on.
 
 :func:`publish_with_context` publishes with the current trace context in the headers;

@@ -1,10 +1,11 @@
 """Per-attempt and whole-message timeouts that really cancel the handler.
 
-``async with asyncio.timeout()`` schedules and cancels a loop timer per call (about 4.5 us here,
-several times what the whole consumer costs per message). Instead each :class:`Timeout` keeps one
-watchdog: a message registers its deadline in a dict (two dict operations on the success path)
-and a single timer, armed at the earliest deadline, cancels the tasks whose deadline passed. The
-cancellation is then turned into :class:`~resilience.errors.AttemptTimeout` (retryable) or
+``async with asyncio.timeout()`` schedules and cancels a loop timer per call, which costs more
+than the whole consumer does per message (figures in ``benchmarks/README.md``). Instead each
+:class:`Timeout` keeps one watchdog: a message registers its deadline in a dict (two dict
+operations on the success path) and a single timer, armed at the earliest deadline, cancels the
+tasks whose deadline passed. The cancellation is then turned into
+:class:`~resilience.errors.AttemptTimeout` (retryable) or
 :class:`~resilience.errors.TotalTimeout` (terminal) exactly as ``asyncio.timeout`` does, with
 ``Task.uncancel()``, so a shutdown that cancels at the same moment still wins.
 """

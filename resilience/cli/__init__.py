@@ -16,6 +16,7 @@ __all__ = ["CliError", "build_parser", "main"]
 _COMMAND_MODULES = (
     "resilience.cli.demo",
     "resilience.cli.run",
+    "resilience.cli.publish",
     "resilience.cli.dlq",
     "resilience.cli.breaker",
     "resilience.cli.bench",
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resilience",
         description="Resilience middleware for async message handlers: run a consumer, "
-        "try the demo, inspect and replay dead letters, compare policies.",
+        "try the demo, publish test messages, inspect and replay dead letters, compare "
+        "policies.",
     )
     from resilience import __version__
 

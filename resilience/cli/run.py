@@ -91,7 +91,7 @@ def register(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="put message id, key and attempt in every log line inside the pipeline, even "
-        "without OpenTelemetry (default: on; about 0.4 us per message)",
+        "without OpenTelemetry (default: on; its cost is in benchmarks/README.md)",
     )
     parser.add_argument(
         "--log-format",
