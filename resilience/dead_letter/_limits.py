@@ -234,6 +234,12 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
         envelope["attempts"]["history"] = envelope["attempts"]["history"][-3:]
         mark("history")
         size = envelope_size(envelope)
+    # 6. The failed writes listed one by one (their count and times stay).
+    writes = envelope.get("write_failures")
+    if size > limit and writes and len(writes["recent"]) > 1:
+        writes["recent"] = writes["recent"][-1:]
+        mark("write_failures")
+        size = envelope_size(envelope)
     if size > limit:
         # Only pathological keys, ids or names are left: keep the bare minimum.
         minimal = {
@@ -254,6 +260,8 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
         minimal["attempts"] = {**envelope["attempts"], "history": []}
         minimal["origin"] = {k: None for k in envelope["origin"]}
         minimal["trace"] = {"original": None, "processing": None}
+        if writes:
+            minimal["write_failures"] = {**writes, "recent": []}
         minimal["redacted"] = envelope["redacted"][:20]
         minimal["truncated"] = [*truncated, "envelope"]
         return minimal
