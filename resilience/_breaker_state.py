@@ -9,6 +9,13 @@ across the protected call.
 Each admitted call carries the *epoch* (a counter bumped on every state change) it was
 admitted in, and its outcome is recorded only if the epoch is still current: a call admitted
 while closed that ends after the breaker opened cannot count as a half-open probe.
+
+One message is not an outage. The consecutive-failure count counts distinct messages (by key
+and message id), and a delivery's failures after its first (its retries) are not recorded in
+the window, so a message that fails every attempt cannot trip the breaker alone. While
+half-open, the message that tripped it yields the probe to another message waiting for it
+(held by the breaker, or about to be pulled by a consumer worker) for up to
+:data:`PROBE_GRACE` seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
     from .events import EventBus
 
-__all__ = ["Breaker"]
+__all__ = ["PROBE_GRACE", "Breaker"]
 
 logger = logging.getLogger("resilience.breaker")
 
@@ -47,6 +54,25 @@ _FORCED_OPEN = BreakerState.FORCED_OPEN
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 
 Listener = Callable[[BreakerStateChanged], object]
+
+PROBE_GRACE = 1.0
+"""Seconds (at most: never more than the open wait) the message that tripped a breaker leaves
+a half-open probe to another message before it takes the probe itself."""
+
+DEFERRED = -2
+"""What :meth:`Breaker._acquire` returns when the tripping message should leave the probe."""
+
+FAILED_EXTRA = "resilience.breaker.failed"
+"""Key in :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` of the breakers that
+recorded a failure of the delivery in their window (its later failures are not recorded)."""
+
+
+def message_identity(delivery: Delivery) -> object:
+    """What tells one message from another: its key and id, else the delivery itself."""
+    message_id = delivery.message_id
+    if message_id is None:
+        return delivery
+    return (delivery.key, message_id)
 
 
 class Breaker:
@@ -97,6 +123,11 @@ class Breaker:
         self._listeners: tuple[Listener, ...] = ()
         self._members: weakref.WeakSet[Any] = weakref.WeakSet()
         self._not_permitted = 0
+        self._streak: set[object] = set()
+        self._tripper: object = None
+        self._half_open_at = 0.0
+        self._held = 0
+        self._gate_waiters = 0
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -193,7 +224,11 @@ class Breaker:
             self._refresh()
             if not self.paused:
                 return
-            await self._wait_change()
+            self._gate_waiters += 1
+            try:
+                await self._wait_change()
+            finally:
+                self._gate_waiters -= 1
 
     def _refresh(self) -> None:
         if self._state is _OPEN and self._open_until is not None:
@@ -201,7 +236,8 @@ class Breaker:
             if now >= self._open_until:
                 self._transition(_HALF_OPEN, "open_wait_elapsed", now=now)
 
-    async def _wait_change(self) -> None:
+    async def _wait_change(self, at_most: float | None = None) -> None:
+        """Wait for a state change or a wake-up (or ``at_most`` seconds, when given)."""
         loop = asyncio.get_running_loop()
         if self._state is _OPEN and (self._timer is None or self._timer_loop is not loop):
             # The timer was armed on another event loop (or could not be armed): re-arm here.
@@ -209,13 +245,35 @@ class Breaker:
             self._arm(0.0 if until is None else max(0.0, until - self._now()))
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
+        timer = None
+        if at_most is not None:
+            timer = self.clock.call_later(
+                max(0.0, at_most), lambda: None if fut.done() else fut.set_result(None)
+            )
         try:
             await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             if not fut.done():
                 fut.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
+
+    async def _wait_held(self, delivery: Delivery, deferred: bool) -> None:
+        """Hold ``delivery`` until the state changes; a tripping message leaving the probe to
+        another one waits at most the rest of the probe grace."""
+        timeout = None
+        if deferred:
+            timeout = self._half_open_at + self._probe_grace() - self._now()
+        self._held += 1
+        try:
+            await self._wait_change(timeout)
+        finally:
+            self._held -= 1
+
+    def _probe_grace(self) -> float:
+        return min(PROBE_GRACE, self._open_wait)
 
     def _wake(self) -> None:
         if self._waiters:
@@ -226,8 +284,9 @@ class Breaker:
 
     # -- admission and recording (used by the middleware) --------------------------------------
 
-    def _acquire(self) -> int:
-        """The epoch the call is admitted in, or -1 when it is not permitted."""
+    def _acquire(self, delivery: Delivery | None = None) -> int:
+        """The epoch the call is admitted in; -1 when it is not permitted, :data:`DEFERRED`
+        when ``delivery`` tripped the breaker and should leave the probe to another message."""
         state = self._state
         if state is _CLOSED or state is _FORCED_CLOSED:
             return self._epoch
@@ -235,6 +294,14 @@ class Breaker:
             self._refresh()
             state = self._state
         if state is _HALF_OPEN and self._taken < self._probes:
+            if (
+                delivery is not None
+                and self._tripper is not None
+                and (self._held or self._gate_waiters)
+                and message_identity(delivery) == self._tripper
+                and self._now() < self._half_open_at + self._probe_grace()
+            ):
+                return DEFERRED
             self._taken += 1
             self._in_flight += 1
             return self._epoch
@@ -284,13 +351,16 @@ class Breaker:
         self, code: int, delivery: Delivery | None, now: float, *, recorded: bool = False
     ) -> None:
         reason = None
+        window = self._window
         if code & FAILURE:
-            self._consecutive += 1
-            if self._threshold and self._consecutive >= self._threshold:
-                reason = "consecutive_failures"
+            if delivery is not None and window is not None and not self._first_failure(delivery):
+                window = None  # its retries: the window holds the delivery's first failure only
+            if self._new_in_streak(delivery):
+                self._consecutive += 1
+                if self._threshold and self._consecutive >= self._threshold:
+                    reason = "consecutive_failures"
         else:
             self._consecutive = 0
-        window = self._window
         if window is not None:
             if not recorded:
                 window.record(code, now)
@@ -303,6 +373,32 @@ class Breaker:
                         reason = "slow_call_rate"
         if reason is not None:
             self._transition(_OPEN, reason, delivery, now if self._timed else None)
+
+    def _new_in_streak(self, delivery: Delivery | None) -> bool:
+        """Whether a failure of ``delivery`` is the first of its message among the current
+        consecutive failures (a message counts once toward ``failure_threshold``)."""
+        if delivery is None or not self._threshold:
+            return True
+        streak = self._streak
+        if not self._consecutive:
+            streak.clear()  # a success (or a transition) ended the previous streak
+        identity = message_identity(delivery)
+        if identity in streak:
+            return False
+        streak.add(identity)
+        return True
+
+    def _first_failure(self, delivery: Delivery) -> bool:
+        """Mark ``delivery`` as failed in this breaker's window; whether it was the first."""
+        extras = delivery.extras
+        if extras is None:
+            delivery.extras = {FAILED_EXTRA: [self]}
+            return True
+        marked: list[Breaker] = extras.setdefault(FAILED_EXTRA, [])
+        if any(b is self for b in marked):
+            return False
+        marked.append(self)
+        return True
 
     def _probe_outcome(self, code: int, delivery: Delivery | None, now: float) -> None:
         self._in_flight -= 1
@@ -344,7 +440,13 @@ class Breaker:
         self._probe_ok = self._probe_failed = self._probe_slow = 0
         self._cancel_timer()
         self._open_until = None
+        self._streak.clear()
+        if to is _HALF_OPEN:
+            self._half_open_at = now
+        elif to is not _OPEN:
+            self._tripper = None
         if to is _OPEN:
+            self._tripper = None if delivery is None else message_identity(delivery)
             config = self.config
             if self._trips:
                 grown = self._open_wait * config.open_wait_multiplier

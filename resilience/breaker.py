@@ -46,7 +46,7 @@ from ._breaker_config import (
 )
 from ._breaker_policy import CircuitBreakerConfig, policy_section
 from ._breaker_registry import BreakerOptions, BreakerRegistry, default_registry, get_breaker
-from ._breaker_state import Breaker
+from ._breaker_state import DEFERRED, Breaker
 from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
 from .classify import Classifier, Verdict, default_classifier
 from .clock import Clock, monotonic_function
@@ -198,14 +198,14 @@ class CircuitBreaker:
         breaker = self.breaker
         waiting = False
         while True:
-            epoch = breaker._acquire()
+            epoch = breaker._acquire(delivery)
             if epoch < 0:
                 if not waiting:
                     waiting = True
                     self._not_permitted(delivery)
                 if not self._pause:
                     raise CircuitOpen(breaker.name, self._retry_in())
-                await breaker._wait_change()
+                await breaker._wait_held(delivery, epoch == DEFERRED)
                 continue
             waiting = False
             start = now() if breaker._slow_duration else 0.0

@@ -379,7 +379,7 @@ class DeadLetterRouter:
             wait = pending.next_at - now
             if wait > 0:
                 await clock.sleep(wait)  # the backoff goes on where the last delivery left it
-        await self._write(delivery, envelope, reason, key, pending)
+        envelope = await self._write(delivery, envelope, reason, key, pending)
         self._failures_in_row = 0
         if key is not None:
             self._pending.pop(key)
@@ -422,9 +422,12 @@ class DeadLetterRouter:
         reason: str,
         key: tuple[str, str] | None,
         pending: PendingWrite | None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Write ``envelope``, retrying up to ``write_attempts`` times on the message's own
         backoff; when every try failed, remember the failure and raise.
+
+        Returns:
+            The envelope as written (with its ``write_failures``).
 
         Raises:
             DeadLetterWriteError: the last try failed (chained to the sink's error).
@@ -435,13 +438,14 @@ class DeadLetterRouter:
             tries += 1
             try:
                 await self.sink.write(envelope, delivery)
-                return
+                return envelope
             except Exception as err:
                 if pending is None:
                     pending = PendingWrite.of(envelope)
                 text = self._builder.scrub(str(err), delivery)
                 pending.failed(time.time(), exception_name(type(err)), text[:500])
                 envelope["write_failures"] = pending.section()
+                envelope = self._builder.refit(envelope)
                 wait = wait_after(self._write_wait, pending.count)
                 pending.next_at = clock.monotonic() + wait
                 if key is not None:

@@ -113,6 +113,48 @@ async def test_consecutive_failures_trip_and_a_success_resets_the_count(
     assert await run(cb, ok) == "rejected"
 
 
+async def test_one_message_failing_again_and_again_counts_once(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """Repeated failures of one message (its retries, a redelivery) count once toward
+    failure_threshold; failures of distinct messages trip the breaker."""
+    cb = make(clock, registry, failure_threshold=3)
+    poison = Delivery({}, key="orders", message_id="1-0")
+    for _ in range(5):
+        assert await run(cb, down, poison) == "failed"
+    again = Delivery({}, key="orders", message_id="1-0", delivery_count=2)
+    assert await run(cb, down, again) == "failed"
+    assert cb.state is CLOSED
+    assert cb.stats.consecutive_failures == 1
+    for n in (2, 3):
+        assert await run(cb, down, Delivery({}, key="orders", message_id=f"{n}-0")) == "failed"
+    assert cb.state is OPEN
+
+
+async def test_a_window_records_one_failure_per_delivery(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """A delivery's failed retries are not recorded in the window again: one message failing
+    every attempt among successes keeps the failure rate low."""
+    cb = make(
+        clock,
+        registry,
+        failure_threshold=None,
+        window=CountWindow(size=10, minimum_calls=4),
+        failure_rate=0.5,
+    )
+    poison = Delivery({}, key="orders", message_id="1-0")
+    for _ in range(6):
+        await run(cb, down, poison)
+    assert (cb.stats.calls, cb.stats.failures) == (1, 1)
+    for _ in range(3):
+        await run(cb, ok)
+    assert cb.state is CLOSED
+    for n in range(2, 6):
+        await run(cb, down, Delivery({}, key="orders", message_id=f"{n}-0"))
+    assert cb.state is OPEN  # 5 failures of distinct messages out of 8 calls
+
+
 async def test_count_window_failure_rate_waits_for_minimum_calls(
     clock: FakeClock, registry: BreakerRegistry
 ) -> None:

@@ -197,7 +197,7 @@ async def test_delivery_limit_keeps_the_original_failure() -> None:
     consumer.events.subscribe(watch)
     with capture_events(consumer.events, DeadLetterFailed) as failed:
         task = asyncio.create_task(consumer.run(handler))
-        while len(store) == 0:
+        while len(store) == 0 and clock.monotonic() < 600:
             await clock.sleep(1.0)
         await consumer.shutdown()
         await task
