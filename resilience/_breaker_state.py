@@ -13,9 +13,11 @@ while closed that ends after the breaker opened cannot count as a half-open prob
 One message is not an outage. The consecutive-failure count counts distinct messages (by key
 and message id), and a delivery's failures after its first (its retries) are not recorded in
 the window, so a message that fails every attempt cannot trip the breaker alone. While
-half-open, the message that tripped it yields the probe to another message waiting for it
-(held by the breaker, or about to be pulled by a consumer worker) for up to
-:data:`PROBE_GRACE` seconds.
+half-open, a held message that already failed through the breaker (the one that tripped it
+included) leaves the probe for up to :data:`PROBE_GRACE` seconds to a message that has not
+(held by the breaker, or about to be pulled by a consumer worker), so probes test the
+dependency rather than a bad message; the message that tripped it leaves the probe to any
+other waiting message.
 """
 
 from __future__ import annotations
@@ -56,15 +58,16 @@ _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 Listener = Callable[[BreakerStateChanged], object]
 
 PROBE_GRACE = 1.0
-"""Seconds (at most: never more than the open wait) the message that tripped a breaker leaves
-a half-open probe to another message before it takes the probe itself."""
+"""Seconds (at most: never more than the open wait) a message that failed through a breaker
+leaves a half-open probe to a message that has not, before it takes the probe itself."""
 
 DEFERRED = -2
-"""What :meth:`Breaker._acquire` returns when the tripping message should leave the probe."""
+"""What :meth:`Breaker._acquire` returns when the delivery should leave the probe to another."""
 
 FAILED_EXTRA = "resilience.breaker.failed"
 """Key in :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` of the breakers that
-recorded a failure of the delivery in their window (its later failures are not recorded)."""
+recorded a failure of the delivery (its later failures are not recorded in their windows, and
+it leaves half-open probes to deliveries that have not failed)."""
 
 
 def message_identity(delivery: Delivery) -> object:
@@ -124,9 +127,10 @@ class Breaker:
         self._members: weakref.WeakSet[Any] = weakref.WeakSet()
         self._not_permitted = 0
         self._streak: set[object] = set()
-        self._tripper: object = None
         self._half_open_at = 0.0
+        self._tripper: object = None
         self._held = 0
+        self._held_fresh = 0
         self._gate_waiters = 0
 
     # -- reading ---------------------------------------------------------------------------------
@@ -261,16 +265,19 @@ class Breaker:
                 self._waiters.remove(fut)
 
     async def _wait_held(self, delivery: Delivery, deferred: bool) -> None:
-        """Hold ``delivery`` until the state changes; a tripping message leaving the probe to
-        another one waits at most the rest of the probe grace."""
-        timeout = None
+        """Hold ``delivery`` until the state changes; one leaving the probe to another waits
+        at most the rest of the probe grace."""
+        at_most = None
         if deferred:
-            timeout = self._half_open_at + self._probe_grace() - self._now()
+            at_most = self._half_open_at + self._probe_grace() - self._now()
+        fresh = not self._has_failed(delivery)
         self._held += 1
+        self._held_fresh += fresh
         try:
-            await self._wait_change(timeout)
+            await self._wait_change(at_most)
         finally:
             self._held -= 1
+            self._held_fresh -= fresh
 
     def _probe_grace(self) -> float:
         return min(PROBE_GRACE, self._open_wait)
@@ -294,13 +301,7 @@ class Breaker:
             self._refresh()
             state = self._state
         if state is _HALF_OPEN and self._taken < self._probes:
-            if (
-                delivery is not None
-                and self._tripper is not None
-                and (self._held or self._gate_waiters)
-                and message_identity(delivery) == self._tripper
-                and self._now() < self._half_open_at + self._probe_grace()
-            ):
+            if delivery is not None and self._defers(delivery):
                 return DEFERRED
             self._taken += 1
             self._in_flight += 1
@@ -353,7 +354,7 @@ class Breaker:
         reason = None
         window = self._window
         if code & FAILURE:
-            if delivery is not None and window is not None and not self._first_failure(delivery):
+            if delivery is not None and not self._first_failure(delivery):
                 window = None  # its retries: the window holds the delivery's first failure only
             if self._new_in_streak(delivery):
                 self._consecutive += 1
@@ -388,8 +389,27 @@ class Breaker:
         streak.add(identity)
         return True
 
+    def _defers(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` should leave a free half-open probe to another message: it
+        tripped the breaker and another message waits, or it failed through the breaker and a
+        message that has not waits (only during the probe grace)."""
+        others = self._held or self._gate_waiters
+        if not others or self._now() >= self._half_open_at + self._probe_grace():
+            return False
+        if self._tripper is not None and message_identity(delivery) == self._tripper:
+            return True
+        return bool(self._held_fresh or self._gate_waiters) and self._has_failed(delivery)
+
+    def _has_failed(self, delivery: Delivery) -> bool:
+        """Whether this breaker recorded a failure of ``delivery``."""
+        extras = delivery.extras
+        if extras is None:
+            return False
+        marked: list[Breaker] | None = extras.get(FAILED_EXTRA)
+        return marked is not None and any(b is self for b in marked)
+
     def _first_failure(self, delivery: Delivery) -> bool:
-        """Mark ``delivery`` as failed in this breaker's window; whether it was the first."""
+        """Mark ``delivery`` as failed in this breaker; whether it was the first time."""
         extras = delivery.extras
         if extras is None:
             delivery.extras = {FAILED_EXTRA: [self]}
@@ -404,6 +424,8 @@ class Breaker:
         self._in_flight -= 1
         if code & FAILURE:
             self._probe_failed += 1
+            if delivery is not None:
+                self._first_failure(delivery)
         else:
             self._probe_ok += 1
         if code & SLOW:
@@ -443,10 +465,11 @@ class Breaker:
         self._streak.clear()
         if to is _HALF_OPEN:
             self._half_open_at = now
-        elif to is not _OPEN:
+        elif to is _OPEN:
+            self._tripper = None if delivery is None else message_identity(delivery)
+        else:
             self._tripper = None
         if to is _OPEN:
-            self._tripper = None if delivery is None else message_identity(delivery)
             config = self.config
             if self._trips:
                 grown = self._open_wait * config.open_wait_multiplier
