@@ -3,23 +3,27 @@
 A breaker stops calling a dependency that keeps failing and tries it again later with a few
 probe calls. It trips on any of:
 
-* ``failure_threshold`` consecutive failures;
+* failures of ``failure_threshold`` distinct messages in a row (one message failing again and
+  again counts once, so a poison message alone never trips it);
 * a failure rate over a sliding window (:class:`CountWindow`: the last *n* calls, or
-  :class:`TimeWindow`: the last *n* seconds), once the window holds ``minimum_calls``;
+  :class:`TimeWindow`: the last *n* seconds), once the window holds ``minimum_calls`` (a
+  delivery's failed retries are not recorded again);
 * a slow-call rate, where a call lasting at least ``slow_call_duration`` is slow.
 
 It then stays open for ``open_wait`` seconds (growing by ``open_wait_multiplier`` on repeated
 trips, up to ``open_wait_max``), goes half-open and admits ``half_open_probes`` probe calls;
-their outcome closes or reopens it. Further calls during half-open are not permitted.
+their outcome closes or reopens it. Further calls during half-open are not permitted. In
+pause mode the probes go to messages that have not failed through the breaker when such a
+message waits (see :mod:`resilience._breaker_state`), so a bad message cannot keep it open.
 
 What "not permitted" means depends on the middleware's ``mode``:
 
 * ``"pause"`` (default): the delivery is *held* until a probe is admitted, and a delivery whose
   call failed because of the outage is held and replayed too, so nothing is dead-lettered
-  however long the outage lasts (unless the message's total timeout ends the wait: that bound
-  is also what lets a poison message that fails every probe go). :class:`CircuitBreaker` is a
-  :class:`~resilience.consumer.Gate`, so :class:`~resilience.consumer.ResilientConsumer` also
-  stops pulling new messages while the breaker is open.
+  however long the outage lasts (unless the message's total timeout ends the wait).
+  :class:`CircuitBreaker` is a :class:`~resilience.consumer.Gate`, so
+  :class:`~resilience.consumer.ResilientConsumer` also stops pulling new messages while the
+  breaker is open.
 * ``"fail_fast"``: the call raises :class:`~resilience.errors.CircuitOpen` at once (retryable
   for the shared classifier, so retry waits and the dead-letter layer handle it).
 
@@ -300,9 +304,9 @@ class CircuitBreaker:
         """In pause mode: whether a message that failed through this breaker must be held
         rather than dead-lettered; ``True`` while the breaker is forced open.
 
-        A breaker that opened by itself does not say so: its open state may come from one
-        poison message failing every probe, and the total timeout is what then lets that
-        message go to the dead-letter destination.
+        A breaker that opened by itself does not say so: its failures may include bad
+        messages, which must reach the dead-letter destination once the breaker closes (or
+        their total timeout ends).
 
         Args:
             delivery: A delivery that went through this breaker and failed.

@@ -164,8 +164,7 @@ class DeadLetterRouter:
       through is forced open is *not* dead-lettered: the message is held until the breaker is
       reset and then processed afresh (attempts and total timeout start over; see
       :attr:`DeadLetterStats.held`). A breaker that opened by itself holds its calls without
-      this layer's help; a message held longer than its total timeout is dead-lettered then,
-      which is what lets a poison message that fails every probe go.
+      this layer's help; a message held longer than its total timeout is dead-lettered then.
     * Only after the sink confirmed the write is the outcome set to ``DEAD_LETTERED`` (the
       consumer then acknowledges). A failed write is tried again after a growing, jittered
       backoff of its own message (about 0.05-0.1 s, doubling, up to ``write_failure_backoff``),
@@ -314,9 +313,10 @@ class DeadLetterRouter:
             key=delivery.key,
             reason=reason,
             breaker=gates[0].name,
-            hint="the message ran out of attempts before the circuit breaker opened; for an "
-            "outage to dead-letter nothing, let the breaker trip within one message's attempts "
-            "(failure_threshold or window minimum_calls <= retry attempts). Logged once.",
+            hint="the message ran out of attempts before the circuit breaker opened; it counts "
+            "distinct messages, so for an outage to dead-letter nothing, let failure_threshold "
+            "(or the window's minimum_calls) messages be in flight at once (concurrency >= "
+            "failure_threshold, and failure_threshold <= retry attempts). Logged once.",
         )
 
     async def _hold(
