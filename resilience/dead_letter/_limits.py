@@ -202,10 +202,16 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
         if part not in truncated:
             truncated.append(part)
 
+    # 0. The failed writes listed one by one, all alike (their count and times stay).
+    writes = envelope.get("write_failures")
+    if writes and len(writes["recent"]) > 1:
+        writes["recent"] = writes["recent"][-1:]
+        mark("write_failures")
+        size = envelope_size(envelope)
     # 1. The traceback: keep its end (the frames nearest the failure and the exception line).
     tb: str = error["traceback"]
     keep = max(0, len(tb) - (size - limit) - 64)
-    if tb:
+    if tb and size > limit:
         error["traceback"] = ("[traceback truncated]\n" + tb[-keep:]) if keep else ""
         mark("traceback")
         size = envelope_size(envelope)
@@ -233,12 +239,6 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
     if size > limit and envelope["attempts"]["history"]:
         envelope["attempts"]["history"] = envelope["attempts"]["history"][-3:]
         mark("history")
-        size = envelope_size(envelope)
-    # 6. The failed writes listed one by one (their count and times stay).
-    writes = envelope.get("write_failures")
-    if size > limit and writes and len(writes["recent"]) > 1:
-        writes["recent"] = writes["recent"][-1:]
-        mark("write_failures")
         size = envelope_size(envelope)
     if size > limit:
         # Only pathological keys, ids or names are left: keep the bare minimum.

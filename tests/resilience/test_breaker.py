@@ -155,6 +155,38 @@ async def test_a_window_records_one_failure_per_delivery(
     assert cb.state is OPEN  # 5 failures of distinct messages out of 8 calls
 
 
+async def test_the_tripping_message_probes_itself_when_no_other_comes(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """The message that tripped a pausing breaker leaves the half-open probe to another one for
+    the probe grace only: when the worker waiting to pull finds nothing, it probes itself."""
+    cb = make(clock, registry, mode="pause", failure_threshold=1, open_wait=10)
+    calls: list[float] = []
+
+    async def flaky(delivery: Delivery) -> None:
+        calls.append(clock.monotonic())
+        if len(calls) == 1:
+            raise ConnectionError("down")
+
+    tripper = Delivery({}, key="orders", message_id="1-0")
+    task = asyncio.create_task(cb(tripper, flaky))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert cb.state is OPEN
+    worker = asyncio.create_task(cb.wait_resumed())  # a free worker, about to pull a message
+    await asyncio.sleep(0)
+    clock.advance(10)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert worker.done()  # it pulls next, and finds nothing to pull
+    assert cb.state is HALF_OPEN
+    assert calls == [0.0]  # the tripping message left the probe
+    clock.advance(1.0)  # the probe grace
+    await task
+    assert calls == [0.0, 11.0]
+    assert cb.state is CLOSED
+
+
 async def test_count_window_failure_rate_waits_for_minimum_calls(
     clock: FakeClock, registry: BreakerRegistry
 ) -> None:
