@@ -75,7 +75,8 @@ class BreakerConfig:
     """When a breaker trips and how it recovers (immutable; shared by equal names).
 
     Args:
-        failure_threshold: Trip after this many consecutive failures (``None`` or 0: off).
+        failure_threshold: Trip after failures of this many distinct messages in a row (the
+            repeated failures of one message count once; ``None`` or 0: off).
         window: A :class:`~resilience.breaker.CountWindow` or
             :class:`~resilience.breaker.TimeWindow` over which the rates are computed
             (``None``: no rate conditions).
@@ -196,7 +197,7 @@ class BreakerStats:
         slow_calls: Slow calls in the window.
         failure_rate: ``failures / calls`` (0.0 while the window is empty).
         slow_call_rate: ``slow_calls / calls``.
-        consecutive_failures: Failures since the last success.
+        consecutive_failures: Distinct messages that failed since the last success.
         open_until: Monotonic time the open state ends (``None`` unless open).
         open_wait: The length of the current (or last) open period, in seconds.
         trips: Trips since the breaker last closed from half-open (drives the wait growth).

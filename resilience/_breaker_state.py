@@ -9,6 +9,15 @@ across the protected call.
 Each admitted call carries the *epoch* (a counter bumped on every state change) it was
 admitted in, and its outcome is recorded only if the epoch is still current: a call admitted
 while closed that ends after the breaker opened cannot count as a half-open probe.
+
+One message is not an outage. The consecutive-failure count counts distinct messages (by key
+and message id), and a delivery's failures after its first (its retries) are not recorded in
+the window, so a message that fails every attempt cannot trip the breaker alone. While
+half-open, a held message that already failed through the breaker (the one that tripped it
+included) leaves the probe for up to :data:`PROBE_GRACE` seconds to a message that has not
+(held by the breaker, or about to be pulled by a consumer worker), so probes test the
+dependency rather than a bad message; the message that tripped it leaves the probe to any
+other waiting message.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
     from .events import EventBus
 
-__all__ = ["Breaker"]
+__all__ = ["PROBE_GRACE", "Breaker"]
 
 logger = logging.getLogger("resilience.breaker")
 
@@ -47,6 +56,26 @@ _FORCED_OPEN = BreakerState.FORCED_OPEN
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 
 Listener = Callable[[BreakerStateChanged], object]
+
+PROBE_GRACE = 1.0
+"""Seconds (at most: never more than the open wait) a message that failed through a breaker
+leaves a half-open probe to a message that has not, before it takes the probe itself."""
+
+DEFERRED = -2
+"""What :meth:`Breaker._acquire` returns when the delivery should leave the probe to another."""
+
+FAILED_EXTRA = "resilience.breaker.failed"
+"""Key in :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` of the breakers that
+recorded a failure of the delivery (its later failures are not recorded in their windows, and
+it leaves half-open probes to deliveries that have not failed)."""
+
+
+def message_identity(delivery: Delivery) -> object:
+    """What tells one message from another: its key and id, else the delivery itself."""
+    message_id = delivery.message_id
+    if message_id is None:
+        return delivery
+    return (delivery.key, message_id)
 
 
 class Breaker:
@@ -97,6 +126,12 @@ class Breaker:
         self._listeners: tuple[Listener, ...] = ()
         self._members: weakref.WeakSet[Any] = weakref.WeakSet()
         self._not_permitted = 0
+        self._streak: set[object] = set()
+        self._half_open_at = 0.0
+        self._tripper: object = None
+        self._held = 0
+        self._held_fresh = 0
+        self._gate_waiters = 0
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -193,7 +228,11 @@ class Breaker:
             self._refresh()
             if not self.paused:
                 return
-            await self._wait_change()
+            self._gate_waiters += 1
+            try:
+                await self._wait_change()
+            finally:
+                self._gate_waiters -= 1
 
     def _refresh(self) -> None:
         if self._state is _OPEN and self._open_until is not None:
@@ -201,7 +240,8 @@ class Breaker:
             if now >= self._open_until:
                 self._transition(_HALF_OPEN, "open_wait_elapsed", now=now)
 
-    async def _wait_change(self) -> None:
+    async def _wait_change(self, at_most: float | None = None) -> None:
+        """Wait for a state change or a wake-up (or ``at_most`` seconds, when given)."""
         loop = asyncio.get_running_loop()
         if self._state is _OPEN and (self._timer is None or self._timer_loop is not loop):
             # The timer was armed on another event loop (or could not be armed): re-arm here.
@@ -209,13 +249,38 @@ class Breaker:
             self._arm(0.0 if until is None else max(0.0, until - self._now()))
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
+        timer = None
+        if at_most is not None:
+            timer = self.clock.call_later(
+                max(0.0, at_most), lambda: None if fut.done() else fut.set_result(None)
+            )
         try:
             await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             if not fut.done():
                 fut.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
+
+    async def _wait_held(self, delivery: Delivery, deferred: bool) -> None:
+        """Hold ``delivery`` until the state changes; one leaving the probe to another waits
+        at most the rest of the probe grace."""
+        at_most = None
+        if deferred:
+            at_most = self._half_open_at + self._probe_grace() - self._now()
+        fresh = not self._has_failed(delivery)
+        self._held += 1
+        self._held_fresh += fresh
+        try:
+            await self._wait_change(at_most)
+        finally:
+            self._held -= 1
+            self._held_fresh -= fresh
+
+    def _probe_grace(self) -> float:
+        return min(PROBE_GRACE, self._open_wait)
 
     def _wake(self) -> None:
         if self._waiters:
@@ -226,8 +291,9 @@ class Breaker:
 
     # -- admission and recording (used by the middleware) --------------------------------------
 
-    def _acquire(self) -> int:
-        """The epoch the call is admitted in, or -1 when it is not permitted."""
+    def _acquire(self, delivery: Delivery | None = None) -> int:
+        """The epoch the call is admitted in; -1 when it is not permitted, :data:`DEFERRED`
+        when ``delivery`` tripped the breaker and should leave the probe to another message."""
         state = self._state
         if state is _CLOSED or state is _FORCED_CLOSED:
             return self._epoch
@@ -235,6 +301,8 @@ class Breaker:
             self._refresh()
             state = self._state
         if state is _HALF_OPEN and self._taken < self._probes:
+            if delivery is not None and self._defers(delivery):
+                return DEFERRED
             self._taken += 1
             self._in_flight += 1
             return self._epoch
@@ -284,13 +352,16 @@ class Breaker:
         self, code: int, delivery: Delivery | None, now: float, *, recorded: bool = False
     ) -> None:
         reason = None
+        window = self._window
         if code & FAILURE:
-            self._consecutive += 1
-            if self._threshold and self._consecutive >= self._threshold:
-                reason = "consecutive_failures"
+            if delivery is not None and not self._first_failure(delivery):
+                window = None  # its retries: the window holds the delivery's first failure only
+            if self._new_in_streak(delivery):
+                self._consecutive += 1
+                if self._threshold and self._consecutive >= self._threshold:
+                    reason = "consecutive_failures"
         else:
             self._consecutive = 0
-        window = self._window
         if window is not None:
             if not recorded:
                 window.record(code, now)
@@ -304,10 +375,57 @@ class Breaker:
         if reason is not None:
             self._transition(_OPEN, reason, delivery, now if self._timed else None)
 
+    def _new_in_streak(self, delivery: Delivery | None) -> bool:
+        """Whether a failure of ``delivery`` is the first of its message among the current
+        consecutive failures (a message counts once toward ``failure_threshold``)."""
+        if delivery is None or not self._threshold:
+            return True
+        streak = self._streak
+        if not self._consecutive:
+            streak.clear()  # a success (or a transition) ended the previous streak
+        identity = message_identity(delivery)
+        if identity in streak:
+            return False
+        streak.add(identity)
+        return True
+
+    def _defers(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` should leave a free half-open probe to another message: it
+        tripped the breaker and another message waits, or it failed through the breaker and a
+        message that has not waits (only during the probe grace)."""
+        others = self._held or self._gate_waiters
+        if not others or self._now() >= self._half_open_at + self._probe_grace():
+            return False
+        if self._tripper is not None and message_identity(delivery) == self._tripper:
+            return True
+        return bool(self._held_fresh or self._gate_waiters) and self._has_failed(delivery)
+
+    def _has_failed(self, delivery: Delivery) -> bool:
+        """Whether this breaker recorded a failure of ``delivery``."""
+        extras = delivery.extras
+        if extras is None:
+            return False
+        marked: list[Breaker] | None = extras.get(FAILED_EXTRA)
+        return marked is not None and any(b is self for b in marked)
+
+    def _first_failure(self, delivery: Delivery) -> bool:
+        """Mark ``delivery`` as failed in this breaker; whether it was the first time."""
+        extras = delivery.extras
+        if extras is None:
+            delivery.extras = {FAILED_EXTRA: [self]}
+            return True
+        marked: list[Breaker] = extras.setdefault(FAILED_EXTRA, [])
+        if any(b is self for b in marked):
+            return False
+        marked.append(self)
+        return True
+
     def _probe_outcome(self, code: int, delivery: Delivery | None, now: float) -> None:
         self._in_flight -= 1
         if code & FAILURE:
             self._probe_failed += 1
+            if delivery is not None:
+                self._first_failure(delivery)
         else:
             self._probe_ok += 1
         if code & SLOW:
@@ -344,6 +462,13 @@ class Breaker:
         self._probe_ok = self._probe_failed = self._probe_slow = 0
         self._cancel_timer()
         self._open_until = None
+        self._streak.clear()
+        if to is _HALF_OPEN:
+            self._half_open_at = now
+        elif to is _OPEN:
+            self._tripper = None if delivery is None else message_identity(delivery)
+        else:
+            self._tripper = None
         if to is _OPEN:
             config = self.config
             if self._trips:

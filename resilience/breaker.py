@@ -3,23 +3,27 @@
 A breaker stops calling a dependency that keeps failing and tries it again later with a few
 probe calls. It trips on any of:
 
-* ``failure_threshold`` consecutive failures;
+* failures of ``failure_threshold`` distinct messages in a row (one message failing again and
+  again counts once, so a poison message alone never trips it);
 * a failure rate over a sliding window (:class:`CountWindow`: the last *n* calls, or
-  :class:`TimeWindow`: the last *n* seconds), once the window holds ``minimum_calls``;
+  :class:`TimeWindow`: the last *n* seconds), once the window holds ``minimum_calls`` (a
+  delivery's failed retries are not recorded again);
 * a slow-call rate, where a call lasting at least ``slow_call_duration`` is slow.
 
 It then stays open for ``open_wait`` seconds (growing by ``open_wait_multiplier`` on repeated
 trips, up to ``open_wait_max``), goes half-open and admits ``half_open_probes`` probe calls;
-their outcome closes or reopens it. Further calls during half-open are not permitted.
+their outcome closes or reopens it. Further calls during half-open are not permitted. In
+pause mode the probes go to messages that have not failed through the breaker when such a
+message waits (see :mod:`resilience._breaker_state`), so a bad message cannot keep it open.
 
 What "not permitted" means depends on the middleware's ``mode``:
 
 * ``"pause"`` (default): the delivery is *held* until a probe is admitted, and a delivery whose
   call failed because of the outage is held and replayed too, so nothing is dead-lettered
-  however long the outage lasts (unless the message's total timeout ends the wait: that bound
-  is also what lets a poison message that fails every probe go). :class:`CircuitBreaker` is a
-  :class:`~resilience.consumer.Gate`, so :class:`~resilience.consumer.ResilientConsumer` also
-  stops pulling new messages while the breaker is open.
+  however long the outage lasts (unless the message's total timeout ends the wait).
+  :class:`CircuitBreaker` is a :class:`~resilience.consumer.Gate`, so
+  :class:`~resilience.consumer.ResilientConsumer` also stops pulling new messages while the
+  breaker is open.
 * ``"fail_fast"``: the call raises :class:`~resilience.errors.CircuitOpen` at once (retryable
   for the shared classifier, so retry waits and the dead-letter layer handle it).
 
@@ -46,7 +50,7 @@ from ._breaker_config import (
 )
 from ._breaker_policy import CircuitBreakerConfig, policy_section
 from ._breaker_registry import BreakerOptions, BreakerRegistry, default_registry, get_breaker
-from ._breaker_state import Breaker
+from ._breaker_state import DEFERRED, Breaker
 from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
 from .classify import Classifier, Verdict, default_classifier
 from .clock import Clock, monotonic_function
@@ -198,14 +202,14 @@ class CircuitBreaker:
         breaker = self.breaker
         waiting = False
         while True:
-            epoch = breaker._acquire()
+            epoch = breaker._acquire(delivery)
             if epoch < 0:
                 if not waiting:
                     waiting = True
                     self._not_permitted(delivery)
                 if not self._pause:
                     raise CircuitOpen(breaker.name, self._retry_in())
-                await breaker._wait_change()
+                await breaker._wait_held(delivery, epoch == DEFERRED)
                 continue
             waiting = False
             start = now() if breaker._slow_duration else 0.0
@@ -300,9 +304,9 @@ class CircuitBreaker:
         """In pause mode: whether a message that failed through this breaker must be held
         rather than dead-lettered; ``True`` while the breaker is forced open.
 
-        A breaker that opened by itself does not say so: its open state may come from one
-        poison message failing every probe, and the total timeout is what then lets that
-        message go to the dead-letter destination.
+        A breaker that opened by itself does not say so: its failures may include bad
+        messages, which must reach the dead-letter destination once the breaker closes (or
+        their total timeout ends).
 
         Args:
             delivery: A delivery that went through this breaker and failed.

@@ -202,10 +202,16 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
         if part not in truncated:
             truncated.append(part)
 
+    # 0. The failed writes listed one by one, all alike (their count and times stay).
+    writes = envelope.get("write_failures")
+    if writes and len(writes["recent"]) > 1:
+        writes["recent"] = writes["recent"][-1:]
+        mark("write_failures")
+        size = envelope_size(envelope)
     # 1. The traceback: keep its end (the frames nearest the failure and the exception line).
     tb: str = error["traceback"]
     keep = max(0, len(tb) - (size - limit) - 64)
-    if tb:
+    if tb and size > limit:
         error["traceback"] = ("[traceback truncated]\n" + tb[-keep:]) if keep else ""
         mark("traceback")
         size = envelope_size(envelope)
@@ -254,6 +260,8 @@ def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> 
         minimal["attempts"] = {**envelope["attempts"], "history": []}
         minimal["origin"] = {k: None for k in envelope["origin"]}
         minimal["trace"] = {"original": None, "processing": None}
+        if writes:
+            minimal["write_failures"] = {**writes, "recent": []}
         minimal["redacted"] = envelope["redacted"][:20]
         minimal["truncated"] = [*truncated, "envelope"]
         return minimal

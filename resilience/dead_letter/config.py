@@ -11,6 +11,8 @@ Example TOML::
     max_traceback_frames = 30
     service_name = "billing"
     validate = "myapp.schemas:check_order"      # optional: raise or return False if invalid
+    write_failure_backoff = 5.0     # cap (seconds) on the wait after a failed write
+    write_attempts = 3              # writes tried per delivery before it is released
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class DeadLetterConfig:
     service_name: str | None = None
     validate: str | None = None
     write_failure_backoff: float = 5.0
+    write_attempts: int = 3
 
     def options(self) -> EnvelopeOptions:
         """The envelope options."""
@@ -134,6 +137,7 @@ class DeadLetterSection:
             service_name=reader.string("service_name", None),
             validate=reader.string("validate", None),
             write_failure_backoff=reader.seconds("write_failure_backoff", d.write_failure_backoff),
+            write_attempts=reader.integer("write_attempts", d.write_attempts, minimum=1),
         )
         reader.finish()
         if not config.path:
@@ -159,6 +163,7 @@ class DeadLetterSection:
             "max_traceback_frames": config.max_traceback_frames,
             "max_traceback_bytes": config.max_traceback_bytes,
             "write_failure_backoff": config.write_failure_backoff,
+            "write_attempts": config.write_attempts,
         }
         for name in ("key", "service_name", "validate"):
             value = getattr(config, name)
@@ -201,6 +206,7 @@ class DeadLetterSection:
             handler_name=_handler_name(context.handler),
             system=_system(context.backend),
             write_failure_backoff=config.write_failure_backoff,
+            write_attempts=config.write_attempts,
         )
 
 

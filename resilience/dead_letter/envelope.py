@@ -18,6 +18,8 @@ An envelope is a plain JSON-serialisable ``dict``::
       "trace": {"original": {"traceparent", "tracestate", "trace_id"} | null,
                 "processing": {"traceparent", "trace_id", "span_id"} | null},
       "replay_count": 0,                   # from the x-replay-count header of the message
+      "write_failures": {"count", "first", "last",   # failed writes of this envelope's message
+                         "recent": [{"at", "type", "message"}]},
       "redacted": ["payload.user.password"],
       "truncated": []                      # what the size caps cut: traceback, message, ...
     }
@@ -288,10 +290,15 @@ class EnvelopeBuilder:
                 "processing": _processing_trace(),
             },
             "replay_count": replay_count_of(delivery.headers),
+            "write_failures": {"count": 0, "first": None, "last": None, "recent": []},
             "redacted": paths,
             "truncated": truncated,
         }
         return fit(envelope, opts.max_envelope_bytes, _KEEP_HEADERS)
+
+    def refit(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """``envelope`` cut down to ``max_envelope_bytes`` again after a change."""
+        return fit(envelope, self.options.max_envelope_bytes, _KEEP_HEADERS)
 
     def scrub(self, text: str, delivery: Delivery) -> str:
         """``text`` with the values of ``delivery``'s redacted fields, credentials and pairs of

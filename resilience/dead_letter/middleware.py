@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError
 from ..events import Event, Outcome
+from ._pending import PendingWrite, PendingWrites, identity, wait_after, write_wait
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
 
 if TYPE_CHECKING:
@@ -101,6 +103,9 @@ class DeadLetterFailed(Event):
     error: str
     destination: str
     consecutive_failures: int
+    """Failed writes in a row to the destination, whatever the message."""
+    write_failures: int = 0
+    """Failed writes of this message so far (across its deliveries, in this process)."""
 
 
 class DeadLetterStats:
@@ -109,19 +114,27 @@ class DeadLetterStats:
     Attributes:
         by_reason: Dead-lettered messages by reason.
         poison: Of those, how many never reached the handler (stage ``decode``).
-        write_failures: Sink writes that failed (each left its message unacknowledged).
+        write_failures: Sink writes that failed (each retried after a backoff, or left its
+            message unacknowledged).
         held: Failures not dead-lettered because a pausing circuit breaker the message went
             through was forced open: the message was held and processed again once the
             breaker was reset.
     """
 
-    __slots__ = ("by_reason", "held", "poison", "write_failures")
+    __slots__ = ("_pending", "by_reason", "held", "poison", "write_failures")
 
-    def __init__(self) -> None:
+    def __init__(self, pending: PendingWrites | None = None) -> None:
         self.by_reason: Counter[str] = Counter()
         self.poison = 0
         self.write_failures = 0
         self.held = 0
+        self._pending = pending
+
+    @property
+    def pending_writes(self) -> int:
+        """Messages whose write failed and that are not in the destination yet (remembered
+        for their next delivery)."""
+        return 0 if self._pending is None else len(self._pending)
 
     @property
     def dead_lettered(self) -> int:
@@ -131,7 +144,7 @@ class DeadLetterStats:
     def __repr__(self) -> str:
         return (
             f"DeadLetterStats(dead_lettered={self.dead_lettered}, poison={self.poison}, "
-            f"write_failures={self.write_failures})"
+            f"write_failures={self.write_failures}, pending_writes={self.pending_writes})"
         )
 
 
@@ -150,13 +163,19 @@ class DeadLetterRouter:
       through is forced open is *not* dead-lettered: the message is held until the breaker is
       reset and then processed afresh (attempts and total timeout start over; see
       :attr:`DeadLetterStats.held`). A breaker that opened by itself holds its calls without
-      this layer's help; a message held longer than its total timeout is dead-lettered then,
-      which is what lets a poison message that fails every probe go.
+      this layer's help; a message held longer than its total timeout is dead-lettered then.
     * Only after the sink confirmed the write is the outcome set to ``DEAD_LETTERED`` (the
-      consumer then acknowledges). When the write fails the middleware waits a short, growing
-      backoff (so a broken sink does not turn redeliveries into a busy loop) and raises
-      :class:`~resilience.errors.DeadLetterWriteError`: the consumer releases the message, which
-      comes back later. Nothing is lost.
+      consumer then acknowledges). A failed write is tried again after a growing, jittered
+      backoff of its own message (about 0.05-0.1 s, doubling, up to ``write_failure_backoff``),
+      ``write_attempts`` times in all; then the layer raises
+      :class:`~resilience.errors.DeadLetterWriteError` and the consumer releases the message,
+      which comes back later. Nothing is lost. The message waits in its consumer slot, so
+      other slots go on (with ``concurrency=1`` the consumer waits with it).
+    * The layer remembers (per process, for up to 1024 messages) each message whose write
+      failed: its next delivery waits out the rest of its backoff before writing, and when it
+      comes back past its attempt limit (``delivery_limit``) it is written with the failure
+      that sent it here (reason, error, traceback) instead of ``DeliveryLimitExceeded``. Every
+      envelope lists its failed writes in ``write_failures``.
 
     Place it outside retry and timeouts (order 20: after telemetry, before the total timeout).
 
@@ -170,8 +189,12 @@ class DeadLetterRouter:
             exception the classifier ignores (``Drop``) drops the message instead.
         handler_name: Recorded in envelopes.
         system: The source backend's name (``memory``, ``redis``), recorded in envelopes.
-        write_failure_backoff: Cap, in seconds, on the wait after a failed write (it starts at
-            0.1 s and doubles per consecutive failure); 0 disables it.
+        write_failure_backoff: Cap, in seconds, on the wait after a failed write (it starts
+            at 0.05-0.1 s and doubles per failed write of the same message); 0 disables it.
+        write_attempts: Writes tried per delivery before the message is released (>= 1).
+
+    Raises:
+        ValueError: ``write_failure_backoff`` < 0 or ``write_attempts`` < 1.
     """
 
     __slots__ = (
@@ -179,10 +202,13 @@ class DeadLetterRouter:
         "_classifier",
         "_clock",
         "_failures_in_row",
+        "_pending",
         "_validate",
         "_warned_early",
+        "_write_wait",
         "sink",
         "stats",
+        "write_attempts",
         "write_failure_backoff",
     )
 
@@ -197,12 +223,20 @@ class DeadLetterRouter:
         handler_name: str | None = None,
         system: str | None = None,
         write_failure_backoff: float = 5.0,
+        write_attempts: int = 3,
     ) -> None:
         if not write_failure_backoff >= 0:
             raise ValueError(f"write_failure_backoff must be >= 0, got {write_failure_backoff!r}")
+        if isinstance(write_attempts, bool) or not isinstance(write_attempts, int):
+            raise ValueError(f"write_attempts must be an integer >= 1, got {write_attempts!r}")
+        if write_attempts < 1:
+            raise ValueError(f"write_attempts must be an integer >= 1, got {write_attempts!r}")
         self.sink = sink
-        self.stats = DeadLetterStats()
+        self._pending = PendingWrites()
+        self.stats = DeadLetterStats(self._pending)
         self.write_failure_backoff = float(write_failure_backoff)
+        self.write_attempts = write_attempts
+        self._write_wait = write_wait(self.write_failure_backoff)
         self._classifier = classifier or default_classifier
         self._clock = clock or default_clock
         self._validate = validate
@@ -278,9 +312,10 @@ class DeadLetterRouter:
             key=delivery.key,
             reason=reason,
             breaker=gates[0].name,
-            hint="the message ran out of attempts before the circuit breaker opened; for an "
-            "outage to dead-letter nothing, let the breaker trip within one message's attempts "
-            "(failure_threshold or window minimum_calls <= retry attempts). Logged once.",
+            hint="the message ran out of attempts before the circuit breaker opened; it counts "
+            "distinct messages, so for an outage to dead-letter nothing, let failure_threshold "
+            "(or the window's minimum_calls) messages be in flight at once (concurrency >= "
+            "failure_threshold, and failure_threshold <= retry attempts). Logged once.",
         )
 
     async def _hold(
@@ -326,25 +361,33 @@ class DeadLetterRouter:
             delivery.note_failure(exc, now)  # not seen by a retry layer: record it once
         delivery.reason = reason
         envelope = self._builder.build(delivery, exc, reason=reason, stage=stage, monotonic_now=now)
-        envelope_id: str = envelope["id"]
-        error_type: str = envelope["error"]["type"]
-        try:
-            await self.sink.write(envelope, delivery)
-        except Exception as err:
-            text = await self._failed(delivery, envelope, reason, err)
-            # The sink error was raised while the handler's exception was being handled, so a
-            # log line with its traceback would print that exception unredacted: the envelope
-            # (not written) and the dead_letter_write_failed line carry it, masked.
-            err.__suppress_context__ = True
-            raise DeadLetterWriteError(
-                f"dead-letter write to {self.sink.name} failed for message "
-                f"{delivery.message_id}: {type(err).__name__}: {text}"
-            ) from err
+        key = identity(delivery)
+        pending = self._pending.get(key) if key is not None else None
+        if pending is not None:
+            if reason == "delivery_limit":
+                # Only past its attempt limit this time: the failure that sent it here is the
+                # one its earlier, failed write was for.
+                pending.restore(envelope)
+                reason = delivery.reason = envelope["error"]["reason"]
+                stage = envelope["error"]["stage"]
+            else:
+                pending.remember(envelope)  # it failed again in the handler: keep the latest
+            envelope["id"] = pending.envelope_id
+            envelope["write_failures"] = pending.section()
+            envelope = self._builder.refit(envelope)
+            wait = pending.next_at - now
+            if wait > 0:
+                await clock.sleep(wait)  # the backoff goes on where the last delivery left it
+        envelope = await self._write(delivery, envelope, reason, key, pending)
         self._failures_in_row = 0
+        if key is not None:
+            self._pending.pop(key)
         self.stats.by_reason[reason] += 1
         if stage == "decode":
             self.stats.poison += 1
         delivery.outcome = Outcome.DEAD_LETTERED
+        envelope_id: str = envelope["id"]
+        error_type: str = envelope["error"]["type"]
         log.warning(
             "dead_lettered",
             message_id=delivery.message_id,
@@ -355,6 +398,7 @@ class DeadLetterRouter:
             error=envelope["error"]["message"][:500],
             envelope_id=envelope_id,
             destination=self.sink.name,
+            write_failures=envelope["write_failures"]["count"],
         )
         if delivery.events:
             delivery.events.emit(
@@ -370,15 +414,71 @@ class DeadLetterRouter:
                 )
             )
 
-    async def _failed(
-        self, delivery: Delivery, envelope: dict[str, Any], reason: str, err: Exception
-    ) -> str:
-        """Log, count and report a failed write, wait the backoff; returns the masked error."""
+    async def _write(
+        self,
+        delivery: Delivery,
+        envelope: dict[str, Any],
+        reason: str,
+        key: tuple[str, str] | None,
+        pending: PendingWrite | None,
+    ) -> dict[str, Any]:
+        """Write ``envelope``, retrying up to ``write_attempts`` times on the message's own
+        backoff; when every try failed, remember the failure and raise.
+
+        Returns:
+            The envelope as written (with its ``write_failures``).
+
+        Raises:
+            DeadLetterWriteError: the last try failed (chained to the sink's error).
+        """
+        clock = self._clock
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self.sink.write(envelope, delivery)
+                return envelope
+            except Exception as err:
+                if pending is None:
+                    pending = PendingWrite.of(envelope)
+                text = self._builder.scrub(str(err), delivery)
+                pending.failed(time.time(), exception_name(type(err)), text[:500])
+                envelope["write_failures"] = pending.section()
+                envelope = self._builder.refit(envelope)
+                wait = wait_after(self._write_wait, pending.count)
+                pending.next_at = clock.monotonic() + wait
+                if key is not None:
+                    self._pending.put(key, pending)
+                last = tries >= self.write_attempts
+                self._failed(delivery, envelope, reason, err, text, pending.count, last)
+                if last:
+                    # The sink error was raised while the handler's exception was being
+                    # handled, so a log line with its traceback would print that exception
+                    # unredacted: the envelope (not written) and the dead_letter_write_failed
+                    # line carry it, masked.
+                    err.__suppress_context__ = True
+                    raise DeadLetterWriteError(
+                        f"dead-letter write to {self.sink.name} failed for message "
+                        f"{delivery.message_id}: {type(err).__name__}: {text}"
+                    ) from err
+            if wait > 0:
+                await clock.sleep(wait)
+
+    def _failed(
+        self,
+        delivery: Delivery,
+        envelope: dict[str, Any],
+        reason: str,
+        err: Exception,
+        text: str,
+        message_failures: int,
+        last: bool,
+    ) -> None:
+        """Log, count and report one failed write (``text`` is the sink's error, masked)."""
         self.stats.write_failures += 1
         self._failures_in_row += 1
         in_row = self._failures_in_row
         envelope_id: str = envelope["id"]
-        text = self._builder.scrub(str(err), delivery)
         log.error(
             "dead_letter_write_failed",
             message_id=delivery.message_id,
@@ -391,7 +491,10 @@ class DeadLetterRouter:
             failure_type=envelope["error"]["type"],
             failure=envelope["error"]["message"][:500],
             consecutive_failures=in_row,
-            action="message left unacknowledged; it will be delivered again",
+            write_failures=message_failures,
+            action="message left unacknowledged; it will be delivered again"
+            if last
+            else "write retried after a backoff",
         )
         if delivery.events:
             delivery.events.emit(
@@ -404,12 +507,9 @@ class DeadLetterRouter:
                     text,
                     self.sink.name,
                     in_row,
+                    message_failures,
                 )
             )
-        if self.write_failure_backoff > 0:
-            wait = min(self.write_failure_backoff, 0.1 * 2 ** min(in_row - 1, 30))
-            await self._clock.sleep(wait)
-        return text
 
     def __repr__(self) -> str:
         return f"DeadLetterRouter(sink={self.sink.name!r})"

@@ -113,6 +113,80 @@ async def test_consecutive_failures_trip_and_a_success_resets_the_count(
     assert await run(cb, ok) == "rejected"
 
 
+async def test_one_message_failing_again_and_again_counts_once(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """Repeated failures of one message (its retries, a redelivery) count once toward
+    failure_threshold; failures of distinct messages trip the breaker."""
+    cb = make(clock, registry, failure_threshold=3)
+    poison = Delivery({}, key="orders", message_id="1-0")
+    for _ in range(5):
+        assert await run(cb, down, poison) == "failed"
+    again = Delivery({}, key="orders", message_id="1-0", delivery_count=2)
+    assert await run(cb, down, again) == "failed"
+    assert cb.state is CLOSED
+    assert cb.stats.consecutive_failures == 1
+    for n in (2, 3):
+        assert await run(cb, down, Delivery({}, key="orders", message_id=f"{n}-0")) == "failed"
+    assert cb.state is OPEN
+
+
+async def test_a_window_records_one_failure_per_delivery(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """A delivery's failed retries are not recorded in the window again: one message failing
+    every attempt among successes keeps the failure rate low."""
+    cb = make(
+        clock,
+        registry,
+        failure_threshold=None,
+        window=CountWindow(size=10, minimum_calls=4),
+        failure_rate=0.5,
+    )
+    poison = Delivery({}, key="orders", message_id="1-0")
+    for _ in range(6):
+        await run(cb, down, poison)
+    assert (cb.stats.calls, cb.stats.failures) == (1, 1)
+    for _ in range(3):
+        await run(cb, ok)
+    assert cb.state is CLOSED
+    for n in range(2, 6):
+        await run(cb, down, Delivery({}, key="orders", message_id=f"{n}-0"))
+    assert cb.state is OPEN  # 5 failures of distinct messages out of 8 calls
+
+
+async def test_the_tripping_message_probes_itself_when_no_other_comes(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """The message that tripped a pausing breaker leaves the half-open probe to another one for
+    the probe grace only: when the worker waiting to pull finds nothing, it probes itself."""
+    cb = make(clock, registry, mode="pause", failure_threshold=1, open_wait=10)
+    calls: list[float] = []
+
+    async def flaky(delivery: Delivery) -> None:
+        calls.append(clock.monotonic())
+        if len(calls) == 1:
+            raise ConnectionError("down")
+
+    tripper = Delivery({}, key="orders", message_id="1-0")
+    task = asyncio.create_task(cb(tripper, flaky))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert cb.state is OPEN
+    worker = asyncio.create_task(cb.wait_resumed())  # a free worker, about to pull a message
+    await asyncio.sleep(0)
+    clock.advance(10)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert worker.done()  # it pulls next, and finds nothing to pull
+    assert cb.state is HALF_OPEN
+    assert calls == [0.0]  # the tripping message left the probe
+    clock.advance(1.0)  # the probe grace
+    await task
+    assert calls == [0.0, 11.0]
+    assert cb.state is CLOSED
+
+
 async def test_count_window_failure_rate_waits_for_minimum_calls(
     clock: FakeClock, registry: BreakerRegistry
 ) -> None:

@@ -93,7 +93,7 @@ async def stop(consumer: ResilientConsumer, task: asyncio.Task[None]) -> None:
         await task
 
 
-@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize("concurrency", [3, 8])
 async def test_an_hour_long_outage_dead_letters_nothing(concurrency: int) -> None:
     """While the breaker is open the consumer holds its messages; all succeed after recovery."""
     clock = FakeClock()
@@ -155,7 +155,7 @@ async def test_fail_fast_mode_keeps_consuming_and_fails_messages() -> None:
     assert backend.size() == 0
 
 
-@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("concurrency", [3, 4])
 async def test_shutdown_during_an_outage_releases_the_held_messages(concurrency: int) -> None:
     """Messages held by an open breaker are released, not acked, when the consumer stops."""
     clock = FakeClock()
@@ -203,7 +203,7 @@ def router_of(consumer: ResilientConsumer) -> DeadLetterRouter:
     return router
 
 
-@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize("concurrency", [3, 8])
 async def test_an_outage_with_a_dead_letter_destination_dead_letters_nothing(
     concurrency: int,
 ) -> None:
@@ -237,7 +237,7 @@ async def test_an_outage_with_a_dead_letter_destination_dead_letters_nothing(
     assert backend.unacked() == []
 
 
-@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize("concurrency", [3, 8])
 async def test_a_forced_open_breaker_holds_messages_past_their_total_timeout(
     concurrency: int,
 ) -> None:
@@ -265,27 +265,141 @@ async def test_a_forced_open_breaker_holds_messages_past_their_total_timeout(
     assert sorted(dep.processed) == list(range(MESSAGES))
 
 
-async def test_a_total_timeout_lets_a_poison_message_through_a_breaker_it_keeps_open() -> None:
-    """A message failing alone with a retryable error keeps the breaker open; its total timeout
-    bounds the hold, it is dead-lettered, and the messages behind it are processed."""
+def poison_policies() -> dict[str, dict[str, Any]]:
+    """The default policy with a dead-letter destination, and one with a pausing breaker."""
+    return {
+        "default": {"dead_letter": {"destination": "memory"}},
+        "pausing-breaker": {
+            "retry": {"attempts": 3, "backoff": "exponential", "initial": 0.1, "maximum": 1},
+            "circuit_breaker": {"name": "poison", "mode": "pause"},
+            "dead_letter": {"destination": "memory"},
+        },
+    }
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("which", ["default", "pausing-breaker"])
+async def test_a_poison_message_among_healthy_ones_is_dead_lettered(
+    which: str, concurrency: int
+) -> None:
+    """A message failing every attempt with a retryable error, alone, is not an outage: the
+    breaker stays closed, the message is dead-lettered by its own attempt limit and every
+    healthy message is processed."""
     clock = FakeClock()
     backend = MemoryBackend.isolated()
     processed: list[int] = []
 
     async def handler(payload: dict[str, Any]) -> None:
         await asyncio.sleep(0)
-        if payload["n"] == 0:
+        if payload["n"] == 3:
             raise ConnectionError("fails for this message only")
         processed.append(payload["n"])
 
-    for n in range(5):
+    for n in range(20):
         await backend.publish("orders", {"n": n})
-    consumer = ResilientConsumer(backend, policy=guarded_policy("poison-total", 30), clock=clock)
+    data = poison_policies()[which]
+    if "circuit_breaker" in data:
+        data["circuit_breaker"]["name"] = f"poison-{which}-{concurrency}"
+    consumer = ResilientConsumer(
+        backend, policy=Policy.from_dict(data), clock=clock, concurrency=concurrency
+    )
     task = asyncio.create_task(consumer.run(handler))
-    await advance_until(clock, lambda: len(processed) == 4, until=600)
+    await asyncio.sleep(0)  # let the consumer build its pipeline
+    await advance_until(
+        clock,
+        lambda: len(processed) == 19 and router_of(consumer).stats.dead_lettered == 1,
+        until=600,
+        step=0.1,
+    )
     await stop(consumer, task)
-    assert processed == [1, 2, 3, 4]
-    assert router_of(consumer).stats.by_reason == {"timeout": 1}
+    assert sorted(processed) == [n for n in range(20) if n != 3]
+    stats = router_of(consumer).stats
+    assert stats.by_reason == {"retries_exhausted": 1}
+    (env,) = router_of(consumer).sink.envelopes  # type: ignore[attr-defined]
+    assert env["payload"] == {"n": 3}
+    assert env["error"]["type"] == "ConnectionError"
+    assert env["attempts"]["in_process"] == 3
+    if "circuit_breaker" in data:
+        breaker = get_breaker(data["circuit_breaker"]["name"], clock=clock)
+        assert breaker.state is BreakerState.CLOSED
+        assert breaker.stats.trips == 0
+    assert backend.size() == 0
+    assert backend.unacked() == []
+
+
+async def test_probes_come_from_another_message_than_the_one_that_tripped_the_breaker() -> None:
+    """When a brief outage trips the breaker on a poison message's failure, the half-open
+    probe is taken by another message: it succeeds, the breaker closes, the poison message is
+    dead-lettered by its attempt limit and the healthy messages flow."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    processed: list[int] = []
+    down_until = 0.5
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        if payload["n"] == 2:
+            raise ConnectionError("fails for this message only")
+        if clock.monotonic() < down_until:
+            raise ConnectionError("dependency unavailable")
+        processed.append(payload["n"])
+
+    for n in range(12):
+        await backend.publish("orders", {"n": n})
+    name = "probe-choice"
+    events: list[object] = []
+    consumer = ResilientConsumer(
+        backend,
+        policy=guarded_policy(name, None),
+        clock=clock,
+        concurrency=3,
+        events=EventBus(events.append),
+    )
+    task = asyncio.create_task(consumer.run(handler))
+    await advance_until(clock, lambda: len(processed) == 11, until=600, step=0.1)
+    await stop(consumer, task)
+    changes = [e for e in events if isinstance(e, BreakerStateChanged)]
+    assert [(c.to_state, c.reason) for c in changes[:3]] == [
+        (BreakerState.OPEN, "consecutive_failures"),
+        (BreakerState.HALF_OPEN, "open_wait_elapsed"),
+        (BreakerState.CLOSED, "probes_succeeded"),
+    ]
+    tripper = changes[0].message_id
+    assert changes[2].message_id != tripper  # the probe was another message
+    assert sorted(processed) == [n for n in range(12) if n != 2]
+    (env,) = router_of(consumer).sink.envelopes  # type: ignore[attr-defined]
+    assert env["payload"] == {"n": 2}
+    assert env["source"]["message_id"] == tripper
+    assert env["error"]["reason"] == "retries_exhausted"
+    assert get_breaker(name, clock=clock).state is BreakerState.CLOSED
+    assert backend.size() == 0
+    assert backend.unacked() == []
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_one_at_a_time_an_outage_costs_the_messages_before_the_breaker_can_tell(
+    concurrency: int,
+) -> None:
+    """One message at a time, an outage is told from a bad message only once
+    failure_threshold distinct messages failed: the ones before are dead-lettered (replayable),
+    the rest are held and processed after recovery. With as many workers as the threshold,
+    nothing is dead-lettered."""
+    clock = FakeClock()
+    backend = MemoryBackend.isolated()
+    dep = Dependency()
+    name = f"one-at-a-time-{concurrency}"
+    consumer, task, _ = await start(backend, guarded_policy(name, None), clock, concurrency, dep)
+    await advance_until(clock, lambda: False, until=600)
+    assert get_breaker(name, clock=clock).state is not BreakerState.CLOSED
+    dep.down = False
+    await advance_until(clock, lambda: len(dep.processed) == MESSAGES - 2, until=900)
+    await advance_until(clock, lambda: len(dep.processed) == MESSAGES, until=905)
+    await stop(consumer, task)
+    dead = router_of(consumer).stats.dead_lettered
+    assert dead == (2 if concurrency == 1 else 0)
+    assert len(dep.processed) + dead == MESSAGES
+    assert backend.size() == 0
+    assert backend.unacked() == []
 
 
 async def test_a_message_out_of_attempts_before_the_breaker_opens_is_dead_lettered() -> None:
@@ -312,32 +426,3 @@ async def test_a_message_out_of_attempts_before_the_breaker_opens_is_dead_letter
     (warning,) = [x for x in logs if x["event"] == "dead_lettered_before_breaker_opened"]
     assert warning["breaker"] == "early-dlq"
     assert "failure_threshold" in warning["hint"]
-
-
-async def test_force_closed_lets_a_poison_message_through_to_the_dead_letter_layer() -> None:
-    """A message failing alone with a retryable error holds a one-at-a-time consumer (it looks
-    like an outage); force_closed() lets it reach the dead-letter layer and the rest flows."""
-    clock = FakeClock()
-    backend = MemoryBackend.isolated()
-    processed: list[int] = []
-
-    async def handler(payload: dict[str, Any]) -> None:
-        await asyncio.sleep(0)
-        if payload["n"] == 0:
-            raise ConnectionError("fails for this message only")
-        processed.append(payload["n"])
-
-    for n in range(5):
-        await backend.publish("orders", {"n": n})
-    consumer = ResilientConsumer(backend, policy=guarded_policy("poison", None), clock=clock)
-    task = asyncio.create_task(consumer.run(handler))
-    await advance_until(clock, lambda: False, until=600)
-    assert processed == []  # held: the breaker cannot tell it from an outage
-    router = router_of(consumer)
-    assert router.stats.dead_lettered == 0
-
-    get_breaker("poison", clock=clock).force_closed()
-    await advance_until(clock, lambda: len(processed) == 4, until=700)
-    await stop(consumer, task)
-    assert processed == [1, 2, 3, 4]
-    assert router.stats.by_reason == {"retries_exhausted": 1}

@@ -225,6 +225,27 @@ def test_envelope_size_cap_trims_traceback_before_payload() -> None:
     assert env["truncated"] == ["traceback"]
 
 
+def test_envelope_size_cap_keeps_the_newest_failed_write_and_the_count() -> None:
+    """Over the cap, the listed failed writes are cut to the newest one; their count, times and
+    the payload stay."""
+    builder = EnvelopeBuilder(EnvelopeOptions(max_envelope_bytes=4096, max_traceback_frames=0))
+    env = builder.build(
+        Delivery({"n": 1}), failed(boom), reason="timeout", stage="handle", monotonic_now=0.0
+    )
+    assert env["write_failures"] == {"count": 0, "first": None, "last": None, "recent": []}
+    recent = [
+        {"at": float(i), "type": "OSError", "message": f"{i} " + "z" * 480} for i in range(10)
+    ]
+    env["write_failures"] = {"count": 25, "first": 0.0, "last": 9.0, "recent": recent}
+    env = builder.refit(env)
+    assert envelope_size(env) <= 4096
+    assert env["write_failures"]["count"] == 25
+    assert env["write_failures"]["first"] == 0.0
+    assert [f["at"] for f in env["write_failures"]["recent"]] == [9.0]
+    assert env["payload"] == {"n": 1}
+    assert "write_failures" in env["truncated"]
+
+
 def test_pathological_envelopes_shrink_to_a_minimal_record() -> None:
     """Even with an enormous key, the envelope respects the cap and keeps reason and type."""
     delivery = Delivery({"n": 1}, key="k" * 50_000)

@@ -310,6 +310,8 @@ def test_policy_section_from_toml_and_environment(
         ({"validate": "no_such_module_x:f"}, "cannot import 'no_such_module_x:f'"),
         ({"validate": "json:__doc__"}, "is not callable"),
         ({"write_failure_backoff": -1}, "dead_letter.write_failure_backoff must be >= 0"),
+        ({"write_attempts": 0}, "dead_letter.write_attempts must be >= 1"),
+        ({"write_attempts": 1.5}, "dead_letter.write_attempts must be an integer"),
         ({"path": ""}, "dead_letter.path must not be empty"),
     ],
 )

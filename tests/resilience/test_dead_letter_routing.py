@@ -313,13 +313,13 @@ async def test_cancellation_turned_into_an_error_is_not_dead_lettered() -> None:
 
 
 async def test_sink_failure_loses_nothing_and_recovers() -> None:
-    """A failed write leaves the message unacked; it comes back and is dead-lettered once."""
+    """A failed last write leaves the message unacked; it comes back and is dead-lettered once."""
     clock = FakeClock()
     backend = MemoryBackend.isolated()
     await backend.publish("orders", {"order": 1})
     store = MemoryStore()
     store.failure = OSError("disk full")
-    router = DeadLetterRouter(store, clock=clock)
+    router = DeadLetterRouter(store, clock=clock, write_attempts=1)
     consumer = ResilientConsumer(
         backend, policy=Pipeline(router).retry(attempts=3, clock=clock), clock=clock
     )
@@ -350,30 +350,35 @@ async def test_sink_failure_loses_nothing_and_recovers() -> None:
     assert failure.destination == "memory"
     assert failure.consecutive_failures == 1
     assert written[0].envelope_id == env["id"]
-    assert 0.1 in clock.sleeps  # the write-failure backoff ran on the clock
+    assert any(0.05 <= wait <= 0.1 for wait in clock.sleeps)  # the write backoff ran on the clock
+    assert env["write_failures"]["count"] == 1
+    assert env["error"]["type"] == "ConnectionError"
     events = [entry["event"] for entry in logs if entry["logger"] == "resilience.dead_letter"]
     assert "dead_letter_write_failed" in events
     assert events[-1] == "dead_lettered"
 
 
 async def test_sink_failure_raises_dead_letter_write_error() -> None:
-    """The router turns a sink error into DeadLetterWriteError chained to it, after a backoff."""
+    """The router retries a failed write on a growing backoff capped at write_failure_backoff,
+    then turns the sink error into DeadLetterWriteError chained to it."""
     clock = FakeClock()
     store = MemoryStore()
     store.failure = ConnectionRefusedError("db down")
-    router = DeadLetterRouter(store, clock=clock, write_failure_backoff=0.3)
+    router = DeadLetterRouter(store, clock=clock, write_failure_backoff=0.3, write_attempts=4)
 
     async def call_next(delivery: Delivery) -> None:
         raise DeadLetter("no")
 
-    for _ in range(3):
-        delivery = Delivery({"n": 1})
-        with pytest.raises(DeadLetterWriteError) as info:
-            await router(delivery, call_next)
-        assert isinstance(info.value.__cause__, ConnectionRefusedError)
-        assert delivery.outcome is None
-    assert clock.sleeps == pytest.approx([0.1, 0.2, 0.3])
-    assert router.stats.write_failures == 3
+    delivery = Delivery({"n": 1})
+    with pytest.raises(DeadLetterWriteError) as info:
+        await router(delivery, call_next)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert delivery.outcome is None
+    assert store.write_attempts == 4
+    low = [0.05, 0.1, 0.15]  # each wait is between these and twice these, at most 0.3
+    assert len(clock.sleeps) == 3
+    assert all(a <= w <= min(2 * a, 0.3) for a, w in zip(low, clock.sleeps, strict=True))
+    assert router.stats.write_failures == 4
 
 
 async def test_dead_lettered_event_and_log_are_redacted() -> None:
@@ -637,7 +642,7 @@ async def test_sink_failure_logs_keep_redacted_values_masked(
     await backend.publish("orders", {"user": {"password": "hunter2-secret"}})
     store = MemoryStore()
     store.failure = OSError("disk full")
-    router = DeadLetterRouter(store, clock=clock, write_failure_backoff=0)
+    router = DeadLetterRouter(store, clock=clock, write_failure_backoff=0, write_attempts=1)
     consumer = ResilientConsumer(backend, policy=Pipeline(router), clock=clock)
     consumer.events.subscribe(
         lambda e: setattr(store, "failure", None) if isinstance(e, DeadLetterFailed) else None
