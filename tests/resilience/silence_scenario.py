@@ -76,10 +76,14 @@ async def retry_breaker_dead_letter() -> bool:
     async def handler(payload: dict[str, Any]) -> None:
         raise ConnectionError("dependency down")
 
-    delivery = Delivery({"order": 7}, key="orders", message_id="7", started_at=0.0)
-    await pipeline.build(handler)(delivery)
+    call = pipeline.build(handler)
+    # Two distinct messages: the breaker counts each failing message once.
+    for order in (7, 8):
+        await call(Delivery({"order": order}, key="orders", message_id=str(order), started_at=0.0))
     records = await store.find()
-    return clock.sleeps == [0.5] and len(records) == 1 and breaker.breaker.state.value == "open"
+    return (
+        clock.sleeps == [0.5, 0.5] and len(records) == 2 and breaker.breaker.state.value == "open"
+    )
 
 
 async def backend_warning() -> bool:
