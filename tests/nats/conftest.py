@@ -20,6 +20,7 @@ import nats
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
 
 from nats_support import NATSServer  # noqa: E402
 

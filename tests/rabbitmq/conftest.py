@@ -20,6 +20,7 @@ import aio_pika
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
 
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend  # noqa: E402
 

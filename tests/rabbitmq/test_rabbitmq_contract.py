@@ -42,9 +42,7 @@ class TestRabbitMQBackendContract(BackendContract):
             await self.dispose_backend(backend)
 
     async def make_backend(self) -> RabbitMQBackend:
-        return RabbitMQBackend(
-            self._url, queues=[self._queue], dead_letter_exchange=self._exchange
-        )
+        return RabbitMQBackend(self._url, queues=[self._queue], dead_letter_exchange=self._exchange)
 
     async def dispose_backend(self, backend: RabbitMQBackend) -> None:
         await backend.aclose()

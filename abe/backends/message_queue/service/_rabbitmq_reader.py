@@ -68,6 +68,14 @@ def _count(value: object) -> int:
         return 0
 
 
+def channel_of(raw: AbstractIncomingMessage) -> Any:
+    """The open AMQP channel ``raw`` came on, or ``None`` once that channel has closed."""
+    try:
+        return raw.channel
+    except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
+        return None
+
+
 def to_inbound(
     raw: AbstractIncomingMessage, key: str, group: str | None, quorum: bool, handle: Any
 ) -> InboundMessage:
@@ -158,7 +166,8 @@ class QueueReader:
 
     def owns(self, raw: AbstractIncomingMessage) -> bool:
         """Whether ``raw`` came on this reader's current AMQP channel."""
-        return raw.channel is self._amqp
+        amqp = channel_of(raw)
+        return amqp is not None and amqp is self._amqp
 
     async def start(self) -> None:
         """Set the prefetch window and start consuming every configured queue."""
@@ -185,7 +194,7 @@ class QueueReader:
             self._amqp = amqp
             self.unsettled.clear()
             self.acks.clear()
-            self.waiting = deque(m for m in self.waiting if m.handle.channel is amqp)
+            self.waiting = deque(m for m in self.waiting if channel_of(m.handle) is amqp)
         self.unsettled[raw.delivery_tag or 0] = None
         self.waiting.append(to_inbound(raw, key, self.group, self._quorum, raw))
         wakeup = self._wakeup
@@ -197,7 +206,7 @@ class QueueReader:
         waiting = self.waiting
         while waiting:
             message = waiting.popleft()
-            if message.handle.channel is self._amqp:
+            if channel_of(message.handle) is self._amqp:
                 return message
         return None
 
@@ -224,7 +233,8 @@ class QueueReader:
         """Forget ``message`` as unsettled; ``False`` when its channel has closed (the broker
         has already given it back to the queue, so nothing may be sent for it)."""
         raw = message.handle
-        if raw.channel is not self._amqp or raw.channel.is_closed:
+        amqp = channel_of(raw)
+        if amqp is None or amqp is not self._amqp:
             return False
         self.unsettled.pop(raw.delivery_tag, None)
         return True
