@@ -22,9 +22,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
 
-from nats_support import NATSServer  # noqa: E402
+import contextlib
 
-from abe.backends.message_queue.service.nats import NATSBackend  # noqa: E402
+from nats_support import NATSServer
+
+from abe.backends.message_queue.service.nats import NATSBackend
 
 NATS_URL = os.environ.get("NATS_TEST_URL", "nats://127.0.0.1:4222")
 
@@ -80,10 +82,8 @@ async def names(nats_url: str) -> AsyncIterator[Names]:
         try:
             js = nc.jetstream()
             for stream in (made.stream, made.dead_letter_stream):
-                try:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
                     await js.delete_stream(stream)
-                except nats.js.errors.NotFoundError:
-                    pass
         finally:
             await nc.close()
 

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
 
-from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend  # noqa: E402
+from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
