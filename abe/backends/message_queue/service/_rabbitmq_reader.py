@@ -5,7 +5,7 @@ channel of its own, sets ``basic.qos`` to the prefetch, and ``basic.consume``s e
 queue. Deliveries wait in a local deque until handed out. Acknowledgements from
 :meth:`QueueReader.buffer_ack` are sent in batches: one ``basic.ack`` with ``multiple=True``
 for the longest run of settled delivery tags from the start of the window, single acks for the
-others, after ``ack_batch`` are waiting, when the reader waits for more, or after a short delay.
+others, once a quarter of the prefetch window is waiting or after a short delay (20 ms).
 A delivery of a channel that has closed (a lost connection) is never acknowledged: the broker
 gives it to a consumer again, so it is dropped from the local state.
 """
@@ -55,7 +55,7 @@ _BROKER_HEADERS = frozenset(
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
-_ACK_DELAY = 0.05
+_ACK_DELAY = 0.02
 """Seconds a buffered acknowledgement may wait before it is sent on its own."""
 
 
@@ -150,6 +150,8 @@ class QueueReader:
         self.group = group
         self._declare = declare
         self._quorum = settings.queue_type == "quorum"
+        self._ack_limit = max(1, settings.prefetch // 4)
+        """Buffered acknowledgements sent at once (a quarter of the prefetch window)."""
         self.waiting: deque[InboundMessage] = deque()
         """Received and not handed out yet."""
         self.unsettled: dict[int, None] = {}
@@ -218,9 +220,9 @@ class QueueReader:
                 return message
             if self.closed:
                 raise StopAsyncIteration
-            if self.acks:
-                self._send_acks()
             loop = asyncio.get_running_loop()
+            if self.acks and self._timer is None:
+                self._timer = loop.call_later(_ACK_DELAY, self._send_acks)
             self._wakeup = loop.create_future()
             try:
                 await self._wakeup
@@ -244,7 +246,7 @@ class QueueReader:
         if not self.settle(message):
             return
         self.acks.append(message.handle.delivery_tag)
-        if len(self.acks) >= self.settings.prefetch // 2 or self._wakeup is not None:
+        if len(self.acks) >= self._ack_limit:
             self._send_acks()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
