@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broke
 
 import contextlib
 
-from nats_support import NATSServer
+from nats_support import Names, NATSServer
 
 from abe.backends.message_queue.service.nats import NATSBackend
 
@@ -55,20 +54,6 @@ def nats_url() -> str:
             pytest.fail(f"{reason}; CI=true, so broker tests must run, not skip")
         pytest.skip(f"{reason}; set NATS_TEST_URL or start nats-server -js to run them")
     return NATS_URL
-
-
-class Names:
-    """A stream, its subjects and its dead-letter stream, unique to one test."""
-
-    def __init__(self) -> None:
-        token = uuid.uuid4().hex[:12]
-        self.stream = f"ABETEST_{token}"
-        self.dead_letter_stream = f"ABETEST_{token}_DLQ"
-        self.prefix = f"abetest.{token}"
-
-    def subject(self, name: str = "s") -> str:
-        """A subject of the test's stream."""
-        return f"{self.prefix}.{name}"
 
 
 @pytest.fixture

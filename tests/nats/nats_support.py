@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -80,3 +81,17 @@ class NATSServer:
             self.process.kill()
             self.process.wait(5)
         self.process = None
+
+
+class Names:
+    """A stream, its subjects and its dead-letter stream, unique to one test."""
+
+    def __init__(self) -> None:
+        token = uuid.uuid4().hex[:12]
+        self.stream = f"ABETEST_{token}"
+        self.dead_letter_stream = f"ABETEST_{token}_DLQ"
+        self.prefix = f"abetest.{token}"
+
+    def subject(self, name: str = "s") -> str:
+        """A subject of the test's stream."""
+        return f"{self.prefix}.{name}"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import Names
+from nats_support import Names
 
 from abe.backends.message_queue.service.nats import NATSBackend
 from abe.testing import BackendContract

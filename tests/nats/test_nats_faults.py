@@ -16,8 +16,7 @@ from typing import Any
 import nats
 import pytest
 from broker_processes import recorded, start_worker, stop_all, wait_ready
-from conftest import Names
-from nats_support import NATSServer, eventually
+from nats_support import Names, NATSServer, eventually
 
 from abe.backends.message_queue.base import DeadLetteringBackend, DelayingBackend
 from abe.backends.message_queue.service.nats import NATSBackend

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
+
+from rabbitmq_support import Queues
 
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 
@@ -47,20 +48,6 @@ def rabbitmq_url() -> str:
             pytest.fail(f"{reason}; CI=true, so broker tests must run, not skip")
         pytest.skip(f"{reason}; set RABBITMQ_TEST_URL or start rabbitmq-server to run them")
     return RABBITMQ_URL
-
-
-class Queues:
-    """Names of the test's queues; every one (and the ones derived from it) is deleted later."""
-
-    def __init__(self) -> None:
-        self.prefix = f"abe-test-{uuid.uuid4().hex[:12]}"
-        self.exchange = f"{self.prefix}.dlx"
-        self.names: set[str] = set()
-
-    def __call__(self, name: str = "q") -> str:
-        queue = f"{self.prefix}.{name}"
-        self.names.add(queue)
-        return queue
 
 
 @pytest.fixture

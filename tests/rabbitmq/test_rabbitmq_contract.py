@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import Queues
+from rabbitmq_support import Queues
 
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 from abe.testing import BackendContract

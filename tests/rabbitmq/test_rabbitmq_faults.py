@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 from broker_processes import recorded, start_worker, stop_all, wait_ready
-from conftest import Queues
+from rabbitmq_support import Queues
 from tcp_proxy import TCPProxy
 
 from abe.backends.message_queue.base import DeadLetteringBackend, DelayingBackend
