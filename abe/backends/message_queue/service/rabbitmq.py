@@ -456,8 +456,9 @@ class RabbitMQBackend:
         reader = self._reader_of(message)
         if reader is None or not reader.settle(message):
             return
+        raw = message.handle
         try:
-            await message.handle.nack(requeue=True)
+            await raw.channel.basic_nack(raw.delivery.delivery_tag, requeue=True)
         except _UNAVAILABLE as exc:
             logger.warning("Releasing %s: channel lost, redelivered anyway: %s", message.key, exc)
 
@@ -478,16 +479,17 @@ class RabbitMQBackend:
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
         tier = self._settings.tier_for(seconds)
         raw = message.handle
-        headers = dict(raw.headers or {})
+        properties = raw.header.properties
+        headers = dict(properties.headers or {})
         headers.pop("x-delivery-count", None)
         headers.pop("x-death", None)
         headers[COUNT_HEADER] = message.delivery_count
         copy = aio_pika.Message(
             raw.body,
             headers=headers,
-            content_type=raw.content_type or "application/json",
-            message_id=raw.message_id,
-            timestamp=raw.timestamp,
+            content_type=properties.content_type or "application/json",
+            message_id=properties.message_id,
+            timestamp=properties.timestamp,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         queue = f"{message.key}.delay.{_millis(tier)}"
@@ -527,11 +529,15 @@ class RabbitMQBackend:
 
     async def _park(self, message: InboundMessage) -> None:
         raw = message.handle
+        properties = raw.header.properties
         dead = aio_pika.Message(
             raw.body,
-            headers={**(raw.headers or {}), "x-abe-decode-error": str(message.decode_error)},
-            content_type=raw.content_type,
-            message_id=raw.message_id,
+            headers={
+                **(properties.headers or {}),
+                "x-abe-decode-error": str(message.decode_error),
+            },
+            content_type=properties.content_type,
+            message_id=properties.message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publish(self._settings.dead_letter_exchange, f"{message.key}.dlq", dead)
