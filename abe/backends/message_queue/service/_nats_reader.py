@@ -37,9 +37,23 @@ logger = logging.getLogger(LOGGER_NAME)
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
+def _reply_fields(reply: str) -> tuple[str, int, float | None]:
+    """(stream sequence, delivery count, publish time) from a JetStream ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``, or the form with
+    a domain and an account hash after ``ACK``. Parsed here, once, because nats-py's
+    ``metadata`` property parses it again (and builds a datetime) on every access.
+    """
+    tokens = reply.split(".")
+    base = 2 if len(tokens) == 9 else 4
+    if len(tokens) < base + 7 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream reply subject: {reply!r}")
+    return tokens[base + 3], int(tokens[base + 2]), int(tokens[base + 5]) / 1e9
+
+
 def to_inbound(msg: Msg, group: str, handle: Any) -> InboundMessage:
     """The :class:`InboundMessage` of one JetStream delivery."""
-    meta = msg.metadata
+    sequence, delivered, published = _reply_fields(msg.reply)
     raw_headers = msg.headers
     headers: Mapping[str, str] = _NO_HEADERS
     if raw_headers:
@@ -60,10 +74,10 @@ def to_inbound(msg: Msg, group: str, handle: Any) -> InboundMessage:
     return InboundMessage(
         payload,
         msg.subject,
-        str(meta.sequence.stream),
-        meta.num_delivered or 1,
+        sequence,
+        delivered or 1,
         headers,
-        meta.timestamp.timestamp() if meta.timestamp is not None else None,
+        published,
         group,
         body if error is not None else None,
         error,

@@ -33,7 +33,6 @@ import logging
 import math
 import re
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
 from datetime import timedelta
@@ -166,7 +165,8 @@ class NATSBackend:
         self._connecting = asyncio.Lock()
         self._stream_ready = False
         self._dead_letter_subjects: set[str] = set()
-        self._readers: weakref.WeakSet[PullReader] = weakref.WeakSet()
+        self._readers: list[PullReader] = []
+        """Open readers (closed ones are dropped)."""
         self._settling: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -398,7 +398,8 @@ class NATSBackend:
             raise ValueError(f"group must be a non-empty string or None, got {group!r}")
         durable = durable_name(group) if group else self._settings.durable
         reader = PullReader(self._settings, durable, self._subscribe)
-        self._readers.add(reader)
+        self._readers = [r for r in self._readers if not r.closed]
+        self._readers.append(reader)
         return NATSDeliveries(reader)
 
     # -- settling --------------------------------------------------------------------------------
@@ -504,8 +505,9 @@ class NATSBackend:
     def _reader_of(self, message: InboundMessage) -> PullReader | None:
         if message.handle is None:
             raise ValueError("the message did not come from a NATS backend's deliveries()")
+        key = id(message.handle)
         for reader in self._readers:
-            if id(message.handle) in reader.held:
+            if key in reader.held:
                 return reader
         return None
 
