@@ -116,12 +116,30 @@ class PullReader:
         self.acks: list[Msg] = []
         self._acking: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
+        self._ahead: asyncio.Task[list[Msg]] | None = None
+        """The pull request sent while the previous batch is being worked through."""
+        self._refill_at = settings.batch_size // 2
         self.closed = False
 
     def take_nowait(self) -> InboundMessage | None:
-        """The next fetched delivery if one is waiting, else ``None``."""
+        """The next fetched delivery if one is waiting, else ``None``.
+
+        Once half a batch is left, the next pull request goes out in the background, so the
+        round trip overlaps the work on the rest.
+        """
         waiting = self.waiting
-        return waiting.popleft() if waiting else None
+        if not waiting:
+            return None
+        message = waiting.popleft()
+        if len(waiting) == self._refill_at and self._ahead is None and self._sub is not None:
+            self._ahead = asyncio.get_running_loop().create_task(self._fetch())
+        return message
+
+    async def _fetch(self) -> list[Msg]:
+        msgs: list[Msg] = await self._sub.fetch(
+            self.settings.batch_size, timeout=self.settings.block
+        )
+        return msgs
 
     async def next(self) -> InboundMessage:
         """The next delivery, fetching (and waiting) when none is waiting."""
@@ -129,7 +147,9 @@ class PullReader:
         while True:
             waiting = self.waiting
             if waiting:
-                return waiting.popleft()
+                message = self.take_nowait()
+                assert message is not None
+                return message
             if self.closed:
                 raise StopAsyncIteration
             if self.acks:
@@ -139,7 +159,8 @@ class PullReader:
                     self._sub = await self._prepare(self.durable)
                     if self._keeper is None:
                         self._keeper = asyncio.get_running_loop().create_task(self._keep_alive())
-                msgs = await self._sub.fetch(self.settings.batch_size, timeout=self.settings.block)
+                ahead, self._ahead = self._ahead, None
+                msgs = await (ahead if ahead is not None else self._fetch())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -208,10 +229,11 @@ class PullReader:
         if self.closed:
             return
         self.closed = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        for task in (self._keeper, self._ahead):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         with contextlib.suppress(Exception):
             await self.flush()
         for message in self.waiting:
