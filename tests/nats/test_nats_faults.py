@@ -280,3 +280,16 @@ async def test_release_redelivers_at_once_with_a_higher_count(
         await backend.release(message)
     await stream.aclose()
     assert counts == [1, 2, 3]
+
+
+async def test_publishing_to_a_subject_no_stream_captures_is_a_clear_error(
+    make_backend: Any, names: Names
+) -> None:
+    """A subject outside every stream fails with NATSBackendError saying so (not "unavailable")."""
+    from abe.backends.message_queue.service.nats import NATSBackendError, NATSUnavailableError
+
+    backend: NATSBackend = make_backend()
+    await backend.publish(names.subject(), {"n": 1})  # creates the stream
+    with pytest.raises(NATSBackendError, match="no JetStream stream captures") as info:
+        await backend.publish(f"{names.prefix}-elsewhere", {"n": 2})
+    assert not isinstance(info.value, NATSUnavailableError)

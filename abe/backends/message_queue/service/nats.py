@@ -43,7 +43,7 @@ try:
     from nats.aio.client import Client
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
     from nats.js.client import JetStreamContext
-    from nats.js.errors import NotFoundError
+    from nats.js.errors import NoStreamResponseError, NotFoundError
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
         "The NATS backend needs nats-py: install it with `pip install 'abe-resilience[nats]'`"
@@ -568,6 +568,11 @@ class NATSBackend:
 
     def _fail(self, what: str, exc: BaseException) -> NoReturn:
         text = f"{what} on {redact(self._settings.url)} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, nats.errors.NoRespondersError | NoStreamResponseError):
+            raise NATSBackendError(
+                f"{text} (no JetStream stream captures that subject: add it to the stream's "
+                "subjects, or to NATS_SUBJECTS before the backend creates the stream)"
+            ) from exc
         if isinstance(exc, _UNAVAILABLE):
             raise NATSUnavailableError(text) from exc
         raise NATSBackendError(text) from exc
