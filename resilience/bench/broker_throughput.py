@@ -218,9 +218,9 @@ class _NATS:
             nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
         except Exception as exc:
             raise BrokerUnavailable(f"NATS at {url} does not answer: {exc}") from None
-        version = nc.connected_server_version
+        v = nc.connected_server_version
         await nc.close()
-        return f"NATS {version}"
+        return f"NATS {v.major}.{v.minor}.{v.patch}"
 
     @staticmethod
     def _stream(name: str) -> str:
