@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import pytest
@@ -36,11 +37,18 @@ def ci() -> bool:
 
 
 async def _probe(url: str) -> None:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
-    try:
-        await nc.jetstream().account_info()
-    finally:
-        await nc.close()
+    parts = urlsplit(url)
+    # nats-py keeps retrying a refused first connection: try the port plainly first.
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 3
+    )
+    writer.close()
+    async with asyncio.timeout(10):
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
 
 
 @pytest.fixture(scope="session")
