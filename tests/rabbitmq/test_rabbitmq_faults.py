@@ -268,3 +268,29 @@ async def test_undecodable_body_is_moved_to_the_dead_letter_queue_by_consume(
     assert got == [{"n": 0}, {"n": 2}]
     dead = await _drain_queue(rabbitmq_url, f"{queue}.dlq")
     assert [m.body for m in dead] == [b"not json"]
+
+
+async def test_delivery_limit_makes_the_broker_dead_letter_a_looping_message(
+    rabbitmq_url: str, make_backend: Any, queues: Queues
+) -> None:
+    """With delivery_limit=2 a message released twice is moved by the broker itself to
+    <queue>.dlq (through the dead-letter exchange), not dropped."""
+    queue = queues("work")
+    backend: RabbitMQBackend = make_backend(queues=[queue], delivery_limit=2)
+    await backend.publish(queue, {"n": 1})
+    stream = backend.deliveries()
+    counts = []
+    for _ in range(2):
+        message = await asyncio.wait_for(anext(stream), 5)
+        counts.append(message.delivery_count)
+        await backend.release(message)
+    await stream.aclose()
+
+    async def moved() -> bool:
+        return await backend.queue_depth(f"{queue}.dlq") == 1
+
+    await _eventually(moved, timeout=10, what="the broker to dead-letter the message")
+    dead = await _drain_queue(rabbitmq_url, f"{queue}.dlq")
+    assert counts == [1, 2]
+    assert [json.loads(m.body) for m in dead] == [{"n": 1}]
+    assert await backend.queue_depth(queue) == 0

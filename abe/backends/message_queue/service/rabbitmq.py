@@ -267,9 +267,9 @@ class RabbitMQBackend:
             )
         assert self._dlx is not None
         if destination not in self._bound:
-            queue = await channel.declare_queue(
-                destination, durable=True, arguments=self.queue_arguments(destination)
-            )
+            # A dead-letter queue has no delivery limit and dead-letters nowhere itself.
+            arguments = {"x-queue-type": "quorum"} if self._settings.queue_type == "quorum" else {}
+            queue = await channel.declare_queue(destination, durable=True, arguments=arguments)
             await queue.bind(self._dlx, routing_key=destination)
             self._bound.add(destination)
         return self._dlx
