@@ -116,7 +116,7 @@ async def test_queue_backend_memory_works_without_any_entry_point(
     """QUEUE_BACKEND=memory gives a MemoryBackend (with its UserWarning) even if unregistered."""
     registry[SERVICE].append(FakeEntryPoint("redis", RedisLikeBackend))
     monkeypatch.setenv("QUEUE_BACKEND", "memory")
-    with pytest.warns(UserWarning, match="development and testing only"):
+    with pytest.warns(UserWarning, match="development/testing only"):
         backend = load_backend()
     assert type(backend) is MemoryBackend
 
@@ -178,7 +178,7 @@ async def test_only_memory_registered_falls_back_to_memory_with_a_warning(
     """With only memory registered the loader returns MemoryBackend and warns UserWarning."""
     registry[PRIMARY].append(MEMORY_EP)
     with (
-        pytest.warns(UserWarning, match="development and testing only"),
+        pytest.warns(UserWarning, match="development/testing only"),
         pytest.warns(UserWarning, match="No external message-queue backend"),
     ):
         backend = load_backend()
@@ -190,7 +190,7 @@ async def test_nothing_registered_falls_back_to_memory_with_a_warning(
 ) -> None:
     """With no providers at all the loader still returns MemoryBackend, with a UserWarning."""
     with (
-        pytest.warns(UserWarning, match="development and testing only"),
+        pytest.warns(UserWarning, match="development/testing only"),
         pytest.warns(UserWarning, match="No external message-queue backend"),
     ):
         backend = load_backend()
@@ -420,7 +420,7 @@ async def test_installed_memory_only_falls_back_with_a_warning(
     with on_sys_path(memory_only, isolated=True):
         assert set(available_backends()) == {"memory"}
         with (
-            pytest.warns(UserWarning, match="development and testing only"),
+            pytest.warns(UserWarning, match="development/testing only"),
             pytest.warns(UserWarning, match="No external message-queue backend"),
         ):
             backend = load_backend()
