@@ -1,0 +1,63 @@
+"""Smoke tests of the scaling rows of ``resilience bench overhead`` (tiny sizes, no timing)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resilience.bench import scaling
+from resilience.bench.scaling import (
+    KEY_COUNTS,
+    format_scaling,
+    measure_dead_letters,
+    measure_keys,
+    measure_scaling,
+)
+
+
+def test_scaling_rows_cover_every_key_count_and_the_dead_letter_writers() -> None:
+    """measure_scaling reports each key contender at 1, 100 and 1,000 keys, one ratio per
+    contender, the three dead-letter writers, and the tables name them all."""
+    report = measure_scaling(300, 1)
+    keys, dead = report["keys"], report["dead_letters"]
+    assert list(keys["per_message_us"]) == list(scaling.KEY_CONTENDERS)
+    for costs in keys["per_message_us"].values():
+        assert sorted(costs, key=int) == [str(k) for k in KEY_COUNTS]
+        assert all(cost > 0 for cost in costs.values())
+    assert [r["name"] for r in keys["ratios"]] == [
+        f"{name}: 1000 keys / 1 key" for name in scaling.KEY_CONTENDERS
+    ]
+    assert set(dead["per_second"]) == {
+        "consumer, group commit",
+        "store alone, group commit",
+        "store alone, one commit per envelope",
+    }
+    text = format_scaling(keys, dead)
+    assert "1000 keys" in text
+    assert "dead letters per second (SQLite, synchronous=FULL)" in text
+
+
+async def test_dead_letter_run_refuses_a_count_that_does_not_add_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that settles messages without storing their dead letters fails the run
+    instead of reporting a rate."""
+    from resilience.dead_letter import SQLiteStore
+
+    async def lose(self: SQLiteStore, envelope: Any, delivery: Any = None) -> None:
+        return None
+
+    monkeypatch.setattr(SQLiteStore, "write", lose)
+    with pytest.raises(RuntimeError, match="stored 0 of 20"):
+        await scaling._dead_letter_run(20, 4, tmp_path)
+
+
+async def test_key_rows_need_no_event_loop_of_their_own() -> None:
+    """measure_keys and measure_dead_letters are coroutines usable from a running loop."""
+    keys = await measure_keys(50, 1)
+    assert keys["rounds"] == 1
+    dead = await asyncio.wait_for(measure_dead_letters(30, 1, concurrency=4), 60)
+    assert dead["concurrency"] == 4
