@@ -522,16 +522,24 @@ class RedisBackend:
         Raises:
             RedisBackendError: Redis could not be asked.
         """
+        streams = [key] if key is not None else await self._configured_streams()
+        if not streams:
+            return 0
+        pipe = self._client.pipeline(transaction=False)
+        for stream in streams:  # every stream in one round trip
+            pipe.xpending(stream, group or self._settings.group)
+        try:
+            async with self._timeout():
+                replies = await pipe.execute(raise_on_error=False)
+        except _FAILURES as exc:
+            self._fail(f"reading pending entries of {len(streams)} stream(s)", exc)
         total = 0
-        for stream in (key,) if key is not None else await self._configured_streams():
-            try:
-                async with self._timeout():
-                    summary = await self._client.xpending(stream, group or self._settings.group)
-            except _FAILURES as exc:
-                if "NOGROUP" in str(exc):
+        for stream, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if "NOGROUP" in str(reply):
                     continue
-                self._fail(f"reading pending entries of {stream!r}", exc)
-            total += int(summary["pending"])
+                self._fail(f"reading pending entries of {stream!r}", reply)
+            total += int(reply["pending"])
         return total
 
     async def _configured_streams(self) -> list[str]:
