@@ -61,3 +61,29 @@ async def test_key_rows_need_no_event_loop_of_their_own() -> None:
     assert keys["rounds"] == 1
     dead = await asyncio.wait_for(measure_dead_letters(30, 1, concurrency=4), 60)
     assert dead["concurrency"] == 4
+
+
+@pytest.mark.broker
+def test_stream_count_rows_drain_everything_at_each_count() -> None:
+    """The stream-count rows drain 1, 100 and 1,000 streams with both contenders, leave
+    nothing pending and report one ratio per count."""
+    import os
+
+    from resilience.bench.redis_streams import STREAM_COUNTS, format_streams
+    from resilience.bench.redis_throughput import RedisUnavailable, _stream_counts
+
+    url = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
+    try:
+        report = asyncio.run(_stream_counts(url, 1200, 1))
+    except RedisUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{exc}; CI=true, so broker tests must run")
+        pytest.skip(str(exc))
+    for rates in report["messages_per_second"].values():
+        assert sorted(rates, key=int) == [str(c) for c in STREAM_COUNTS]
+        assert all(rate > 0 for rate in rates.values())
+    assert set(report["unacknowledged_after_drain"].values()) == {0}
+    assert [r["name"] for r in report["ratios"]] == [
+        f"ResilientConsumer / hand-written, {c} streams" for c in STREAM_COUNTS
+    ]
+    assert "1000 streams" in format_streams(report)
