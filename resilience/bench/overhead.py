@@ -28,6 +28,7 @@ from resilience.retry import Retry
 from ._contenders import CONTENDERS, KEY, Setup, Unavailable, _Contender, full_pipeline_policy
 from ._http_contender import HTTP_CONTENDERS, http_ratios
 from .report import format_table, machine_info, quiet_policy_advice
+from .scaling import format_scaling, measure_scaling
 
 __all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
 
@@ -298,7 +299,11 @@ def _ratios(per_message: dict[str, float], per_call: dict[str, float]) -> list[d
 
 
 def measure_overhead(
-    *, messages: int = 100_000, rounds: int = 5, progress: Progress | None = None
+    *,
+    messages: int = 100_000,
+    rounds: int = 5,
+    progress: Progress | None = None,
+    scaling: bool = True,
 ) -> dict[str, Any]:
     """Measure every contender; the result is a JSON-ready document.
 
@@ -306,6 +311,9 @@ def measure_overhead(
         messages: Messages per contender and round.
         rounds: Interleaved rounds; each contender's fastest round counts (median reported).
         progress: Called with (steps done, steps in all, label, fraction).
+        scaling: Also measure the cost against the number of keys and the dead letters per
+            second into SQLite (:mod:`resilience.bench.scaling`; under ``keys`` and
+            ``dead_letters``).
 
     Returns:
         ``per_message_us`` (fastest round, microseconds per message; the median is in
@@ -319,7 +327,10 @@ def measure_overhead(
     if messages < 2 or rounds < 1:
         raise ValueError("messages must be >= 2 and rounds >= 1")
     with quiet_policy_advice():
-        return asyncio.run(_measure(messages, rounds, progress))
+        report = asyncio.run(_measure(messages, rounds, progress))
+        if scaling:
+            report.update(measure_scaling(messages, rounds))
+        return report
 
 
 def format_overhead(report: dict[str, Any]) -> str:
@@ -360,6 +371,8 @@ def format_overhead(report: dict[str, Any]) -> str:
     lines.append(format_table(("ratio", "value", "target", "met"), ratio_rows))
     lines.extend(notes)
     lines.extend(_missing_note(report["not_available"]))
+    if report.get("keys") or report.get("dead_letters"):
+        lines += ["", format_scaling(report.get("keys"), report.get("dead_letters"))]
     return "\n".join(lines)
 
 
