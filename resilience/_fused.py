@@ -30,8 +30,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._breaker_state import _CLOSED
 from .breaker import CircuitBreaker
+from .breaker.state import _CLOSED
 from .clock import monotonic_function
 from .dead_letter.middleware import DeadLetterRouter
 from .errors import DeadLetterWriteError

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
-from ._breaker_state import _CLOSED
+from .breaker.state import _CLOSED
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from .._breaker_config import GATES_EXTRA
+from ..breaker.config import GATES_EXTRA
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError

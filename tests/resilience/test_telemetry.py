@@ -654,8 +654,8 @@ async def test_replayed_dead_letter_links_to_producer_and_failed_processing(otel
 
 def test_replay_header_names_match_the_dead_letter_module() -> None:
     """Telemetry's copies of the replay header names are the dead-letter module's."""
-    from resilience import _telemetry_spans
     from resilience.dead_letter import DEAD_LETTER_TRACEPARENT_HEADER, REPLAY_COUNT_HEADER
+    from resilience.telemetry import spans as _telemetry_spans
 
     assert _telemetry_spans.DEAD_LETTER_TRACEPARENT_HEADER == DEAD_LETTER_TRACEPARENT_HEADER
     assert _telemetry_spans.REPLAY_COUNT_HEADER == REPLAY_COUNT_HEADER

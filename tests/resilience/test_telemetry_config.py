@@ -23,13 +23,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.util._once import Once
 
 from abe.backends.message_queue.service.memory import MemoryBackend
-from resilience._telemetry_events import (
-    BreakerTransition,
-    EventRecorder,
-    breaker_transition,
-    dead_letter_attributes,
-)
-from resilience._telemetry_metrics import Instruments
 from resilience.errors import ConfigError
 from resilience.logging import LogContext
 from resilience.policy import Policy
@@ -42,6 +35,13 @@ from resilience.telemetry import (
     policy_section,
     tracing_configured,
 )
+from resilience.telemetry.events import (
+    BreakerTransition,
+    EventRecorder,
+    breaker_transition,
+    dead_letter_attributes,
+)
+from resilience.telemetry.metrics import Instruments
 
 
 @pytest.fixture

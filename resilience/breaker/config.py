@@ -7,9 +7,9 @@ import functools
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ._breaker_window import CountWindow, TimeWindow, Window
-from .errors import ConfigError
-from .events import Event
+from ..errors import ConfigError
+from ..events import Event
+from .window import CountWindow, TimeWindow, Window
 
 __all__ = [
     "GATES_EXTRA",

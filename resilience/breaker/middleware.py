@@ -36,7 +36,10 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Unpack
 
-from ._breaker_config import (
+from ..classify import Classifier, Verdict, default_classifier
+from ..clock import Clock, monotonic_function
+from ..errors import CircuitOpen, ConfigError
+from .config import (
     GATES_EXTRA,
     BreakerConfig,
     BreakerState,
@@ -44,18 +47,15 @@ from ._breaker_config import (
     BreakerStats,
     CallNotPermitted,
 )
-from ._breaker_policy import CircuitBreakerConfig, policy_section
-from ._breaker_registry import BreakerOptions, BreakerRegistry, default_registry, get_breaker
-from ._breaker_state import Breaker
-from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
-from .classify import Classifier, Verdict, default_classifier
-from .clock import Clock, monotonic_function
-from .errors import CircuitOpen, ConfigError
+from .registry import BreakerOptions, BreakerRegistry, default_registry, get_breaker
+from .section import CircuitBreakerConfig, policy_section
+from .state import Breaker
+from .window import FAILURE, SLOW, CountWindow, TimeWindow, Window
 
 if TYPE_CHECKING:
-    from .delivery import Delivery
-    from .events import EventBus
-    from .pipeline import CallNext
+    from ..delivery import Delivery
+    from ..events import EventBus
+    from ..pipeline import CallNext
 
 __all__ = [
     "GATES_EXTRA",

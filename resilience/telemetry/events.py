@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
-from .events import AttemptFailed, MessageSettled, RetryScheduled
-from .logging import current_delivery
+from ..events import AttemptFailed, MessageSettled, RetryScheduled
+from ..logging import current_delivery
 
 if TYPE_CHECKING:
-    from ._telemetry_metrics import Instruments
+    from .metrics import Instruments
 
 __all__ = [
     "ATTEMPT",

@@ -30,8 +30,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
-from . import __version__
-from ._telemetry_events import (
+from .. import __version__
+from ..classify import Classifier, default_classifier
+from ..clock import Clock, default_clock
+from ..errors import ConfigError
+from ..events import EventBus, Outcome
+from ..logging import _DELIVERY
+from .events import (
     ATTEMPT,
     DEAD_LETTER_REASON,
     DELIVERY_COUNT,
@@ -41,28 +46,23 @@ from ._telemetry_events import (
     OUTCOME,
     EventRecorder,
 )
-from ._telemetry_metrics import Instruments, base_attributes, instruments_for
-from ._telemetry_policy import LINK_MODES, TelemetryConfig, policy_section
-from ._telemetry_publish import inject_context, publish_with_context
-from ._telemetry_setup import (
+from .metrics import Instruments, base_attributes, instruments_for
+from .publish import inject_context, publish_with_context
+from .section import LINK_MODES, TelemetryConfig, policy_section
+from .setup import (
     SCHEMA_URL,
     configure_otel,
     messaging_system,
     metrics_configured,
     tracing_configured,
 )
-from ._telemetry_spans import (
+from .spans import (
     OUTCOME_VALUES,
     Destination,
     close_terminal,
     context_from,
     settled_outcome,
 )
-from .classify import Classifier, default_classifier
-from .clock import Clock, default_clock
-from .errors import ConfigError
-from .events import EventBus, Outcome
-from .logging import _DELIVERY
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -71,8 +71,8 @@ if TYPE_CHECKING:
 
     from abe.backends.message_queue.base.extensions import InboundMessage
 
-    from .delivery import Delivery
-    from .pipeline import CallNext
+    from ..delivery import Delivery
+    from ..pipeline import CallNext
 
 __all__ = [
     "LINK_MODES",
@@ -88,7 +88,7 @@ __all__ = [
     "tracing_configured",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("resilience.telemetry")
 
 
 class Telemetry:

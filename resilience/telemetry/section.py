@@ -20,14 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._config import Reader
-from ._telemetry_setup import messaging_system, metrics_configured, tracing_configured
-from .errors import ConfigError
-from .logging import LogContext
+from .._config import Reader
+from ..errors import ConfigError
+from ..logging import LogContext
+from .setup import messaging_system, metrics_configured, tracing_configured
 
 if TYPE_CHECKING:
-    from .pipeline import Middleware
-    from .policy import BuildContext
+    from ..pipeline import Middleware
+    from ..policy import BuildContext
 
 __all__ = ["LINK_MODES", "TelemetryConfig", "policy_section"]
 
@@ -139,7 +139,7 @@ class _TelemetrySection:
         metered = config.metrics and (forced or metrics_configured())
         if not traces and not metered:
             return LogContext() if config.log_context else None
-        from .telemetry import Telemetry
+        from .middleware import Telemetry
 
         return Telemetry(
             system=config.system or messaging_system(context.backend),
