@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .config import BreakerConfig
+from .middleware import CircuitBreaker, Mode
+from .registry import default_registry
 from .window import CountWindow, TimeWindow, Window
 
 if TYPE_CHECKING:
     from .._config import Reader
-    from ..policy import BuildContext
-    from .middleware import CircuitBreaker, Mode
+    from ..types import BuildContext
 
 __all__ = ["CircuitBreakerConfig", "policy_section"]
 
@@ -170,8 +171,6 @@ class _Section:
         Raises:
             ConfigError: a breaker of that name already exists with another config.
         """
-        from .middleware import CircuitBreaker, default_registry
-
         breaker = default_registry.get(config.name, config.breaker, clock=context.clock)
         mode: Mode = "fail_fast" if config.mode == "fail_fast" else "pause"
         return CircuitBreaker(

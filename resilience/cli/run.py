@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
         help="run a handler as a resilient consumer on the configured backend",
         description="Consume from load_backend()'s backend (QUEUE_BACKEND picks a provider) and "
         "run every message through the policy around HANDLER. SIGINT/SIGTERM drain and stop; "
-        "exit code 0 after a clean drain.",
+        "exit code 0 after a clean drain, 3 when the drain timed out (the messages still in "
+        "flight were released for redelivery).",
     )
     parser.add_argument("handler", metavar="MODULE:HANDLER", help="async def handler(payload)")
     parser.add_argument(
@@ -181,4 +182,4 @@ async def _serve(args: argparse.Namespace, handler: Any, policy: Any) -> int:
         f"resilience run: settled {outcomes.total} message(s){': ' + counts if counts else ''}",
         file=sys.stderr,
     )
-    return 0
+    return 3 if consumer.drain_timed_out else 0

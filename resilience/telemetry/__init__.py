@@ -5,9 +5,9 @@ See :mod:`resilience.telemetry.middleware` for what the :class:`Telemetry` layer
 
 from __future__ import annotations
 
-from .middleware import Telemetry
+from .middleware import LINK_MODES, Telemetry
 from .publish import inject_context, publish_with_context
-from .section import LINK_MODES, TelemetryConfig, policy_section
+from .section import TelemetryConfig, policy_section
 from .setup import (
     SCHEMA_URL,
     configure_otel,

@@ -18,7 +18,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.delivery import Delivery
 from resilience.errors import ConfigError, DeadLetter, Drop, RetryAfter
 from resilience.events import EventBus, MessageSettled, Outcome
-from resilience.pipeline import CallNext, Compiled, Pipeline
+from resilience.pipeline import CallNext, Pipeline
 from resilience.policy import Policy, resilient
 from resilience.retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
 from resilience.testing import Outcomes, capture_events, run_until_settled, set_testing
@@ -81,9 +81,7 @@ async def usage() -> None:
     assert shared is not None
     pipeline.use(breaker)
     fast = Pipeline().retry(attempts=3).circuit_breaker("db", mode="pause").timeout(1.0)
-    compiled: Compiled = fast.compile(handler)
-    entry: CallNext = compiled.call
-    assert compiled.fused is not None
+    entry: CallNext = fast.compile(handler)
     assert entry is not None
     linked: CallNext = Pipeline().retry(attempts=2).build(handler, fuse=False)
     assert linked is not None
