@@ -195,54 +195,86 @@ def compile_hooks(
 def _run(
     hooks: tuple[Hooks, ...], below: tuple[CallNext, ...], handler: Handler | None
 ) -> CallNext:
-    # below[k] is what hooks[k] calls: the run of hooks[k + 1:], or the continuation.
-    enters = tuple(h.enter for h in hooks)
-    leaves = tuple(
-        (k, h.leave)
-        for k, h in reversed(tuple(enumerate(hooks)))
-        if getattr(type(h), "leave", None) is not _BASE_LEAVE
-    )
-    inner = below[-1]
+    """The coroutine function for one run: straight-line code calling each hook in turn.
 
-    async def run(delivery: Delivery) -> None:
-        tokens: list[Any] = []
-        try:
-            for enter in enters:
-                token = enter(delivery)
-                if token is SLOW_PATH:
-                    break
-                tokens.append(token)
-        except BaseException as exc:  # an enter hook raised: it escapes that layer
-            return await _complete(hooks, below, tokens, len(tokens), delivery, exc)
-        if token is SLOW_PATH:
-            k = len(tokens)
-            try:
-                await hooks[k].slow(delivery, below[k])
-            except BaseException as exc:
-                return await _complete(hooks, below, tokens, k, delivery, exc)
-            return await _complete(hooks, below, tokens, k, delivery, None)
-        try:
-            if handler is not None:
-                await handler(delivery.payload)
-            else:
-                await inner(delivery)
-        except BaseException as exc:
-            error = exc
-        else:
-            k = 0
-            try:
-                for k, leave in leaves:
-                    pending = leave(tokens[k], delivery)
-                    if pending is not None:
-                        await pending
-            except BaseException as exc:  # escapes layer k: the outer ones see it
-                return await _complete(hooks, below, tokens, k, delivery, exc)
-            return None
-        # Outside the except block, as nested frames would be: a retry runs with no exception
-        # being handled, so the handler's own errors do not chain onto later ones.
-        return await _complete(hooks, below, tokens, len(tokens), delivery, error)
-
+    Like the ``__init__`` that :mod:`dataclasses` writes, the function's source is generated
+    for the run's length (no loop, no token list on the success path) and compiled once, when
+    the pipeline is built. ``below[k]`` is what ``hooks[k]`` calls: the run of
+    ``hooks[k + 1:]``, or the continuation."""
+    n = len(hooks)
+    tokens = ", ".join(f"t{k}" for k in range(n))
+    namespace: dict[str, Any] = {
+        "SLOW_PATH": SLOW_PATH,
+        "hooks": hooks,
+        "below": below,
+        "handler": handler,
+        "inner": below[-1],
+        "slow": _slow,
+        "complete": _complete,
+    }
+    lines = ["async def run(delivery):", f"    k = {' = '.join(f't{k}' for k in range(n))} = 0"]
+    lines.append("    try:")
+    for k, hook in enumerate(hooks):
+        namespace[f"e{k}"] = hook.enter
+        lines += [
+            f"        t{k} = e{k}(delivery)",
+            f"        if t{k} is SLOW_PATH:",
+            f"            return await slow(hooks, below, [{tokens}][:{k}], {k}, delivery)",
+            f"        k = {k + 1}",
+        ]
+    lines += [
+        "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
+        f"        return await complete(hooks, below, [{tokens}][:k], k, delivery, exc)",
+        "    try:",
+        "        await "
+        + ("handler(delivery.payload)" if handler is not None else "inner(delivery)"),
+        "    except BaseException as exc:",
+        "        error = exc",
+        "    else:",
+    ]
+    leaving = [
+        k for k in range(n - 1, -1, -1) if getattr(type(hooks[k]), "leave", None) is not _BASE_LEAVE
+    ]
+    if leaving:
+        lines.append("        try:")
+        for k in leaving:
+            namespace[f"l{k}"] = hooks[k].leave
+            lines += [
+                f"            k = {k}",
+                f"            pending = l{k}(t{k}, delivery)",
+                "            if pending is not None:",
+                "                await pending",
+            ]
+        lines += [
+            "        except BaseException as exc:  # escapes layer k: the outer ones see it",
+            f"            return await complete(hooks, below, [{tokens}][:k], k, delivery, exc)",
+        ]
+    lines += [
+        "        return None",
+        "    # Outside the except block, as nested frames would be: a retry runs with no exception",
+        "    # being handled, so the handler's own errors do not chain onto later ones.",
+        f"    return await complete(hooks, below, [{tokens}], {n}, delivery, error)",
+    ]
+    source = "\n".join(lines) + "\n"
+    names = ", ".join(type(h).__name__ for h in hooks)
+    exec(compile(source, f"<resilience.hooks run: {names}>", "exec"), namespace)
+    run: CallNext = namespace["run"]
     return run
+
+
+async def _slow(
+    hooks: tuple[Hooks, ...],
+    below: tuple[CallNext, ...],
+    tokens: list[Any],
+    k: int,
+    delivery: Delivery,
+) -> None:
+    """Layer ``k`` declined the fast path: its ``slow`` path, then the outer layers' hooks."""
+    try:
+        await hooks[k].slow(delivery, below[k])
+    except BaseException as exc:
+        return await _complete(hooks, below, tokens, k, delivery, exc)
+    return await _complete(hooks, below, tokens, k, delivery, None)
 
 
 async def _complete(

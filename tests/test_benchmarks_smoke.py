@@ -161,7 +161,9 @@ class _SwallowingConsumer(ResilientConsumer):
 class _SilentlyAckingBackend(MemoryBackend):
     """A broken backend: it acknowledges every third delivery without handing it out."""
 
-    async def deliveries(self, *, group: str | None = None) -> AsyncIterator[InboundMessage]:
+    async def deliveries(  # type: ignore[override]
+        self, *, group: str | None = None
+    ) -> AsyncIterator[InboundMessage]:
         async for message in super().deliveries(group=group):
             if message.payload.get("n", 1) % 3 == 0:
                 await self.ack(message)

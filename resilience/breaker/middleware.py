@@ -139,7 +139,9 @@ class CircuitBreaker(HookLayer):
         breaker = self.breaker
         if breaker._state is not _CLOSED:
             return SLOW_PATH
-        return (breaker._epoch, breaker._now() if breaker._slow_duration else 0.0)
+        if breaker._slow_duration:
+            return (breaker._epoch, breaker._now())
+        return (breaker._epoch, 0.0)
 
     def leave(self, token: tuple[int, float], delivery: Delivery) -> None:
         """Record the successful call.
@@ -292,7 +294,11 @@ class CircuitBreaker(HookLayer):
     @property
     def paused(self) -> bool:
         """In pause mode: whether the breaker would not permit a new call right now."""
-        return self._pause and self.breaker.paused
+        # Read after every message by each consumer worker: the closed state answers at once.
+        if not self._pause:
+            return False
+        breaker = self.breaker
+        return breaker._state is not _CLOSED and breaker.paused
 
     async def wait_resumed(self) -> None:
         """Return once the breaker would permit a new call (at once in fail-fast mode)."""

@@ -16,7 +16,7 @@ from resilience.bench import Workload, builtin_policies, compare, parse_scenario
 from resilience.breaker import BreakerState, CircuitBreaker
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
-from resilience.dead_letter import DeadLetterRouter
+from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
 from resilience.events import MessageSettled, Outcome
 from resilience.hooks import has_hooks
@@ -49,16 +49,6 @@ def fusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
     return fuse
 
 
-class Sink:
-    """A dead-letter sink that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    async def write(self, message: InboundMessage | None, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-
 async def _noop(delivery: Delivery, call_next: CallNext) -> None:
     await call_next(delivery)
 
@@ -74,7 +64,7 @@ def test_every_built_in_layer_offers_the_hooks() -> None:
     layers: list[Any] = [
         Telemetry(traces=False, metrics=False),
         LogContext(),
-        DeadLetterRouter(Sink()),
+        DeadLetterRouter(MemoryStore()),
         Timeout(5.0, total=True),
         Retry(),
         CircuitBreaker("hooks-order"),
@@ -140,7 +130,7 @@ async def test_a_listener_added_during_a_message_sees_it_settle(fusing: bool) ->
     settled: list[MessageSettled] = []
 
     async def handler(payload: dict[str, Any]) -> None:
-        consumer.events.subscribe(lambda event: settled.append(event))  # type: ignore[arg-type]
+        consumer.events.subscribe(lambda event: settled.append(event))
 
     await _drain(consumer, handler, lambda: settled)
     assert [(e.outcome, e.attempts) for e in settled] == [(Outcome.SUCCESS, 1)]

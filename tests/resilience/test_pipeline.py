@@ -69,7 +69,7 @@ async def test_plain_function_middleware_with_other_parameter_names() -> None:
     async def handler(payload: dict[str, Any]) -> None:
         seen.append(payload)
 
-    await Pipeline(tag).build(handler)(Delivery({"x": 1}))
+    await Pipeline(tag).build(handler)(Delivery({"x": 1}))  # type: ignore[arg-type]
     assert seen == [{"x": 1, "tagged": True}]
 
 

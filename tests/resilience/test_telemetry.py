@@ -291,7 +291,7 @@ async def test_concurrent_messages_get_spans_of_their_own(otel: Otel) -> None:
     )
     await run_until_settled(consumer, handler, 6)
     spans = otel.finished()
-    by_id = {dict(s.attributes or {})["messaging.message.id"]: s for s in spans}
+    by_id = {str(dict(s.attributes or {})["messaging.message.id"]): s for s in spans}
     assert sorted(by_id) == ["1", "2", "3", "4", "5", "6"]
     outcomes = {k: dict(s.attributes or {})["resilience.outcome"] for k, s in by_id.items()}
     assert outcomes == {

@@ -328,7 +328,9 @@ def test_recorder_counts_a_transition_it_did_not_hear() -> None:
     recorder = EventRecorder(Instruments(provider), {"messaging.system": "memory"})
     recorder(BreakerStateChanged("pay", State.CLOSED, State.OPEN, "threshold"))
     recorder(BreakerStateChanged("pay", State.HALF_OPEN, State.CLOSED, "probe_succeeded"))
-    data = json.loads(reader.get_metrics_data().to_json())
+    metrics_data = reader.get_metrics_data()
+    assert metrics_data is not None
+    data = json.loads(metrics_data.to_json())
     counts = {
         point["attributes"]["resilience.breaker.state"]: point["value"]
         for resource in data["resource_metrics"]
