@@ -98,6 +98,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         self._pipeline: Pipeline | None = None
         self._stopping = False
         self._workers: list[_Worker] = []
+        self._now: Callable[[], float] = self.clock.monotonic
         self.drain_timed_out = False
         """Whether the last :meth:`shutdown` had to cancel messages still in flight."""
 
@@ -145,6 +146,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             source = backend.deliveries(group=self.group)  # type: ignore[attr-defined]
         else:
             source = backend.consume(group=self.group)
+        self._now = monotonic_function(self.clock)
         settle = self._settler(classifier, settling)
         pull = _Puller(source, self.concurrency > 1)
         workers = [_Worker() for _ in range(self.concurrency)]
@@ -183,7 +185,7 @@ class ResilientConsumer(AsyncLoopConsumer):
     ) -> None:
         """One worker: take a message, run it through the pipeline, settle it; until the source
         ends or the consumer stops."""
-        now = monotonic_function(self.clock)
+        now = self._now
         events = self.events
         task = worker.task
         take = pull.take
@@ -357,7 +359,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 delivery.key,
                 delivery.outcome,
                 delivery.attempt - delivery.delivery_count + 1,
-                self.clock.monotonic() - delivery.started_at,
+                self._now() - delivery.started_at,
                 delivery.reason,
                 None if exc is None else type(exc).__qualname__,
             )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from .. import __version__
+from .._version import __version__
 from .events import (
     BREAKER_NAME,
     BREAKER_STATE_VALUES,

@@ -30,7 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
-from .. import __version__
+from .._version import __version__
 from ..classify import Classifier, default_classifier
 from ..clock import Clock, default_clock
 from ..errors import ConfigError

@@ -11,7 +11,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .. import __version__
+from .._version import __version__
 from .events import (
     DESTINATION,
     ERROR_TYPE,
