@@ -140,13 +140,27 @@ class HookLayer:
         return compile_hooks((self,), call_next)
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Process ``delivery`` with this layer in front of ``call_next``.
+        """Process ``delivery`` with this layer in front of ``call_next``: the layer's hooks
+        around one call, as a compiled run of one does them.
 
         Args:
             delivery: The message.
             call_next: The rest of the pipeline.
         """
-        await self.link(call_next)(delivery)
+        token = self.enter(delivery)
+        if token is SLOW_PATH:
+            await self.slow(delivery, call_next)
+            return
+        try:
+            await call_next(delivery)
+        except BaseException as exc:
+            error = exc
+        else:
+            pending = self.leave(token, delivery)
+            if pending is not None:
+                await pending
+            return
+        await self.fail(token, delivery, error, call_next)
 
 
 _BASE_LEAVE = HookLayer.leave
@@ -202,7 +216,6 @@ def _run(
     the pipeline is built. ``below[k]`` is what ``hooks[k]`` calls: the run of
     ``hooks[k + 1:]``, or the continuation."""
     n = len(hooks)
-    tokens = ", ".join(f"t{k}" for k in range(n))
     namespace: dict[str, Any] = {
         "SLOW_PATH": SLOW_PATH,
         "hooks": hooks,
@@ -212,48 +225,48 @@ def _run(
         "slow": _slow,
         "complete": _complete,
     }
-    lines = ["async def run(delivery):", f"    k = {' = '.join(f't{k}' for k in range(n))} = 0"]
-    lines.append("    try:")
+
+    def entered(k: int) -> str:
+        return "[" + ", ".join(f"t{i}" for i in range(k)) + "]"
+
+    # One try block per hook (free in CPython 3.11 until something raises): an exception is
+    # handed to exactly the layers outside the hook that raised it.
+    lines = ["async def run(delivery):"]
     for k, hook in enumerate(hooks):
         namespace[f"e{k}"] = hook.enter
         lines += [
+            "    try:",
             f"        t{k} = e{k}(delivery)",
-            f"        if t{k} is SLOW_PATH:",
-            f"            return await slow(hooks, below, [{tokens}][:{k}], {k}, delivery)",
-            f"        k = {k + 1}",
+            "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
+            f"        return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
+            f"    if t{k} is SLOW_PATH:",
+            f"        return await slow(hooks, below, {entered(k)}, {k}, delivery)",
         ]
+    call = "handler(delivery.payload)" if handler is not None else "inner(delivery)"
     lines += [
-        "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
-        f"        return await complete(hooks, below, [{tokens}][:k], k, delivery, exc)",
         "    try:",
-        "        await "
-        + ("handler(delivery.payload)" if handler is not None else "inner(delivery)"),
+        f"        await {call}",
         "    except BaseException as exc:",
         "        error = exc",
         "    else:",
     ]
-    leaving = [
-        k for k in range(n - 1, -1, -1) if getattr(type(hooks[k]), "leave", None) is not _BASE_LEAVE
-    ]
-    if leaving:
-        lines.append("        try:")
-        for k in leaving:
-            namespace[f"l{k}"] = hooks[k].leave
-            lines += [
-                f"            k = {k}",
-                f"            pending = l{k}(t{k}, delivery)",
-                "            if pending is not None:",
-                "                await pending",
-            ]
+    for k in range(n - 1, -1, -1):
+        if getattr(type(hooks[k]), "leave", None) is _BASE_LEAVE:
+            continue
+        namespace[f"l{k}"] = hooks[k].leave
         lines += [
-            "        except BaseException as exc:  # escapes layer k: the outer ones see it",
-            f"            return await complete(hooks, below, [{tokens}][:k], k, delivery, exc)",
+            "        try:",
+            f"            pending = l{k}(t{k}, delivery)",
+            "            if pending is not None:",
+            "                await pending",
+            "        except BaseException as exc:  # escapes this layer: the outer ones see it",
+            f"            return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
         ]
     lines += [
         "        return None",
         "    # Outside the except block, as nested frames would be: a retry runs with no exception",
         "    # being handled, so the handler's own errors do not chain onto later ones.",
-        f"    return await complete(hooks, below, [{tokens}], {n}, delivery, error)",
+        f"    return await complete(hooks, below, {entered(n)}, {n}, delivery, error)",
     ]
     source = "\n".join(lines) + "\n"
     names = ", ".join(type(h).__name__ for h in hooks)

@@ -133,7 +133,8 @@ class CircuitBreaker(HookLayer):
             delivery: The message.
 
         Returns:
-            ``(epoch, start)`` of the admitted call, or :data:`~resilience.hooks.SLOW_PATH` when
+            The admitted call's epoch, or ``(epoch, start)`` when slow calls are timed, or
+            :data:`~resilience.hooks.SLOW_PATH` when
             the breaker is not closed (admission then waits or fails fast).
         """
         breaker = self.breaker
@@ -141,9 +142,9 @@ class CircuitBreaker(HookLayer):
             return SLOW_PATH
         if breaker._slow_duration:
             return (breaker._epoch, breaker._now())
-        return (breaker._epoch, 0.0)
+        return breaker._epoch  # untimed: the epoch alone (start 0.0)
 
-    def leave(self, token: tuple[int, float], delivery: Delivery) -> None:
+    def leave(self, token: int | tuple[int, float], delivery: Delivery) -> None:
         """Record the successful call.
 
         Args:
@@ -151,17 +152,17 @@ class CircuitBreaker(HookLayer):
             delivery: The message.
         """
         breaker = self.breaker
-        epoch, start = token
-        if breaker._simple:
-            if breaker._epoch == epoch:
+        if breaker._simple:  # never timed: the token is the epoch
+            if breaker._epoch == token:
                 breaker._consecutive = 0
         else:
+            epoch, start = _epoch_start(token)
             end = breaker._now() if breaker._timed else 0.0
             breaker._closed_success(epoch, start, end, delivery)
 
     async def fail(
         self,
-        token: tuple[int, float],
+        token: int | tuple[int, float],
         delivery: Delivery,
         exc: BaseException,
         call_next: CallNext,
@@ -179,7 +180,7 @@ class CircuitBreaker(HookLayer):
         """
         if not isinstance(exc, Exception):
             raise exc
-        epoch, start = token
+        epoch, start = _epoch_start(token)
         if not self._failed(exc, epoch, start, delivery, self.breaker._now):
             raise exc
         await self._guarded(delivery, call_next, self.breaker._now)
@@ -371,3 +372,8 @@ class CircuitBreaker(HookLayer):
             f"CircuitBreaker({self.breaker.name!r}, mode={self.mode!r}, "
             f"state={self.breaker.state.value})"
         )
+
+
+def _epoch_start(token: int | tuple[int, float]) -> tuple[int, float]:
+    """The ``(epoch, start)`` of a call from :meth:`CircuitBreaker.enter`'s token."""
+    return token if isinstance(token, tuple) else (token, 0.0)

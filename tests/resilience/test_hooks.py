@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
 from resilience.events import MessageSettled, Outcome
-from resilience.hooks import has_hooks
+from resilience.hooks import SLOW_PATH, HookLayer, has_hooks
 from resilience.logging import LogContext
 from resilience.pipeline import CallNext, Handler, Pipeline
 from resilience.policy import Policy
@@ -227,3 +228,79 @@ async def test_an_open_breaker_pauses_the_consumer(fusing: bool) -> None:
     assert backend.size() == 0
     await consumer.shutdown()
     await task
+
+
+@pytest.mark.parametrize("outcome", ["ok", "flaky", "broken"])
+async def test_calling_a_layer_directly_matches_its_linked_form(outcome: str) -> None:
+    """``await layer(delivery, call_next)`` and the pipeline's linked form of the same layer
+    call the rest as often and end alike."""
+
+    async def run(direct: bool) -> tuple[int, str]:
+        calls = 0
+
+        async def call_next(delivery: Delivery) -> None:
+            nonlocal calls
+            calls += 1
+            if outcome == "broken" or (outcome == "flaky" and calls == 1):
+                raise ConnectionError("down")
+
+        retry = Retry(attempts=2, wait=Fixed(0))
+        delivery = Delivery({"n": 1})
+        try:
+            if direct:
+                await retry(delivery, call_next)
+            else:
+                await retry.link(call_next)(delivery)
+        except ConnectionError:
+            return calls, "raised"
+        return calls, "returned"
+
+    assert await run(True) == await run(False)
+
+
+class _Counting(HookLayer):
+    """A hooked layer that counts its hook calls and re-raises failures."""
+
+    def __init__(self, decline: bool = False, raise_on_enter: bool = False) -> None:
+        self.calls: Counter[str] = Counter()
+        self.decline = decline
+        self.raise_on_enter = raise_on_enter
+
+    def enter(self, delivery: Delivery) -> Any:
+        self.calls["enter"] += 1
+        if self.raise_on_enter:
+            raise LookupError("enter failed")
+        return SLOW_PATH if self.decline else "token"
+
+    def leave(self, token: Any, delivery: Delivery) -> None:
+        self.calls["leave"] += 1
+
+    async def fail(
+        self, token: Any, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        self.calls["fail"] += 1
+        raise exc
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        self.calls["slow"] += 1
+        raise ValueError("declined and failed")
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["compiled", "linked"])
+@pytest.mark.parametrize("inner_kind", ["declines", "raises on enter"])
+async def test_an_inner_layers_own_failure_reaches_each_outer_layer_once(
+    fuse: bool, inner_kind: str
+) -> None:
+    """When an inner layer's slow path or enter hook raises, every outer layer sees the
+    exception exactly once (its ``fail``), compiled or linked."""
+    outer, middle = _Counting(), _Counting()
+    inner = _Counting(decline=inner_kind == "declines", raise_on_enter=inner_kind != "declines")
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise AssertionError("never reached")
+
+    call = Pipeline(outer, middle, inner).build(handler, fuse=fuse)
+    with pytest.raises((ValueError, LookupError)):
+        await call(Delivery({"n": 1}))
+    assert outer.calls == Counter(enter=1, fail=1)
+    assert middle.calls == Counter(enter=1, fail=1)
