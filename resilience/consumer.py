@@ -148,7 +148,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             source = backend.consume(group=self.group)
         self._now = monotonic_function(self.clock)
         settle = self._settler(classifier, settling)
-        pull = _Puller(source, self.concurrency > 1)
+        pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
         tasks = []
@@ -436,18 +436,24 @@ class _Puller:
     (``next_nowait()``, when the iterator offers it), else :meth:`wait` for one; with several
     workers only one awaits the iterator at a time (async generators allow no more)."""
 
-    __slots__ = ("_lock", "_pull", "take")
+    __slots__ = ("_gates", "_lock", "_pull", "take")
 
-    def __init__(self, source: AsyncIterator[Any], shared: bool) -> None:
+    def __init__(self, source: AsyncIterator[Any], shared: bool, gates: tuple[Gate, ...]) -> None:
         self._pull = source.__anext__
         nowait: Callable[[], Any] | None = getattr(source, "next_nowait", None)
         self.take: Callable[[], Any] = nowait if nowait is not None else _nothing
         self._lock = asyncio.Lock() if shared else None
+        self._gates = gates
 
     async def wait(self) -> Any:
         if self._lock is None:
             return await self._pull()
         async with self._lock:
+            # The gates again: a gate may have closed while this worker waited for its turn,
+            # and a paused consumer takes no message at all.
+            for gate in self._gates:
+                if gate.paused:
+                    await gate.wait_resumed()
             message = self.take()  # another worker's pull may have filled the buffer
             if message is not None:
                 return message
