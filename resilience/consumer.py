@@ -350,7 +350,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         self._settled(delivery, None)
 
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
-        if not self.events:
+        if not self.events.listeners:
             return
         assert delivery.outcome is not None
         self.events.emit(
