@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from broker_processes import recorded, start_worker, stop_all, wait_ready
-from rabbitmq_support import Queues
-from tcp_proxy import TCPProxy
 
 from abe.backends.message_queue.base import DeadLetteringBackend, DelayingBackend
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 from resilience.consumer import ResilientConsumer
+from tests.broker_processes import recorded, start_worker, stop_all, wait_ready
+from tests.rabbitmq.rabbitmq_support import Queues
+from tests.rabbitmq.tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.broker
 

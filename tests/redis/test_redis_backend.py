@@ -14,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis_support import MakeBackend, RedisServer, eventually, free_port
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.redis import (
@@ -23,6 +22,7 @@ from abe.backends.message_queue.service.redis import (
     RedisSettings,
     RedisUnavailableError,
 )
+from tests.redis.redis_support import MakeBackend, RedisServer, eventually, free_port
 
 pytestmark = pytest.mark.broker
 

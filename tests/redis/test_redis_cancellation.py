@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
 
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.service._redis_recovery import (
@@ -25,6 +24,7 @@ from abe.backends.message_queue.service._redis_recovery import (
 from abe.backends.message_queue.service._redis_settings import RedisSettings
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
+from tests.redis.redis_support import MakeBackend
 
 
 async def _lose_a_cancellation() -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
+
+from tests.redis.redis_support import MakeBackend
 
 pytestmark = pytest.mark.broker
 

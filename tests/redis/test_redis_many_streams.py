@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis_support import MakeBackend, eventually
 
 from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
+from tests.redis.redis_support import MakeBackend, eventually
 
 pytestmark = pytest.mark.broker
 

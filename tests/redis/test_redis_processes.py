@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import RedisServer, eventually, start_worker
 
 from abe.backends.message_queue.service._redis_settings import RedisSettings
 from abe.backends.message_queue.service.redis import RedisBackend
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
+from tests.redis.redis_support import RedisServer, eventually, start_worker
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
 
 from resilience.consumer import ResilientConsumer
 from resilience.events import Outcome
 from resilience.policy import Policy
 from resilience.testing import run_until_settled, zero_waits
+from tests.redis.redis_support import MakeBackend
 
 pytestmark = pytest.mark.broker
 

@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
-from redis_support import MakeBackend
 
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
 from resilience.telemetry import publish_with_context
 from resilience.testing import run_until_settled
+from tests.redis.redis_support import MakeBackend
 
 pytestmark = pytest.mark.broker
 
