@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -159,7 +159,9 @@ CLIENTS: dict[str, ClientFactory] = {
 
 
 async def _stop_right_after_a_message(
-    backend: Any, start: Callable[[Any], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+    backend: Any,
+    start: Callable[[Any], Coroutine[Any, Any, None]],
+    stop: Callable[[], Awaitable[None]],
 ) -> float:
     handled = asyncio.Event()
 
