@@ -1,27 +1,45 @@
-"""The async-generator view of a backend's ``consume()`` stream, for tests that close it."""
+"""A typed view of a backend's message stream, for tests that close it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-def closable(stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
-    """``stream`` as the async generator it is, so ``aclosing()`` and ``aclose()`` type-check.
+@runtime_checkable
+class ClosableStream(Protocol[T_co]):
+    """An async iterator with ``aclose()``, as ``consume()`` and ``deliveries()`` return."""
 
-    Every backend's ``consume()`` is an async generator function (published behaviour) but is
-    annotated as returning ``AsyncIterator``, which has no ``aclose()``.
+    def __aiter__(self) -> AsyncIterator[T_co]:
+        """The stream itself."""
+        ...
+
+    def __anext__(self) -> Awaitable[T_co]:
+        """The next item."""
+        ...
+
+    def aclose(self) -> Awaitable[object]:
+        """Stop the stream and release what it holds."""
+        ...
+
+
+def closable(stream: AsyncIterator[T]) -> ClosableStream[T]:
+    """``stream`` typed with the ``aclose()`` it has, so ``aclosing()`` and ``aclose()`` type-check.
+
+    The backends' ``consume()`` and ``deliveries()`` return async generators or stream objects
+    that close with ``aclose()``, but are annotated as returning ``AsyncIterator``, which has none.
 
     Args:
-        stream: What a backend's ``consume()`` returned.
+        stream: What a backend's ``consume()`` or ``deliveries()`` returned.
 
     Returns:
-        The same object, typed as an async generator.
+        The same object, typed as closable.
 
     Raises:
-        AssertionError: ``stream`` is not an async generator.
+        AssertionError: ``stream`` has no ``aclose()``.
     """
-    assert isinstance(stream, AsyncGenerator), f"not an async generator: {stream!r}"
+    assert isinstance(stream, ClosableStream), f"cannot be closed: {stream!r}"
     return stream
