@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from cli_process import CliProcess, poll
+
+from tests.cli_process import CliProcess, poll
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
