@@ -62,8 +62,10 @@ class ResilientConsumer(AsyncLoopConsumer):
     :class:`~abe.backends.message_queue.base.SettlingBackend` a message is acknowledged only once
     its outcome is final (success, dead-lettered, dropped, or failed without a dead-letter
     destination); a cancelled message, or one whose dead-letter write failed, is released and
-    delivered again. With a plain backend, messages are at-most-once: the backend considers a
-    message delivered as soon as ``consume()`` yields it.
+    delivered again; a message whose retry was handed to the broker (outcome ``deferred``) was
+    settled by the backend in that step and is not settled again. With a plain backend,
+    messages are at-most-once: the backend considers a message delivered as soon as
+    ``consume()`` yields it.
 
     Args:
         backend: The backend to consume from.
@@ -218,7 +220,9 @@ class ResilientConsumer(AsyncLoopConsumer):
                 await self._failed(delivery, exc, classifier, settling)
             else:
                 self._busy = False
-                if ack_nowait is not None:
+                if delivery.outcome is Outcome.DEFERRED:
+                    pass  # the backend settled it when it took the retry
+                elif ack_nowait is not None:
                     try:
                         ack_nowait(message)
                     except Exception as ack_error:
@@ -351,10 +355,11 @@ class ResilientConsumer(AsyncLoopConsumer):
             await self._failed(delivery, exc, classifier, True)
             return
         self._busy = False
-        try:
-            ack_nowait(delivery.message)  # type: ignore[arg-type]
-        except Exception as ack_error:
-            self._ack_failed(delivery, ack_error)
+        if delivery.outcome is not Outcome.DEFERRED:  # else the backend settled it already
+            try:
+                ack_nowait(delivery.message)  # type: ignore[arg-type]
+            except Exception as ack_error:
+                self._ack_failed(delivery, ack_error)
         if self.events.listeners:
             self._succeeded(delivery)
 
@@ -416,7 +421,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         except BaseException as exc:
             await self._failed(delivery, exc, classifier, settling)
             return
-        if settling:
+        if settling and delivery.outcome is not Outcome.DEFERRED:
             await self._ack(delivery)
         if self.events:
             self._succeeded(delivery)

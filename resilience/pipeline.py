@@ -137,8 +137,12 @@ class Pipeline:
         classifier: Classifier | None = None,
         budget: RetryBudget | None = None,
         clock: Clock | None = None,
+        in_process: int | None = None,
+        backend: Any = None,
+        scrub: Callable[[str, Delivery], str] | None = None,
     ) -> Pipeline:
-        """Append a :class:`~resilience.retry.Retry` layer (see its arguments)."""
+        """Append a :class:`~resilience.retry.Retry` layer (see its arguments; ``in_process``
+        with a ``backend`` that can delay redelivery hands later retries to the broker)."""
         from .retry import Retry
 
         return self.use(
@@ -150,6 +154,9 @@ class Pipeline:
                 classifier=classifier,
                 budget=budget,
                 clock=clock,
+                in_process=in_process,
+                backend=backend,
+                scrub=scrub,
             )
         )
 

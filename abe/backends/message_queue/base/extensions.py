@@ -10,6 +10,9 @@ handed out. Backends that can do better implement the protocols here:
 * :class:`DeadLetteringBackend` writes a dead-letter record and acknowledges the source message in
   one atomic step, so a crash between the two can neither lose nor duplicate it.
 * :class:`HeaderPublishingBackend` publishes with headers (for example W3C trace context).
+* :class:`DelayingBackend` hands a delivery back to the broker to be delivered again after a
+  delay, settling the current delivery in the same step, so the consumer's slot is free while
+  the message waits in the broker.
 
 Consumers check for these with ``isinstance`` (the protocols are runtime-checkable) and fall back
 to plain ``consume()`` otherwise.
@@ -25,6 +28,7 @@ from abe.types import ConsumerGroup, MessageQueueKey, MessageQueuePayload
 
 __all__ = [
     "DeadLetteringBackend",
+    "DelayingBackend",
     "HeaderPublishingBackend",
     "InboundMessage",
     "SettlingBackend",
@@ -128,4 +132,31 @@ class HeaderPublishingBackend(Protocol):
         headers: Mapping[str, str] | None = None,
     ) -> str | None:
         """Publish ``payload`` with ``headers``; returns the broker's message id when known."""
+        ...
+
+
+# -- delayed redelivery ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DelayingBackend(Protocol):
+    """A backend that can redeliver a message after a delay, the wait held by the broker."""
+
+    async def release_later(self, message: InboundMessage, delay: float) -> None:
+        """Give ``message`` back to be delivered again no sooner than ``delay`` seconds from now.
+
+        The current delivery is settled in the same step: once this returns, the consumer holds
+        nothing for ``message`` and the broker keeps the wait. Should the process crash half-way,
+        the message is delivered again (at worst twice, once early), never lost. The redelivery
+        counts as a further delivery (its ``delivery_count`` is higher).
+
+        Args:
+            message: A delivery handed out by this backend and not settled yet.
+            delay: Seconds to wait, ``>= 0``; a backend may round it up to a delay it supports
+                (its documentation says how).
+
+        Raises:
+            ValueError: ``delay`` is negative or not finite.
+            Exception: the broker did not take it; ``message`` is then not settled either.
+        """
         ...
