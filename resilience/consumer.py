@@ -12,6 +12,7 @@ from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from ._breaker_state import _CLOSED
+from ._handover import ATTEMPT_HEADER
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
@@ -503,9 +504,10 @@ class ResilientConsumer(AsyncLoopConsumer):
     def _succeeded(self, delivery: Delivery) -> None:
         """Report a delivery whose pipeline returned (success, or settled by a middleware)."""
         if delivery.outcome is None:
-            delivery.outcome = (
-                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
+            retried = delivery.attempt > delivery.delivery_count or (
+                ATTEMPT_HEADER in delivery.headers  # back from the broker tier of retries
             )
+            delivery.outcome = Outcome.RETRIED if retried else Outcome.SUCCESS
         self._settled(delivery, None)
 
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:

@@ -257,6 +257,7 @@ class _RetryState:
         "delivery",
         "last",
         "log",
+        "offset",
         "policy",
         "sleep",
     )
@@ -273,10 +274,9 @@ class _RetryState:
         # A message back from the broker tier goes on counting where it left off.
         headers = delivery.headers
         self.carried = carried_elapsed(headers) if headers else 0.0
-        if headers:
-            done = carried_attempts(headers)
-            if done >= delivery.attempt:
-                delivery.attempt = done + 1
+        self.offset = carried_attempts(headers) if headers else 0
+        if self.offset >= delivery.attempt:
+            delivery.attempt = self.offset + 1
         self.last: Exception | None = None
         self.log: AttemptLog | None = None
         if policy._delaying is not None:
@@ -326,6 +326,13 @@ class _RetryState:
         policy = self.policy
         if isinstance(exc, RetryAfter):
             wait = min(exc.delay, float(policy.max_retry_after))  # type: ignore[arg-type]
+        elif self.offset:
+            # The backoff goes on from the attempts made before this delivery.
+            rs.attempt_number += self.offset
+            try:
+                wait = self.base_wait(rs)
+            finally:
+                rs.attempt_number -= self.offset
         else:
             wait = self.base_wait(rs)
         if testing_mode.zero_waits:
