@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
         description="Benchmarks. 'policies' compares resilience policies against simulated "
         "faulty dependencies on virtual time; 'overhead' measures the per-message cost against "
         "the bare consumer and peer libraries; 'memory' checks memory stays flat; 'redis' "
-        "measures broker throughput.",
+        "and 'brokers' measure broker throughput.",
     )
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     _register_overhead(sub)
     _register_memory(sub)
     _register_redis(sub)
+    _register_brokers(sub)
 
 
 def _positive_int(text: str) -> int:
@@ -282,4 +283,68 @@ def _redis(args: argparse.Namespace) -> int:
     except RedisUnavailable as exc:
         raise CliError(str(exc)) from None
     _emit(args, format_throughput(report), report)
+    return 0
+
+
+# -- brokers -------------------------------------------------------------------------------------
+
+
+def _register_brokers(sub: Any) -> None:
+    from resilience.bench.broker_throughput import BROKERS
+
+    parser = sub.add_parser(
+        "brokers",
+        help="messages/s draining Redis, RabbitMQ and NATS: the full pipeline vs a "
+        "hand-written loop per client, in one run ('redis' is the Redis part alone)",
+    )
+    parser.add_argument(
+        "--broker",
+        action="append",
+        choices=BROKERS,
+        metavar="NAME",
+        help=f"measure only this broker (repeatable; one of {', '.join(BROKERS)}; default all)",
+    )
+    parser.add_argument("--redis-url", metavar="URL", help="as 'bench redis --url'")
+    parser.add_argument(
+        "--rabbitmq-url", metavar="URL", help="default amqp://guest:guest@127.0.0.1:5672/"
+    )
+    parser.add_argument("--nats-url", metavar="URL", help="default nats://127.0.0.1:4222")
+    parser.add_argument(
+        "--messages",
+        type=_positive_int,
+        default=100_000,
+        metavar="N",
+        help="messages per drain (default 100000)",
+    )
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=3, help="repetitions per contender (best kept)"
+    )
+    _common_output(parser)
+    parser.set_defaults(func=_brokers)
+
+
+def _brokers(args: argparse.Namespace) -> int:
+    from resilience.bench.broker_throughput import BROKERS, format_brokers, measure_brokers
+    from resilience.bench.report import ProgressBar
+
+    bar = ProgressBar(enabled=args.progress)
+    urls = {
+        name: url
+        for name, url in (
+            ("redis", args.redis_url),
+            ("rabbitmq", args.rabbitmq_url),
+            ("nats", args.nats_url),
+        )
+        if url
+    }
+    report = measure_brokers(
+        brokers=tuple(dict.fromkeys(args.broker or BROKERS)),
+        urls=urls,
+        messages=args.messages,
+        rounds=args.rounds,
+        progress=bar,
+    )
+    _emit(args, format_brokers(report), report)
+    if not report["brokers"]:
+        raise CliError("no broker answered: " + "; ".join(report["unavailable"].values()))
     return 0

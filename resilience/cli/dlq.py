@@ -2,8 +2,10 @@
 
 The commands read the SQLite dead-letter store: ``--db PATH``, else the ``path`` of the
 ``[dead_letter]`` section of ``--policy FILE`` / the ``RESILIENCE_DEAD_LETTER__PATH`` environment
-variable, else ``.resilience/dead-letters.sqlite3`` in the current directory. ``replay``
-publishes through ``load_backend()``'s backend (``QUEUE_BACKEND`` picks it).
+variable, else ``.resilience/dead-letters.sqlite3`` in the current directory. ``--store
+rabbitmq:QUEUE`` or ``--store nats:STREAM[/SUBJECT]`` reads the dead letters a RabbitMQ or NATS
+backend keeps on the broker instead. ``replay`` publishes through ``load_backend()``'s backend
+(``QUEUE_BACKEND`` picks it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sqlite3
 import sys
 import warnings
 from collections.abc import Coroutine, Iterator
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from resilience.cli import CliError
 from resilience.dead_letter import (
@@ -34,6 +36,9 @@ from resilience.dead_letter import (
     replay,
 )
 from resilience.dead_letter.render import render_record, render_report, render_table
+
+if TYPE_CHECKING:
+    from resilience.dead_letter.broker_stores import NATSStore, RabbitMQStore
 
 __all__ = ["register"]
 
@@ -58,6 +63,12 @@ def register(subparsers: Any) -> None:
     store = argparse.ArgumentParser(add_help=False)
     group = store.add_argument_group("store")
     group.add_argument("--db", metavar="PATH", help="the SQLite dead-letter store")
+    group.add_argument(
+        "--store",
+        metavar="URI",
+        help="dead letters kept on a broker: rabbitmq:QUEUE (RABBITMQ_URL) or "
+        "nats:STREAM[/SUBJECT] (NATS_URL); sqlite:PATH is the same as --db PATH",
+    )
     group.add_argument(
         "--policy", metavar="FILE", help="read the store path from this policy's [dead_letter]"
     )
@@ -197,8 +208,18 @@ def parse_time(text: str, *, now: float | None = None) -> float:
 # -- the store and the filter ----------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace) -> SQLiteStore:
-    path: str = args.db
+def _store(args: argparse.Namespace) -> SQLiteStore | RabbitMQStore | NATSStore:
+    spec: str | None = getattr(args, "store", None)
+    if spec and not spec.startswith("sqlite:"):
+        from resilience.dead_letter.broker_stores import open_broker_store
+
+        if args.db:
+            raise CliError("give --db or --store, not both")
+        try:
+            return open_broker_store(spec, os.environ)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    path: str = spec.removeprefix("sqlite:") if spec else args.db
     if not path:
         from resilience.cli._common import load_policy
 
@@ -216,7 +237,9 @@ def _store(args: argparse.Namespace) -> SQLiteStore:
     return store
 
 
-async def _filter(args: argparse.Namespace, store: SQLiteStore) -> Filter:
+async def _filter(
+    args: argparse.Namespace, store: SQLiteStore | RabbitMQStore | NATSStore
+) -> Filter:
     ids: list[str] = []
     for prefix in args.id:
         try:
@@ -245,6 +268,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise CliError(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise CliError(f"cannot use the dead-letter store: {exc}") from None
+    except Exception as exc:
+        if not _is_broker_error(exc):
+            raise
+        raise CliError(f"cannot read the dead letters on the broker: {exc}") from None
+
+
+def _is_broker_error(exc: BaseException) -> bool:
+    """An error of the RabbitMQ or NATS client (an unreachable broker, a missing queue)."""
+    module = type(exc).__module__
+    return module.startswith(("aio_pika", "aiormq", "pamqp", "nats"))
 
 
 # -- list ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .consumer import EventConsumer
 from .extensions import (
     DeadLetteringBackend,
+    DelayingBackend,
     HeaderPublishingBackend,
     InboundMessage,
     SettlingBackend,
@@ -13,6 +14,7 @@ from .protocol import MessageQueueBackend, MessageQueueBackendProtocol, QueueBac
 
 __all__ = [
     "DeadLetteringBackend",
+    "DelayingBackend",
     "EventConsumer",
     "HeaderPublishingBackend",
     "InboundMessage",

@@ -1,0 +1,45 @@
+"""Helpers of the multi-process broker tests: start workers, read what they recorded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("broker_worker.py")
+
+
+def start_worker(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Run tests/broker_worker.py with this interpreter and ``env`` added to the environment."""
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def wait_ready(process: subprocess.Popen[str]) -> None:
+    """Wait for the worker's ``ready`` line; fail with its stderr when it does not come."""
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if line != "ready":
+        _, err = process.communicate(timeout=10)
+        raise AssertionError(f"worker did not start ({line!r}): {err}")
+
+
+def recorded(path: Path) -> list[int]:
+    """The message numbers the workers recorded in ``path`` (duplicates kept)."""
+    if not path.exists():
+        return []
+    return [int(line.rsplit(":", 1)[1]) for line in path.read_text().splitlines() if line]
+
+
+def stop_all(workers: list[subprocess.Popen[str]]) -> None:
+    """Kill the workers still running and reap them all."""
+    for process in workers:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
