@@ -29,6 +29,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ._redis_codec import DELIVERIES_HEADER
+from ._redis_common import REFUSED_ERRORS, TRANSIENT_ERRORS
+
+_CONNECTION_ERRORS = (*TRANSIENT_ERRORS, *REFUSED_ERRORS)
 
 __all__ = [
     "DELAY_KEY_PREFIX",
@@ -184,8 +187,11 @@ class DelayScheduler:
                 raise
             except Exception as exc:  # RedisError, connection loss: never end the task
                 failures += 1
+                # An outage or a refused login is the reader's to report (once, and loudly):
+                # the scheduler only retries. Anything else is worth a warning of its own.
+                level = logging.DEBUG if isinstance(exc, _CONNECTION_ERRORS) else logging.WARNING
                 if failures == 1:
-                    logger.warning("Moving due delayed entries failed; retrying: %s", exc)
+                    logger.log(level, "Moving due delayed entries failed; retrying: %s", exc)
                 wait = min(self.poll * 2**failures, 5.0)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait if failures else min(wait, self.poll)):
