@@ -151,7 +151,8 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
     make_backend: MakeBackend, prefix: str
 ) -> None:
     """1,000 messages failing 5 times (in_process = 1, 0.05 s waits, concurrency 4) all finish
-    once, no process-side wait holds a slot, and healthy messages never queue behind them."""
+    once, every retry is handed to Redis (no wait holds a slot), and healthy messages are handled
+    while more failing messages wait in the delay set than the consumer could ever hold."""
     stream = f"{prefix}s"
     backend = make_backend(block=0.1, batch_size=50)
     publisher = make_backend()
@@ -213,11 +214,7 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
     assert await backend.delayed(stream) == 0
     # Healthy messages ran while failing ones waited in Redis, not in front of them.
     assert max(delayed_while_healthy) > 4
-    healthy_latency.sort()
-    print(  # measured figures for the report (not asserted: shared, noisy machine)
-        f"healthy latency p50={healthy_latency[20] * 1000:.1f} ms "
-        f"max={healthy_latency[-1] * 1000:.1f} ms"
-    )
+    # Latency figures are measured by benchmarks/tiered_redis.py, never asserted here.
 
 
 @pytest.mark.slow
