@@ -1,4 +1,10 @@
-"""ResilientConsumer: AsyncLoopConsumer with a resilience pipeline around the handler."""
+"""ResilientConsumer: AsyncLoopConsumer with a resilience pipeline around the handler.
+
+Concurrency ``N`` is ``N`` long-lived worker coroutines taking messages from one delivery
+iterator (``next_nowait()`` first, an awaited pull otherwise); each runs one message at a time
+through the pipeline and settles it with :meth:`ResilientConsumer._settle`, the one place that
+acknowledges, releases and reports.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
-from ._breaker_state import _CLOSED
 from ._handover import ATTEMPT_HEADER
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
@@ -19,36 +24,25 @@ from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError
 from .events import EventBus, MessageSettled, Outcome
 from .pipeline import Pipeline
+from .policy import Policy, policy_of
+from .types import CallNext, Gate, Handler, Middleware
 
 if TYPE_CHECKING:
     from abe.backends.message_queue.base import MessageQueueBackend
-    from abe.backends.message_queue.base.extensions import InboundMessage
-
-    from ._fused import Fused
-    from .pipeline import CallNext, Handler, Middleware
-    from .policy import Policy
 
 __all__ = ["Gate", "ResilientConsumer"]
 
 logger = logging.getLogger(__name__)
 
 
-@runtime_checkable
-class Gate(Protocol):
-    """A middleware that can ask the consumer to stop pulling messages for a while.
+class _Worker:
+    """One worker's state: its task and the delivery it is processing (``None``: idle)."""
 
-    The circuit breaker is one: while it is open the consumer holds off instead of feeding it
-    messages that would only fail.
-    """
+    __slots__ = ("delivery", "task")
 
-    @property
-    def paused(self) -> bool:
-        """Whether the consumer should stop pulling now."""
-        ...
-
-    async def wait_resumed(self) -> None:
-        """Return once pulling may go on."""
-        ...
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.delivery: Delivery | None = None
 
 
 class ResilientConsumer(AsyncLoopConsumer):
@@ -106,14 +100,14 @@ class ResilientConsumer(AsyncLoopConsumer):
         self._classifier = classifier
         self._pipeline: Pipeline | None = None
         self._stopping = False
-        self._busy = False
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._workers: list[_Worker] = []
+        self._now: Callable[[], float] = self.clock.monotonic
+        self.drain_timed_out = False
+        """Whether the last :meth:`shutdown` had to cancel messages still in flight."""
 
     # -- building ------------------------------------------------------------------------------
 
     def _resolve(self, handler: Handler) -> tuple[Pipeline, Handler, Classifier]:
-        from .policy import Policy, policy_of
-
         handler_policy, inner = policy_of(handler)
         policy = self.policy
         if handler_policy is not None:
@@ -146,10 +140,8 @@ class ResilientConsumer(AsyncLoopConsumer):
     async def _consume(self, handler: Handler) -> None:
         pipeline, handler, classifier = self._resolve(handler)
         self._pipeline = pipeline
-        compiled = pipeline.compile(handler)
-        call = compiled.call
+        call = pipeline.compile(handler)
         gates = tuple(layer for layer in pipeline.layers if isinstance(layer, Gate))
-        self._stopping = False
         backend = self.backend
         settling = isinstance(backend, SettlingBackend)
         source: AsyncIterator[Any]
@@ -157,280 +149,129 @@ class ResilientConsumer(AsyncLoopConsumer):
             source = backend.deliveries(group=self.group)  # type: ignore[attr-defined]
         else:
             source = backend.consume(group=self.group)
+        self._now = monotonic_function(self.clock)
+        settle = self._settler(classifier, settling)
+        pull = _Puller(source, self.concurrency > 1, gates)
+        workers = [_Worker() for _ in range(self.concurrency)]
+        self._workers = workers
+        tasks = []
+        for worker in workers:
+            task = asyncio.create_task(self._work(worker, pull, call, settle, gates, settling))
+            worker.task = task
+            tasks.append(task)
         try:
-            fused = compiled.fused
-            ack_nowait = getattr(backend, "ack_nowait", None) if settling else None
-            if (
-                self.concurrency == 1
-                and fused is not None
-                and ack_nowait is not None
-                and (fused.breaker is None or fused.breaker._simple)
-            ):
-                await self._loop_fused(source, fused, call, classifier, ack_nowait)
-            elif self.concurrency == 1:
-                await self._loop_inline(source, call, classifier, gates, settling, ack_nowait)
-            else:
-                await self._loop_concurrent(source, call, classifier, gates, settling)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+            if failed:  # the source broke (a worker's pull raised): stop the others, report it
+                await _cancel_all(tasks)
+                raise failed[0].exception()  # type: ignore[misc]
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not self._stopping or task is None or task.cancelling() > 1:
-                await self._abort_in_flight()
-                raise
-            # Graceful shutdown interrupted the pull: stop pulling, let in-flight work finish.
-            task.uncancel()
-            await self._drain_in_flight()
+            # Not a graceful shutdown (that stops the workers, never this task): every message in
+            # flight is cancelled and released before the cancellation goes on.
+            await _cancel_all(tasks)
+            raise
         finally:
+            self._workers = []
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _loop_inline(
+    async def _work(
         self,
-        source: AsyncIterator[Any],
+        worker: _Worker,
+        pull: _Puller,
         call: CallNext,
-        classifier: Classifier,
+        settle: Callable[[Delivery, BaseException | None], Awaitable[None] | None],
         gates: tuple[Gate, ...],
         settling: bool,
-        ack_nowait: Callable[[InboundMessage], None] | None,
     ) -> None:
-        # One message at a time, no task per message, no coroutine per settlement when the
-        # backend offers ack_nowait.
-        now = monotonic_function(self.clock)
+        """One worker: take a message, run it through the pipeline, settle it; until the source
+        ends or the consumer stops."""
+        now = self._now
         events = self.events
-        task = asyncio.current_task()
-        take = getattr(source, "next_nowait", None)
-        pull = source.__anext__
-        while True:
-            message = take() if take is not None else None
-            if message is None:
-                try:
-                    message = await pull()
-                except StopAsyncIteration:
+        task = worker.task
+        take = pull.take
+        while not self._stopping:
+            try:
+                for gate in gates:
+                    if gate.paused:
+                        await gate.wait_resumed()
+                message = take()
+                if message is None:
+                    message = await pull.wait()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if self.stopping and task is not None and task.cancelling() <= 1:
+                    task.uncancel()  # shutdown interrupted the wait: stop taking messages
                     return
+                raise
             if settling:
                 delivery = new_delivery(message, now(), events, task)
             else:
                 delivery = Delivery(message, None, now(), events)
                 delivery.task = task
-            self._busy = True
+            worker.delivery = delivery
             try:
                 await call(delivery)
             except BaseException as exc:
-                self._busy = False
-                await self._failed(delivery, exc, classifier, settling)
+                pending = settle(delivery, exc)
             else:
-                self._busy = False
-                if delivery.outcome is Outcome.DEFERRED:
-                    pass  # the backend settled it when it took the retry
-                elif ack_nowait is not None:
+                pending = settle(delivery, None)
+            if pending is not None:
+                try:
+                    await pending
+                finally:
+                    worker.delivery = None
+            else:
+                worker.delivery = None
+
+    def _settler(
+        self, classifier: Classifier, settling: bool
+    ) -> Callable[[Delivery, BaseException | None], Awaitable[None] | None]:
+        """The consumer's one settle function (see :meth:`_settle`), bound for this run."""
+        ack_nowait: Callable[[Any], None] | None = (
+            getattr(self.backend, "ack_nowait", None) if settling else None
+        )
+        events = self.events
+
+        def settle(delivery: Delivery, exc: BaseException | None) -> Awaitable[None] | None:
+            if exc is None and ack_nowait is not None:
+                # The common case, without a coroutine: acknowledge now, report if listened to.
+                # A retry handed to the broker (deferred) was settled by the backend already.
+                if delivery.outcome is not Outcome.DEFERRED:
                     try:
-                        ack_nowait(message)
+                        ack_nowait(delivery.message)
                     except Exception as ack_error:
                         self._ack_failed(delivery, ack_error)
-                elif settling:
-                    await self._ack(delivery)
                 if events.listeners:
                     self._succeeded(delivery)
-            if self._stopping:
-                return
-            for gate in gates:
-                if gate.paused:
-                    await gate.wait_resumed()
+                return None
+            return self._settle(delivery, exc, classifier, settling)
 
-    async def _loop_fused(
-        self,
-        source: AsyncIterator[Any],
-        fused: Fused,
-        call: CallNext,
-        classifier: Classifier,
-        ack_nowait: Callable[[InboundMessage], None],
-    ) -> None:
-        # _loop_inline with the fused layers' success path written out in the loop itself: no
-        # Delivery object, no coroutine frame besides the handler's, one clock read. Anything
-        # off that path (an event listener, a decode error, the attempt limit, the breaker not
-        # closed, a failure) takes the layers' own code with a Delivery built then; see
-        # resilience._fused for why the behaviour is the same.
-        now = monotonic_function(self.clock)
-        events = self.events
-        task = asyncio.current_task()
-        assert task is not None
-        handler = fused.handler
-        router = fused.router
-        attempts = fused.attempts
-        budget = fused.budget
-        breaker = fused.breaker
-        breaker_now = fused.breaker_now
-        slow_duration = breaker._slow_duration if breaker is not None else 0.0
-        watchdog = fused.watchdog
-        limit = fused.limit
-        active: dict[asyncio.Task[Any], float] = {}
-        fired: set[asyncio.Task[Any]] = set()
-        shared_clock = False
-        if watchdog is not None:
-            loop = task.get_loop()
-            if loop is not watchdog.loop:
-                watchdog.bind(loop)
-            watchdog.last_task = task
-            active, fired = watchdog.active, watchdog.fired
-            shared_clock = watchdog.clock is self.clock
-        guard = fused.guard  # the only gate among the fused layers
-        take = getattr(source, "next_nowait", None)
-        pull = source.__anext__
-        while True:
-            message = take() if take is not None else None
-            if message is None:
-                try:
-                    message = await pull()
-                except StopAsyncIteration:
-                    return
-            started = now()
-            self._busy = True
-            if (
-                events.listeners
-                or (router is not None and message.decode_error is not None)
-                or message.delivery_count > attempts
-                or (breaker is not None and breaker._state is not _CLOSED)
-            ):
-                delivery = new_delivery(message, started, events, task)
-                await self._settle_step(delivery, call(delivery), classifier, ack_nowait)
-            else:
-                epoch = 0
-                start = 0.0
-                if breaker is not None:
-                    epoch = breaker._epoch
-                    if slow_duration:
-                        start = breaker_now()
-                if budget is not None:
-                    budget.deposit()
-                if watchdog is not None:
-                    deadline = (started if shared_clock else watchdog.now()) + limit
-                    active[task] = deadline
-                    if deadline < watchdog.armed_at:
-                        watchdog.arm(deadline)
-                try:
-                    await handler(message.payload)
-                except BaseException as exc:
-                    error: BaseException | None = exc
-                else:
-                    error = None
-                if error is None and not (watchdog is not None and fired and task in fired):
-                    if watchdog is not None:
-                        del active[task]
-                    if breaker is not None and breaker._epoch == epoch:
-                        breaker._consecutive = 0
-                    self._busy = False
-                    try:
-                        ack_nowait(message)
-                    except Exception as ack_error:
-                        self._ack_failed(new_delivery(message, started, events, task), ack_error)
-                    if events.listeners:  # subscribed while the handler ran
-                        self._succeeded(new_delivery(message, started, events, task))
-                else:
-                    delivery = new_delivery(message, started, events, task)
-                    if error is None:
-                        del active[task]
-                        step = fused.finish_fired(delivery, task, epoch, start)
-                    else:
-                        step = fused.failed(delivery, error, epoch, start, task)
-                    error = None
-                    await self._settle_step(delivery, step, classifier, ack_nowait)
-            if self._stopping:
-                return
-            if guard is not None and breaker._state is not _CLOSED and guard.paused:  # type: ignore[union-attr]
-                await guard.wait_resumed()
+        return settle
 
-    async def _settle_step(
+    async def _settle(
         self,
         delivery: Delivery,
-        step: Awaitable[None],
+        exc: BaseException | None,
         classifier: Classifier,
-        ack_nowait: Callable[[InboundMessage], None],
-    ) -> None:
-        """Await ``step`` (the pipeline, or the rest of it, for ``delivery``) and settle the
-        delivery by its outcome, as the inline loop does."""
-        try:
-            await step
-        except BaseException as exc:
-            self._busy = False
-            await self._failed(delivery, exc, classifier, True)
-            return
-        self._busy = False
-        if delivery.outcome is not Outcome.DEFERRED:  # else the backend settled it already
-            try:
-                ack_nowait(delivery.message)  # type: ignore[arg-type]
-            except Exception as ack_error:
-                self._ack_failed(delivery, ack_error)
-        if self.events.listeners:
-            self._succeeded(delivery)
-
-    async def _loop_concurrent(
-        self,
-        source: AsyncIterator[Any],
-        call: CallNext,
-        classifier: Classifier,
-        gates: tuple[Gate, ...],
         settling: bool,
     ) -> None:
-        now = monotonic_function(self.clock)
-        events = self.events
-        slots = asyncio.Semaphore(self.concurrency)
-        in_flight = self._in_flight
-        iterator = source.__aiter__()
+        """Settle a delivery by the pipeline's outcome: acknowledge (success, dead-lettered,
+        dropped, failed for good), release (cancelled, dead-letter write failed) and report it.
 
-        def done(task: asyncio.Task[None]) -> None:
-            in_flight.discard(task)
-            slots.release()
-
-        while not self._stopping:
-            await slots.acquire()
-            for gate in gates:
-                if gate.paused:
-                    await gate.wait_resumed()
-            try:
-                message = await iterator.__anext__()
-            except StopAsyncIteration:
-                slots.release()
-                break
-            if settling:
-                delivery = new_delivery(message, now(), events, None)
-            else:
-                delivery = Delivery(message, None, now(), events)
-            task = asyncio.create_task(self._process(delivery, call, classifier, settling))
-            in_flight.add(task)
-            task.add_done_callback(done)
-        await self._drain_in_flight()
-
-    async def _drain_in_flight(self) -> None:
-        while self._in_flight:
-            await asyncio.wait(set(self._in_flight))
-
-    async def _abort_in_flight(self) -> None:
-        tasks = set(self._in_flight)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-
-    async def _process(
-        self, delivery: Delivery, call: CallNext, classifier: Classifier, settling: bool
-    ) -> None:
-        """Run one delivery through the pipeline and settle it."""
-        delivery.task = asyncio.current_task()
-        try:
-            await call(delivery)
-        except BaseException as exc:
-            await self._failed(delivery, exc, classifier, settling)
+        Raises:
+            BaseException: a cancellation or ``KeyboardInterrupt``/``SystemExit`` from the
+                pipeline, after the delivery was released.
+        """
+        if exc is None:
+            if settling and delivery.outcome is not Outcome.DEFERRED:
+                await self._ack(delivery)
+            if self.events.listeners:
+                self._succeeded(delivery)
             return
-        if settling and delivery.outcome is not Outcome.DEFERRED:
-            await self._ack(delivery)
-        if self.events:
-            self._succeeded(delivery)
-
-    async def _failed(
-        self, delivery: Delivery, exc: BaseException, classifier: Classifier, settling: bool
-    ) -> None:
-        """Settle a delivery whose pipeline raised; re-raises what must propagate."""
         if isinstance(exc, asyncio.CancelledError):
             delivery.outcome = Outcome.CANCELLED
             if settling:
@@ -492,8 +333,12 @@ class ResilientConsumer(AsyncLoopConsumer):
         )
 
     async def _release(self, delivery: Delivery) -> None:
+        # Shielded: a second cancellation (a caller giving up on shutdown) must not leave the
+        # message neither acknowledged nor released until the broker's timeout.
         try:
-            await self.backend.release(delivery.message)  # type: ignore[attr-defined]
+            await asyncio.shield(self.backend.release(delivery.message))  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             logger.warning(
                 "Releasing message %s failed; the broker redelivers it after its timeout: %s",
@@ -511,7 +356,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         self._settled(delivery, None)
 
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
-        if not self.events:
+        if not self.events.listeners:
             return
         assert delivery.outcome is not None
         self.events.emit(
@@ -520,7 +365,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 delivery.key,
                 delivery.outcome,
                 delivery.attempt - delivery.delivery_count + 1,
-                self.clock.monotonic() - delivery.started_at,
+                self._now() - delivery.started_at,
                 delivery.reason,
                 None if exc is None else type(exc).__qualname__,
             )
@@ -531,30 +376,37 @@ class ResilientConsumer(AsyncLoopConsumer):
     async def shutdown(self) -> None:
         """Stop pulling, let in-flight messages finish until ``drain_timeout``, then cancel them.
 
-        Cancelled messages are released, never acknowledged or dead-lettered. Idempotent and safe
-        before :meth:`run`.
+        Cancelled messages are released, never acknowledged or dead-lettered, before
+        :meth:`run` returns; :meth:`run` returns normally (it does not raise
+        ``CancelledError``) after any shutdown, and :attr:`drain_timed_out` tells whether
+        messages had to be cancelled. Idempotent and safe before :meth:`run`.
         """
         task = self._task
         if not self._running or task is None:
-            self._running = False
-            self._task = None
+            await super().shutdown()
             return
         self._stopping = True
-        if not task.done() and not self._busy:
-            task.cancel()  # interrupt the pull; _consume turns this into a drain
+        self.drain_timed_out = False
+        for worker in list(self._workers):
+            if worker.delivery is None and worker.task is not None and not worker.task.done():
+                worker.task.cancel()  # interrupt the pull; the worker then stops
         if not task.done():
             await self._wait(task, self.drain_timeout)
         if not task.done():
+            busy = [w for w in self._workers if w.delivery is not None]
+            self.drain_timed_out = True
             logger.warning(
                 "Drain timeout (%.3gs) reached; cancelling %d in-flight message(s)",
                 self.drain_timeout,
-                max(len(self._in_flight), int(self._busy)),
+                len(busy),
             )
-            for inner in list(self._in_flight):
-                inner.cancel()
-            if self._busy:
-                task.cancel()
+            for worker in list(self._workers):
+                if worker.task is not None:
+                    worker.task.cancel()
+            # The run task ends once every cancelled message is released.
+            await asyncio.wait({task})
         await super().shutdown()
+        self._stopping = False
 
     async def _wait(self, task: asyncio.Task[None], seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -570,11 +422,64 @@ class ResilientConsumer(AsyncLoopConsumer):
                 expired.cancel()
 
     @property
+    def stopping(self) -> bool:
+        """Whether :meth:`shutdown` is under way (no new messages are taken)."""
+        return self._stopping
+
+    @property
     def in_flight(self) -> int:
         """Messages being processed right now."""
-        return len(self._in_flight) + int(self._busy)
+        return sum(1 for worker in self._workers if worker.delivery is not None)
 
     @property
     def pipeline(self) -> Pipeline | None:
         """The pipeline built at start (``None`` before :meth:`run`)."""
         return self._pipeline
+
+
+class _Puller:
+    """The workers' shared view of the delivery iterator: :meth:`take` a message that is ready
+    (``next_nowait()``, when the iterator offers it), else :meth:`wait` for one; with several
+    workers only one awaits the iterator at a time (async generators allow no more)."""
+
+    __slots__ = ("_gates", "_lock", "_pull", "take")
+
+    def __init__(self, source: AsyncIterator[Any], shared: bool, gates: tuple[Gate, ...]) -> None:
+        self._pull = source.__anext__
+        nowait: Callable[[], Any] | None = getattr(source, "next_nowait", None)
+        self.take: Callable[[], Any] = nowait if nowait is not None else _nothing
+        self._lock = asyncio.Lock() if shared else None
+        self._gates = gates
+
+    async def wait(self) -> Any:
+        if self._lock is None:
+            return await self._pull()
+        async with self._lock:
+            # The gates again: a gate may have closed while this worker waited for its turn,
+            # and a paused consumer takes no message at all.
+            for gate in self._gates:
+                if gate.paused:
+                    await gate.wait_resumed()
+            message = self.take()  # another worker's pull may have filled the buffer
+            if message is not None:
+                return message
+            return await self._pull()
+
+
+def _nothing() -> None:
+    return None
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended (each releases what it holds)."""
+    for task in tasks:
+        task.cancel()
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            # Cancelled again while the workers release their messages: finish that first.
+            await asyncio.wait(pending)
+            raise
+        pending = [task for task in pending if not task.done()]

@@ -22,19 +22,20 @@ console output for the demo. Applications with a structlog setup of their own ad
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from collections.abc import MutableMapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import structlog
 from opentelemetry import trace
 
+from .hooks import HookLayer
+
 if TYPE_CHECKING:
     from .delivery import Delivery
-    from .pipeline import CallNext
+    from .types import CallNext
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -127,7 +128,7 @@ class DeliveryContextFilter(logging.Filter):
         return True
 
 
-class LogContext:
+class LogContext(HookLayer):
     """Middleware that makes the delivery visible to :func:`add_delivery_context`.
 
     :class:`~resilience.telemetry.Telemetry` does this itself; ``[telemetry] log_context = true``
@@ -137,25 +138,46 @@ class LogContext:
 
     __slots__ = ()
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Run ``call_next`` with ``delivery`` as the current delivery.
+    def enter(self, delivery: Delivery) -> Token[Delivery | None]:
+        """Make ``delivery`` the current delivery.
 
         Args:
             delivery: The message being processed.
-            call_next: The rest of the pipeline.
+
+        Returns:
+            The context-variable token :meth:`leave` resets.
         """
-        await self._run(call_next, delivery)
+        return _DELIVERY.set(delivery)
 
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's cheap form of this layer in front of ``call_next``."""
-        return functools.partial(self._run, call_next)
+    def leave(self, token: Token[Delivery | None], delivery: Delivery) -> None:
+        """Restore the previous current delivery.
 
-    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
-        token = _DELIVERY.set(delivery)
-        try:
-            await call_next(delivery)
-        finally:
-            _DELIVERY.reset(token)
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+        """
+        _DELIVERY.reset(token)
+
+    async def fail(
+        self,
+        token: Token[Delivery | None],
+        delivery: Delivery,
+        exc: BaseException,
+        call_next: CallNext,
+    ) -> None:
+        """Restore the previous current delivery and re-raise.
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+            exc: What the rest of the pipeline raised.
+            call_next: Unused.
+
+        Raises:
+            BaseException: ``exc``.
+        """
+        _DELIVERY.reset(token)
+        raise exc
 
     def __repr__(self) -> str:
         return "LogContext()"

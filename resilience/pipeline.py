@@ -1,11 +1,14 @@
-"""Middleware types and the pipeline that composes them around a handler.
+"""The pipeline: an ordered list of middleware composed around a handler.
 
 A middleware is any callable ``async (delivery, call_next) -> None``. It may call ``call_next``
 zero times (reject, short-circuit), once (observe, time-limit) or several times (retry), and it
 can keep a context open around the whole call (a span, a log binding).
 
 The pipeline is built once, at consumer start: layers are folded in reverse so the first one
-listed is the outermost, and the pipeline is frozen (adding a layer afterwards raises).
+listed is the outermost, and the pipeline is frozen (adding a layer afterwards raises). Layers
+that offer the success-path hooks of :mod:`resilience.hooks` (every built-in one does) run
+together in one coroutine frame; any other middleware links as a frame of its own, wherever it
+is in the chain. The behaviour is the same either way.
 
 Recommended order, outermost first, which the declarative :class:`~resilience.policy.Policy`
 uses::
@@ -19,12 +22,18 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any
+
+from .breaker import CircuitBreaker
+from .dead_letter import DeadLetterRouter
+from .hooks import compile_hooks, has_hooks
+from .retry import Retry
+from .timeout import Timeout
+from .types import CallNext, Handler, Middleware
 
 if TYPE_CHECKING:
     from typing import Literal, Unpack
 
-    from ._fused import Fused
     from .breaker import BreakerOptions
     from .classify import Classifier
     from .clock import Clock
@@ -32,26 +41,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
     from .retry import Backoff, RetryBudget
 
-__all__ = ["CallNext", "Compiled", "Handler", "Middleware", "Pipeline"]
-
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
-"""The user's handler: ``async def handler(payload: dict) -> None``."""
-
-CallNext = Callable[["Delivery"], Awaitable[None]]
-"""The rest of the pipeline, as seen from one middleware."""
-
-
-class Middleware(Protocol):
-    """``async def __call__(self, delivery, call_next) -> None``.
-
-    Optionally a middleware also offers ``link(call_next) -> CallNext``, returning the callable
-    the pipeline uses in its place (for example ``functools.partial(self._run, call_next)``),
-    which saves a keyword-argument call per message.
-    """
-
-    def __call__(self, delivery: Delivery, call_next: CallNext) -> Awaitable[None]:
-        """Process ``delivery``, calling ``call_next(delivery)`` as often as it decides."""
-        ...
+__all__ = ["CallNext", "Handler", "Middleware", "Pipeline"]
 
 
 def _link(layer: Middleware, call_next: CallNext) -> CallNext:
@@ -74,14 +64,6 @@ def _link(layer: Middleware, call_next: CallNext) -> CallNext:
         await layer(delivery, call_next)
 
     return step
-
-
-class Compiled(NamedTuple):
-    """A built pipeline: :attr:`call` runs it; :attr:`fused` is set when every layer is a
-    built-in one fused into a single coroutine (see :mod:`resilience._fused`)."""
-
-    call: CallNext
-    fused: Fused | None
 
 
 class Pipeline:
@@ -143,8 +125,6 @@ class Pipeline:
     ) -> Pipeline:
         """Append a :class:`~resilience.retry.Retry` layer (see its arguments; ``in_process``
         with a ``backend`` that can delay redelivery hands later retries to the broker)."""
-        from .retry import Retry
-
         return self.use(
             Retry(
                 attempts=attempts,
@@ -166,8 +146,6 @@ class Pipeline:
         List it first (outside retry and timeouts); ``options`` are the router's keyword
         arguments (``classifier``, ``clock``, ``options``, ``validate``, ...).
         """
-        from .dead_letter import DeadLetterRouter
-
         return self.use(DeadLetterRouter(sink, **options))
 
     def circuit_breaker(
@@ -181,22 +159,16 @@ class Pipeline:
     ) -> Pipeline:
         """Append a :class:`~resilience.breaker.CircuitBreaker` named ``name`` (put it inside
         retry); breakers with the same name and clock share state."""
-        from .breaker import CircuitBreaker
-
         return self.use(
             CircuitBreaker(name, mode=mode, clock=clock, classifier=classifier, **options)
         )
 
     def timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
         """Append a per-attempt :class:`~resilience.timeout.Timeout` (put it inside retry)."""
-        from .timeout import Timeout
-
         return self.use(Timeout(seconds, clock=clock))
 
     def total_timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
         """Append a whole-message :class:`~resilience.timeout.Timeout` (put it outside retry)."""
-        from .timeout import Timeout
-
         return self.use(Timeout(seconds, total=True, clock=clock))
 
     def build(self, handler: Handler, *, fuse: bool = True) -> CallNext:
@@ -204,20 +176,17 @@ class Pipeline:
 
         Args:
             handler: The user's handler.
-            fuse: Run the innermost built-in layers (dead-letter routing, retry, circuit
-                breaker, per-attempt timeout, in that order) as one coroutine on the success
-                path; the behaviour is the same either way (see :mod:`resilience._fused`),
-                ``False`` links every layer as its own frame.
+            fuse: Run each stretch of neighbouring layers that offer the success-path hooks
+                (:mod:`resilience.hooks`) in one coroutine frame; the behaviour is the same
+                either way, ``False`` links every layer as its own frame.
 
         Returns:
             ``async (delivery) -> None`` running every layer and finally
             ``handler(delivery.payload)``.
-        """
-        return self.compile(handler, fuse=fuse).call
 
-    def compile(self, handler: Handler, *, fuse: bool = True) -> Compiled:
-        """:meth:`build`, also returning the fused run when it covers every layer (which lets
-        the consumer inline the success path in its own loop)."""
+        Raises:
+            TypeError: ``handler`` is not callable.
+        """
         if not callable(handler):
             raise TypeError(f"handler must be an async callable, got {handler!r}")
         self._frozen = True
@@ -227,26 +196,34 @@ class Pipeline:
             return handler(delivery.payload)
 
         layers = self._layers
-        start = len(layers)
-        if fuse:
-            from ._fused import fusable_suffix
-
-            start = fusable_suffix(layers)
         call: CallNext = terminal
-        chains = [call]
-        for layer in reversed(layers[start:]):
-            call = _link(layer, call)
-            chains.append(call)
-        fused: Fused | None = None
-        if start < len(layers) or (fuse and not layers):
-            from ._fused import Fused
+        innermost = True
+        end = len(layers)
+        while end > 0:
+            start = end
+            if fuse:
+                while start > 0 and has_hooks(layers[start - 1]):
+                    start -= 1
+            if start < end:
+                run: list[Any] = layers[start:end]
+                call = compile_hooks(run, call, handler if innermost else None)
+                end = start
+            else:
+                end -= 1
+                call = _link(layers[end], call)
+            innermost = False
+        return call
 
-            chains.reverse()
-            fused = Fused(layers[start:], chains, handler)
-            call = fused.call
-        for layer in reversed(layers[:start]):
-            call = _link(layer, call)
-        return Compiled(call, fused if start == 0 else None)
+    def compile(self, handler: Handler) -> CallNext:
+        """:meth:`build` with the hooks compiled (the default).
+
+        Args:
+            handler: The user's handler.
+
+        Returns:
+            ``async (delivery) -> None``.
+        """
+        return self.build(handler)
 
     def __repr__(self) -> str:
         inner = ", ".join(type(layer).__name__ for layer in self._layers)

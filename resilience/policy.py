@@ -31,29 +31,29 @@ implement them (:data:`SECTION_MODULES`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import Reader, resolve_exception
-from ._decorator import policy_of, resilient
 from ._log import get_logger
 from ._policy_io import apply_env, dump_toml, read_toml
 from .classify import Classifier
 from .clock import Clock, default_clock
+from .delivery import Delivery
 from .errors import ConfigError
 from .events import EventBus
 from .pipeline import Pipeline
 from .retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
 from .timeout import Timeout
+from .types import BuildContext, Handler, Middleware, PolicySection
 
 if TYPE_CHECKING:
     from abe.backends.message_queue.base import MessageQueueBackend
 
-    from .delivery import Delivery
-    from .pipeline import Handler, Middleware
 
 __all__ = [
     "BuildContext",
@@ -84,38 +84,6 @@ SECTION_MODULES: dict[str, str] = {
     "circuit_breaker": "resilience.breaker",
 }
 """Policy sections implemented by other modules; each exposes ``policy_section``."""
-
-
-@dataclass(frozen=True, slots=True)
-class BuildContext:
-    """What a policy section may need to build its middleware."""
-
-    clock: Clock
-    classifier: Classifier
-    backend: MessageQueueBackend | None = None
-    group: str | None = None
-    handler: Handler | None = None
-    events: EventBus | None = None
-    """The consumer's event bus, for sections that subscribe to or emit events."""
-
-
-class PolicySection(Protocol):
-    """A policy section provided by another module (``policy_section`` in that module)."""
-
-    name: str
-    order: int
-
-    def parse(self, reader: Reader) -> Any:
-        """Validate the section (call ``reader.finish()``) and return its frozen config."""
-        ...
-
-    def to_dict(self, config: Any) -> dict[str, Any]:
-        """The section as plain data (the inverse of :meth:`parse`)."""
-        ...
-
-    def middleware(self, config: Any, context: BuildContext) -> Middleware | None:
-        """The middleware for ``config`` (``None`` when it contributes none)."""
-        ...
 
 
 def _section(name: str) -> PolicySection:
@@ -494,3 +462,60 @@ class Policy:
             clock=clock, backend=backend, group=group, handler=handler, events=events
         )
         return Pipeline(*layers)
+
+
+# -- @resilient: a policy declared on the handler itself ------------------------------------
+
+H = TypeVar("H", bound=Callable[[dict[str, Any]], Awaitable[None]])
+
+_POLICY_ATTR = "__resilience_policy__"
+_WRAPPED_ATTR = "__resilience_handler__"
+
+
+def resilient(
+    policy: Policy | Mapping[str, Any] | None = None,
+    *,
+    clock: Clock | None = None,
+    **sections: Any,
+) -> Callable[[H], H]:
+    """Wrap ``async def handler(payload)`` with a policy, declaratively.
+
+    ``@resilient(retry={"attempts": 5}, timeout={"attempt": 2})`` builds the policy from
+    keyword sections (the TOML layout); ``@resilient(Policy.from_toml("policy.toml"))`` takes a
+    ready one. Calling the decorated function runs the whole pipeline around the call; handing
+    it to :class:`~resilience.consumer.ResilientConsumer` or ``resilience run`` makes the
+    consumer use the policy (and settle messages by its outcome) instead.
+
+    Raises:
+        ConfigError: the policy is invalid (at decoration time).
+    """
+    if policy is None:
+        resolved = Policy.from_dict(sections)
+    elif isinstance(policy, Policy):
+        if sections:
+            raise ConfigError("pass either a Policy or keyword sections to @resilient, not both")
+        resolved = policy
+    else:
+        resolved = Policy.from_dict({**policy, **sections})
+
+    def decorate(handler: H) -> H:
+        the_clock = clock or default_clock
+        call = resolved.pipeline(clock=the_clock, handler=handler).build(handler)
+
+        @functools.wraps(handler)
+        async def wrapper(payload: dict[str, Any]) -> None:
+            await call(Delivery(payload, started_at=the_clock.monotonic()))
+
+        setattr(wrapper, _POLICY_ATTR, resolved)
+        setattr(wrapper, _WRAPPED_ATTR, handler)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def policy_of(handler: Handler) -> tuple[Policy | None, Handler]:
+    """The policy ``@resilient`` attached to ``handler`` and the undecorated handler."""
+    policy = getattr(handler, _POLICY_ATTR, None)
+    if isinstance(policy, Policy):
+        return policy, getattr(handler, _WRAPPED_ATTR)
+    return None, handler

@@ -12,7 +12,6 @@ sleeping, through the injectable clock.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,10 +38,11 @@ from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock
 from .errors import ConfigError, DeliveryLimitExceeded, RetryAfter
 from .events import AttemptFailed, Outcome, RetryScheduled
+from .hooks import SLOW_PATH, HookLayer
 
 if TYPE_CHECKING:
     from .delivery import Delivery
-    from .pipeline import CallNext
+    from .types import CallNext
 
 __all__ = [
     "Backoff",
@@ -71,7 +71,7 @@ testing_mode = _TestingMode()
 
 
 @dataclass(frozen=True, slots=True)
-class Retry:
+class Retry(HookLayer):
     """Retry middleware: backoff between attempts, bounded by attempts, time and budget.
 
     Args:
@@ -158,27 +158,53 @@ class Retry:
                 detail="the backend cannot redeliver after a delay: every retry waits in process",
             )
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Run ``call_next``; on a retryable failure, retry it with backoff."""
-        await self._run(call_next, delivery)
+    def enter(self, delivery: Delivery) -> Any:
+        """Count the attempt with the budget; :data:`~resilience.hooks.SLOW_PATH` past the limit.
 
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's cheap form of this layer in front of ``call_next``."""
-        return functools.partial(self._run, call_next)
+        Args:
+            delivery: The message.
 
-    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
+        Returns:
+            ``None``, or :data:`~resilience.hooks.SLOW_PATH`.
+        """
         if delivery.attempt > self.attempts:
-            delivery.reason = "delivery_limit"
-            raise DeliveryLimitExceeded(delivery.delivery_count, self.attempts)
+            return SLOW_PATH
         budget = self.budget
         if budget is not None:
             budget.deposit()
-        try:
-            await call_next(delivery)
-            return
-        except Exception as exc:
-            first = exc
-        await self._retry(delivery, call_next, first)
+        return None
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        """The broker delivered the message more often than the attempt limit.
+
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline (not called).
+
+        Raises:
+            DeliveryLimitExceeded: always.
+        """
+        delivery.reason = "delivery_limit"
+        raise DeliveryLimitExceeded(delivery.delivery_count, self.attempts)
+
+    async def fail(
+        self, token: object, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        """Retry ``call_next`` with backoff after ``exc``, as the policy allows.
+
+        Args:
+            token: Unused.
+            delivery: The message.
+            exc: What the first attempt raised.
+            call_next: The rest of the pipeline.
+
+        Raises:
+            BaseException: the last attempt's exception when retrying stops; ``exc`` itself
+                when it is not an ``Exception`` (cancellation is never retried).
+        """
+        if not isinstance(exc, Exception):
+            raise exc
+        await self._retry(delivery, call_next, exc)
 
     async def _retry(self, delivery: Delivery, call_next: CallNext, first: Exception) -> None:
         state = _RetryState(self, delivery)

@@ -29,7 +29,7 @@ from .retry import testing_mode
 
 if TYPE_CHECKING:
     from .consumer import ResilientConsumer
-    from .pipeline import Handler
+    from .types import Handler
 
 __all__ = [
     "FakeClock",

@@ -13,19 +13,19 @@ tasks whose deadline passed. The cancellation is then turned into
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._units import seconds
 from .clock import Clock, TimerHandle, default_clock, monotonic_function
 from .errors import AttemptTimeout, ConfigError, TotalTimeout
-from .retry import seconds
+from .hooks import HookLayer
 
 if TYPE_CHECKING:
     from .delivery import Delivery
-    from .pipeline import CallNext
+    from .types import CallNext
 
 __all__ = ["Timeout"]
 
@@ -78,7 +78,7 @@ class _Watchdog:
 
 
 @dataclass(frozen=True, slots=True)
-class Timeout:
+class Timeout(HookLayer):
     """Cancel the rest of the pipeline when it runs longer than ``seconds``.
 
     Args:
@@ -107,15 +107,18 @@ class Timeout:
         assert self.clock is not None
         object.__setattr__(self, "_watchdog", _Watchdog(self.clock))
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Run ``call_next`` under the limit."""
-        await self._run(call_next, delivery)
+    def enter(self, delivery: Delivery) -> asyncio.Task[Any]:
+        """Register the deadline of the task running ``delivery`` with the watchdog.
 
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's cheap form of this layer in front of ``call_next``."""
-        return functools.partial(self._run, call_next)
+        Args:
+            delivery: The message (a total limit also sets its deadline).
 
-    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
+        Returns:
+            The task the watchdog cancels when the deadline passes.
+
+        Raises:
+            RuntimeError: not running inside an asyncio task.
+        """
         task = delivery.task or asyncio.current_task()
         if task is None:
             raise RuntimeError("Timeout middleware must run inside an asyncio task")
@@ -132,22 +135,59 @@ class Timeout:
                 delivery.deadline = deadline
         elif delivery.deadline is not None and delivery.deadline < deadline:
             deadline = delivery.deadline
-        active = watchdog.active
-        active[task] = deadline
+        watchdog.active[task] = deadline
         if deadline < watchdog.armed_at:
             watchdog.arm(deadline)
-        try:
-            await call_next(delivery)
-        except asyncio.CancelledError:
-            if task in watchdog.fired:
-                watchdog.fired.discard(task)
-                if task.uncancel() == 0:
-                    raise self._error(delivery) from None
-            raise
-        finally:
-            active.pop(task, None)
-        if watchdog.fired and task in watchdog.fired:
-            await self._absorb(task)
+        return task
+
+    def leave(self, token: asyncio.Task[Any], delivery: Delivery) -> Awaitable[None] | None:
+        """Withdraw the deadline; if the watchdog fired anyway, absorb its cancel request.
+
+        Args:
+            token: The task :meth:`enter` registered.
+            delivery: The message.
+
+        Returns:
+            ``None``, or (in the loop turn the watchdog fired) the absorption to await.
+        """
+        watchdog = self._watchdog
+        watchdog.active.pop(token, None)
+        if watchdog.fired and token in watchdog.fired:
+            return self._absorb(token)
+        return None
+
+    async def fail(
+        self,
+        token: asyncio.Task[Any],
+        delivery: Delivery,
+        exc: BaseException,
+        call_next: CallNext,
+    ) -> None:
+        """Turn the watchdog's cancellation into the timeout error; re-raise anything else.
+
+        Only the watchdog's own cancel request is withdrawn (``Task.uncancel()``), so a
+        shutdown that cancels at the same moment still wins.
+
+        Args:
+            token: The task :meth:`enter` registered.
+            delivery: The message.
+            exc: What the rest of the pipeline raised.
+            call_next: Unused.
+
+        Raises:
+            AttemptTimeout: a per-attempt limit passed.
+            TotalTimeout: a whole-message limit passed.
+            BaseException: ``exc`` otherwise.
+        """
+        watchdog = self._watchdog
+        watchdog.active.pop(token, None)
+        if isinstance(exc, asyncio.CancelledError) and token in watchdog.fired:
+            watchdog.fired.discard(token)
+            if token.uncancel() == 0:
+                error = self._error(delivery)
+                error.__context__ = exc
+                raise error from None
+        raise exc
 
     async def _absorb(self, task: asyncio.Task[Any]) -> None:
         """The call finished although the watchdog cancelled it (the handler caught the

@@ -161,7 +161,9 @@ class _SwallowingConsumer(ResilientConsumer):
 class _SilentlyAckingBackend(MemoryBackend):
     """A broken backend: it acknowledges every third delivery without handing it out."""
 
-    async def deliveries(self, *, group: str | None = None) -> AsyncIterator[InboundMessage]:
+    async def deliveries(  # type: ignore[override]
+        self, *, group: str | None = None
+    ) -> AsyncIterator[InboundMessage]:
         async for message in super().deliveries(group=group):
             if message.payload.get("n", 1) % 3 == 0:
                 await self.ack(message)
@@ -431,6 +433,36 @@ def test_overhead_ratios_compare_telemetry_like_for_like() -> None:
     cheap = {**per_message, "bare+otel span+histogram": 23.0}
     ratios = {r["name"]: r for r in _ratios(cheap, per_call)}
     assert ratios["telemetry with SDK / bare span"]["note"] is None
+
+
+def test_overhead_ratios_hold_every_user_shape_to_twice_bare() -> None:
+    """Each row users run (total timeout at 1, 8 and 64 workers, Policy() on 8 workers, a
+    listener, the log context) gets a target of at most twice the bare consumer, and the
+    concurrent pipeline is compared with a hand-written task-per-message consumer."""
+    per_message = {
+        "bare": 1.0,
+        "pipeline": 1.5,
+        "resilient, no middleware": 1.2,
+        "pipeline+total timeout": 1.8,
+        "pipeline+total timeout, concurrency 8": 1.9,
+        "pipeline+total timeout, concurrency 64": 2.2,
+        "Policy(), concurrency 8": 1.6,
+        "pipeline+listener": 1.9,
+        "pipeline+log context": 1.7,
+        "task per message, concurrency 8": 3.0,
+        "task per message, concurrency 64": 2.0,
+    }
+    per_call = {"direct call": 0.1, "Retry middleware": 0.3, "tenacity AsyncRetrying": 20.1}
+    ratios = {r["name"]: r for r in _ratios(per_message, per_call)}
+    assert ratios["pipeline+total timeout, concurrency 8 / bare consumer"]["met"] is True
+    assert ratios["pipeline+total timeout, concurrency 64 / bare consumer"]["value"] == (
+        pytest.approx(2.2)
+    )
+    assert ratios["pipeline+total timeout, concurrency 64 / bare consumer"]["met"] is False
+    assert ratios["pipeline+log context / bare consumer"]["met"] is True
+    assert ratios["pipeline, 8 workers / task per message"]["value"] == pytest.approx(1.9 / 3.0)
+    assert ratios["pipeline, 8 workers / task per message"]["met"] is True
+    assert ratios["pipeline, 64 workers / task per message"]["met"] is False
 
 
 def test_memory_benchmark_runs() -> None:

@@ -8,6 +8,8 @@ own consumers, a peer library's retry or breaker for the others). Peers import l
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +24,18 @@ from resilience.policy import Policy
 
 from .policies import has_section
 
-__all__ = ["CONTENDERS", "KEY", "Setup", "Unavailable", "full_pipeline_policy"]
+__all__ = [
+    "CONTENDERS",
+    "KEY",
+    "Setup",
+    "TaskPerMessage",
+    "Unavailable",
+    "full_pipeline_policy",
+]
 
 KEY = "bench.overhead"
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 Wrap = Callable[[Handler], Handler]
@@ -36,10 +47,18 @@ class Unavailable(Exception):
     """A contender's library is not installed (or the project module has not landed)."""
 
 
-def full_pipeline_policy(*, telemetry: bool = False) -> Policy:
+def full_pipeline_policy(
+    *, telemetry: bool = False, total_timeout: bool = False, log_context: bool = False
+) -> Policy:
     """The default policy with every available section: dead-letter routing to the backend,
-    a circuit breaker and (when ``telemetry``) the telemetry section, all at their defaults."""
+    a circuit breaker and (when ``telemetry``) the telemetry section, all at their defaults;
+    ``total_timeout`` adds a whole-message limit (60 s) to the per-attempt one, ``log_context``
+    the log-context layer (telemetry off)."""
     data: dict[str, Any] = {}
+    if total_timeout:
+        data["timeout"] = {"attempt": 10.0, "total": 60.0}
+    if log_context:
+        data["telemetry"] = {"enabled": False, "log_context": True}
     if has_section("dead_letter"):
         data["dead_letter"] = {"destination": "backend"}
     if has_section("circuit_breaker"):
@@ -72,6 +91,71 @@ def _resilient_core(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
 
 def _resilient(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
     return ResilientConsumer(backend, policy=full_pipeline_policy()), _same
+
+
+def _total(concurrency: int) -> Setup:
+    def setup(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+        policy = full_pipeline_policy(total_timeout=True)
+        return ResilientConsumer(backend, policy=policy, concurrency=concurrency), _same
+
+    return setup
+
+
+def _resilient_core_8(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=Policy(), concurrency=8), _same
+
+
+def _resilient_listener(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    consumer = ResilientConsumer(backend, policy=full_pipeline_policy())
+    consumer.events.subscribe(_ignore)
+    return consumer, _same
+
+
+def _ignore(event: object) -> None:
+    return None
+
+
+def _resilient_log_context(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+    return ResilientConsumer(backend, policy=full_pipeline_policy(log_context=True)), _same
+
+
+class TaskPerMessage(AsyncLoopConsumer):
+    """A hand-written concurrent consumer: one task per message, at most ``concurrency`` at
+    once (``asyncio.Semaphore`` + ``create_task``), the usual way to add concurrency to the
+    published loop. The concurrent baseline."""
+
+    def __init__(self, backend: MemoryBackend, concurrency: int) -> None:
+        super().__init__(backend)
+        self.concurrency = concurrency
+
+    async def _consume(self, handler: Handler) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(payload: dict[str, Any]) -> None:
+            try:
+                await handler(payload)
+            except Exception:
+                logger.exception("Error processing message")
+            finally:
+                slots.release()
+
+        try:
+            async for payload in self.backend.consume(group=self.group):
+                await slots.acquire()
+                task = asyncio.create_task(one(payload))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in list(running):
+                task.cancel()
+
+
+def _task_per_message(concurrency: int) -> Setup:
+    def setup(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
+        return TaskPerMessage(backend, concurrency), _same
+
+    return setup
 
 
 def _resilient_telemetry(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
@@ -261,6 +345,47 @@ CONTENDERS: tuple[_Contender, ...] = (
         "ResilientConsumer, full default pipeline (retry, timeout, breaker, dead-letter), "
         "at-least-once acks, no telemetry",
         _resilient,
+    ),
+    _Contender(
+        "pipeline+total timeout",
+        "the full pipeline with a whole-message timeout too (the README's quick-start shape)",
+        _total(1),
+    ),
+    _Contender(
+        "pipeline+total timeout, concurrency 8",
+        "the same with 8 workers",
+        _total(8),
+    ),
+    _Contender(
+        "pipeline+total timeout, concurrency 64",
+        "the same with 64 workers",
+        _total(64),
+    ),
+    _Contender(
+        "Policy(), concurrency 8",
+        "ResilientConsumer with Policy() as is and 8 workers",
+        _resilient_core_8,
+    ),
+    _Contender(
+        "pipeline+listener",
+        "the full pipeline with a listener on the consumer's events (a settlement record per "
+        "message)",
+        _resilient_listener,
+    ),
+    _Contender(
+        "pipeline+log context",
+        "the full pipeline with the log-context layer ([telemetry] log_context, no SDK)",
+        _resilient_log_context,
+    ),
+    _Contender(
+        "task per message, concurrency 8",
+        "hand-written concurrent consumer: asyncio.Semaphore(8) + create_task per message",
+        _task_per_message(8),
+    ),
+    _Contender(
+        "task per message, concurrency 64",
+        "the same with Semaphore(64)",
+        _task_per_message(64),
     ),
     _Contender(
         "pipeline+telemetry (no SDK)",

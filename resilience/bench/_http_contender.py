@@ -33,8 +33,8 @@ class _WithEndpoint(ResilientConsumer):
     async def run(self, handler: Any) -> None:
         from aiohttp import ClientSession
 
-        from resilience.cli._http import HttpEndpoint
-        from resilience.cli._service import Service
+        from resilience.ops.http import HttpEndpoint
+        from resilience.ops.service import Service
 
         service = Service(self.backend, handler, None, lambda _: self, None)
         service.consumer = self

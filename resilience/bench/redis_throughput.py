@@ -356,6 +356,7 @@ def measure_throughput(
     messages: int = 100_000,
     rounds: int = 3,
     progress: Progress | None = None,
+    streams: bool = True,
 ) -> dict[str, Any]:
     """Drain ``messages`` entries with every contender, ``rounds`` times; keep the best rate.
 
@@ -366,6 +367,8 @@ def measure_throughput(
         messages: Entries per drain.
         rounds: Drains per contender.
         progress: Called with (steps done, steps in all, label, fraction).
+        streams: Also drain the same number of entries spread over 1, 100 and 1,000 streams
+            (:mod:`resilience.bench.redis_streams`; under ``streams``).
 
     Returns:
         A JSON-ready document with messages per second per contender and the two ratios.
@@ -377,7 +380,20 @@ def measure_throughput(
     if messages < 1 or rounds < 1:
         raise ValueError("messages and rounds must be >= 1")
     with _server(url) as resolved, quiet_policy_advice():
-        return asyncio.run(_measure(resolved, messages, rounds, progress))
+        report = asyncio.run(_measure(resolved, messages, rounds, progress))
+        if streams:
+            report["streams"] = asyncio.run(_stream_counts(resolved, messages, rounds))
+        return report
+
+
+async def _stream_counts(url: str, messages: int, rounds: int) -> dict[str, Any]:
+    from .redis_streams import measure_streams
+
+    client = await _client(url)
+    try:
+        return await measure_streams(client, url, messages, rounds)
+    finally:
+        await client.aclose()
 
 
 def format_throughput(report: dict[str, Any]) -> str:
@@ -408,6 +424,10 @@ def format_throughput(report: dict[str, Any]) -> str:
     ]
     if ratio_rows:
         parts += ["", format_table(("ratio", "value", "target", "met"), ratio_rows)]
+    if report.get("streams"):
+        from .redis_streams import format_streams
+
+        parts += ["", format_streams(report["streams"])]
     shutdown = report.get("resilient_shutdown_seconds")
     if shutdown is not None:
         parts += [

@@ -112,7 +112,7 @@ def setup_otel(
     if not exporter:
         from opentelemetry import metrics
 
-        from resilience._telemetry_setup import metrics_configured
+        from resilience.telemetry.setup import metrics_configured
 
         if metrics_configured():
             raise CliError("an OpenTelemetry SDK is already configured in this process")

@@ -8,7 +8,8 @@ import warnings
 from typing import Any
 
 from resilience.cli import CliError
-from resilience.cli._connect import broker_address
+from resilience.ops.connect import broker_address
+from resilience.ops.summary import policy_summary
 
 __all__ = ["load_queue_backend", "policy_summary", "startup_fields"]
 
@@ -51,37 +52,6 @@ def load_queue_backend(*, allow_memory: bool, refusal: str) -> Any:
     return backend
 
 
-def policy_summary(policy: Any) -> str:
-    """The policy in one short line: ``retry(attempts=3 ...) timeout(attempt=30 total=0)``.
-
-    Args:
-        policy: A :class:`~resilience.policy.Policy` (``None``: the handler's own policy).
-
-    Returns:
-        One line; nested tables are left out.
-    """
-    if policy is None:
-        return "the handler's @resilient policy"
-    parts: list[str] = []
-    for section, values in policy.to_dict().items():
-        if not isinstance(values, dict):
-            parts.append(f"{section}={_short(values)}")
-            continue
-        inner = " ".join(
-            f"{key}={_short(value)}" for key, value in values.items() if not isinstance(value, dict)
-        )
-        parts.append(f"{section}({inner})")
-    return " ".join(parts) or "none"
-
-
-def _short(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
 def startup_fields(
     backend: Any, *, group: str | None, concurrency: int, policy: Any, http: str | None
 ) -> dict[str, Any]:
@@ -99,7 +69,7 @@ def startup_fields(
         ``concurrency``, ``policy``, ``http``.
     """
     from resilience import __version__
-    from resilience._telemetry_setup import messaging_system
+    from resilience.telemetry.setup import messaging_system
 
     settings = getattr(backend, "settings", None)
     streams = getattr(settings, "streams", None)

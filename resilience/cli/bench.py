@@ -210,7 +210,10 @@ def _register_overhead(sub: Any) -> None:
     )
     parser.add_argument("--messages", type=_positive_int, default=100_000, metavar="N")
     parser.add_argument(
-        "--rounds", type=_positive_int, default=5, help="interleaved repetitions (fastest kept)"
+        "--rounds",
+        type=_positive_int,
+        default=5,
+        help="interleaved repetitions (the median counts)",
     )
     _common_output(parser)
     parser.set_defaults(func=_overhead)

@@ -11,17 +11,17 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from resilience._telemetry_setup import metrics_configured
 from resilience.cli import CliError
 from resilience.cli._common import import_handler, load_policy, setup_otel
-from resilience.cli._connect import BrokerUnreachable, await_broker, connection_of
-from resilience.cli._service import Service
 from resilience.cli._startup import load_queue_backend, startup_fields
 from resilience.errors import ConfigError
+from resilience.ops.connect import BrokerUnreachable, await_broker, connection_of
+from resilience.ops.service import Service
 from resilience.policy import Policy
+from resilience.telemetry.setup import metrics_configured
 
 if TYPE_CHECKING:
-    from resilience.cli._http import HttpEndpoint
+    from resilience.ops.http import HttpEndpoint
     from resilience.prometheus import PrometheusMetrics
 
 log = logging.getLogger("resilience.cli.run")
@@ -34,7 +34,8 @@ def register(subparsers: Any) -> None:
         help="run a handler as a resilient consumer on the configured backend",
         description="Consume from load_backend()'s backend (QUEUE_BACKEND picks a provider) and "
         "run every message through the policy around HANDLER. SIGINT/SIGTERM drain and stop "
-        "(exit code 0 after a clean drain); SIGHUP reads the policy file again. Startup "
+        "(exit code 0 after a clean drain, 3 when the drain timed out: the messages still in "
+        "flight were released for redelivery); SIGHUP reads the policy file again. Startup "
         "failures (no backend configured, a broker that refuses or does not answer) exit with "
         "code 2 and one line.",
     )
@@ -118,9 +119,12 @@ def _main(args: argparse.Namespace) -> int:
         raise CliError(f"--connect-timeout must be >= 0 seconds, got {args.connect_timeout}")
     address = None
     if args.http:
-        from resilience.cli._http import parse_address
+        from resilience.ops.http import EndpointError, parse_address
 
-        address = parse_address(args.http)
+        try:
+            address = parse_address(args.http)
+        except EndpointError as exc:
+            raise CliError(str(exc)) from None
     handler = import_handler(args.handler)
     policy = load_policy(args.policy)
     if args.log_context:
@@ -204,14 +208,14 @@ async def _serve(
     holder.append(service)
     endpoint: HttpEndpoint | None = None
     if address is not None:
-        from resilience.cli._http import HttpEndpoint
+        from resilience.ops.http import EndpointError, HttpEndpoint
 
         endpoint = HttpEndpoint(service, metrics)
         try:
             await endpoint.start(*address)  # before consuming: a busy port consumes nothing
-        except CliError:
+        except EndpointError as exc:
             await _close(backend)
-            raise
+            raise CliError(str(exc)) from None
     try:
         run_task = service.start()
     except ConfigError as exc:
@@ -303,7 +307,8 @@ async def _serve(
         f"resilience run: settled {outcomes.total} message(s){': ' + counts if counts else ''}",
         file=sys.stderr,
     )
-    return 0
+    consumer = service.consumer
+    return 3 if consumer is not None and consumer.drain_timed_out else 0
 
 
 def _reloader(args: argparse.Namespace) -> Any:
@@ -319,8 +324,8 @@ def _reloader(args: argparse.Namespace) -> Any:
 def _watch(backend: Any, status: Any) -> None:
     from opentelemetry import metrics as otel_metrics
 
-    from resilience._telemetry_setup import messaging_system
     from resilience.broker_gauge import watch_connection
+    from resilience.telemetry.setup import messaging_system
 
     provider: Any = otel_metrics.get_meter_provider()
     watch_connection(provider, status, {"messaging.system": messaging_system(backend)})

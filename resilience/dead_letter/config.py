@@ -33,7 +33,7 @@ from .sqlite import DEFAULT_PATH, SQLiteStore
 if TYPE_CHECKING:
     from abe.backends.message_queue.base import MessageQueueBackend
 
-    from ..policy import BuildContext
+    from ..types import BuildContext
 
 __all__ = ["DESTINATIONS", "DeadLetterConfig", "policy_section", "resolve_validator"]
 

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from .._breaker_config import GATES_EXTRA
 from .._log import get_logger
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError
 from ..events import Event, Outcome
+from ..hooks import SLOW_PATH, HookLayer
+from ..types import GATES_EXTRA
 from ._pending import PendingWrite, PendingWrites, identity, wait_after, write_wait
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
-    from ..pipeline import CallNext
+    from ..types import CallNext, Gate
     from .sinks import DeadLetterSink
 
 __all__ = [
@@ -40,32 +40,13 @@ _OUTAGE_REASONS = frozenset(("retries_exhausted", "timeout", "budget_exhausted")
 """Reasons an open breaker can explain: out of attempts, time or retry budget."""
 
 
-class OutageGate(Protocol):
-    """A pausing circuit breaker as the router sees it (it lists itself in the delivery's
-    ``extras`` under :data:`~resilience.breaker.GATES_EXTRA` when it holds or fails one)."""
-
-    @property
-    def name(self) -> str:
-        """The breaker's name, for logs."""
-        ...
-
-    def holds(self, delivery: Delivery) -> bool:
-        """Whether ``delivery``, which failed, must be held rather than dead-lettered (the
-        circuit breaker is forced open)."""
-        ...
-
-    async def wait_resumed(self) -> None:
-        """Return once the breaker admits calls again."""
-        ...
-
-
-def _open_gate(delivery: Delivery, reason: str) -> OutageGate | None:
+def _open_gate(delivery: Delivery, reason: str) -> Gate | None:
     """A pausing breaker the delivery went through that holds it back now, if the failure is
     one the breaker explains (out of attempts, time or budget)."""
     extras = delivery.extras
     if not extras or reason not in _OUTAGE_REASONS:
         return None
-    gates: list[OutageGate] = extras.get(GATES_EXTRA) or []
+    gates: list[Gate] = extras.get(GATES_EXTRA) or []
     for gate in gates:
         if gate.holds(delivery):
             return gate
@@ -148,7 +129,7 @@ class DeadLetterStats:
         )
 
 
-class DeadLetterRouter:
+class DeadLetterRouter(HookLayer):
     """Middleware that sends terminal failures and poison messages to a dead-letter sink.
 
     * A delivery whose payload could not be decoded (``message.decode_error``), or that fails
@@ -249,15 +230,29 @@ class DeadLetterRouter:
         """The envelope options in use."""
         return self._builder.options
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Run the rest of the pipeline; dead-letter what ends terminally."""
-        await self._run(call_next, delivery)
+    def enter(self, delivery: Delivery) -> Any:
+        """Take the layer's slow path for a payload that could not be decoded or must be
+        validated first.
 
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's cheap form of this layer in front of ``call_next``."""
-        return functools.partial(self._run, call_next)
+        Args:
+            delivery: The message.
 
-    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
+        Returns:
+            ``None``, or :data:`~resilience.hooks.SLOW_PATH`.
+        """
+        message = delivery.message
+        if (message is not None and message.decode_error is not None) or self._validate is not None:
+            return SLOW_PATH
+        return None
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        """Dead-letter an undecodable or invalid payload; otherwise run the rest of the
+        pipeline and :meth:`fail` what escapes it.
+
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline.
+        """
         message = delivery.message
         if message is not None and message.decode_error is not None:
             await self._route(delivery, message.decode_error, "decode_error", "decode")
@@ -269,10 +264,30 @@ class DeadLetterRouter:
                 return
         try:
             await call_next(delivery)
-        except DeadLetterWriteError:
-            raise
-        except Exception as exc:
-            await self._failed_call(delivery, call_next, exc)
+            return
+        except BaseException as exc:
+            error = exc
+        await self.fail(None, delivery, error, call_next)
+
+    async def fail(
+        self, token: object, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        """Dead-letter what escaped the rest of the pipeline, unless it must propagate.
+
+        Args:
+            token: Unused.
+            delivery: The message.
+            exc: What the rest of the pipeline raised.
+            call_next: The rest of the pipeline (run again after a hold).
+
+        Raises:
+            BaseException: ``exc`` when it is not an ``Exception``, a failed dead-letter write
+                of an inner router, or ignored by the classifier; ``DeadLetterWriteError``
+                when this router's write fails.
+        """
+        if not isinstance(exc, Exception) or isinstance(exc, DeadLetterWriteError):
+            raise exc
+        await self._failed_call(delivery, call_next, exc)
 
     async def _failed_call(self, delivery: Delivery, call_next: CallNext, exc: Exception) -> None:
         """Dead-letter a terminal failure, or hold it while a pausing breaker is forced open."""
@@ -318,9 +333,7 @@ class DeadLetterRouter:
             "failure_threshold, and failure_threshold <= retry attempts). Logged once.",
         )
 
-    async def _hold(
-        self, delivery: Delivery, gate: OutageGate, exc: Exception, reason: str
-    ) -> None:
+    async def _hold(self, delivery: Delivery, gate: Gate, exc: Exception, reason: str) -> None:
         # The breaker was forced open: the message could not run, its failure says nothing
         # about it. Hold it like the breaker holds calls, then give it a fresh start.
         self.stats.held += 1

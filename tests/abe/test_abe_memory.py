@@ -182,7 +182,7 @@ async def test_reset_shared_gives_new_instances_an_empty_queue() -> None:
 
 async def test_from_env_warns_and_uses_the_shared_queue() -> None:
     """from_env() warns that MemoryBackend is for development and returns a shared-queue backend."""
-    with pytest.warns(UserWarning, match="development and testing only"):
+    with pytest.warns(UserWarning, match="development/testing only"):
         backend = MemoryBackend.from_env()
     await MemoryBackend().publish("k", {"n": 1})
     assert backend.size() == 1

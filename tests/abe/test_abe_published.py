@@ -28,8 +28,6 @@ LOGGER = "abe.backends.message_queue.consumer"
 # A bound on waits that should finish at once, so a regression fails instead of hanging.
 GUARD = 5.0
 
-MEMORY_PENDING = "MemoryBackend does not offer the published _queue and warning text yet"
-
 
 class CountingBackend:
     """A backend that counts consume() calls; its iterator yields ``payloads`` then ends, or
@@ -412,7 +410,6 @@ async def test_consume_protocol_body_is_a_yield_placeholder() -> None:
 # -- MemoryBackend ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_PENDING)
 async def test_memory_from_env_warns_development_testing_only() -> None:
     """MemoryBackend.from_env() warns a UserWarning containing "development/testing only"."""
     with warnings.catch_warnings(record=True) as caught:
@@ -422,13 +419,11 @@ async def test_memory_from_env_warns_development_testing_only() -> None:
     assert "development/testing only" in str(caught[0].message)
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_PENDING)
 async def test_memory_queue_is_shared_by_instances() -> None:
     """Every MemoryBackend() sees the same class-level _queue."""
     assert MemoryBackend()._queue is MemoryBackend()._queue
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_PENDING)
 async def test_memory_queue_size_counts_published_not_consumed_messages() -> None:
     """_queue.qsize() is the number of published messages not yet consumed."""
     backend = MemoryBackend()
@@ -442,7 +437,6 @@ async def test_memory_queue_size_counts_published_not_consumed_messages() -> Non
     assert backend._queue.qsize() == 2
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_PENDING)
 async def test_memory_consume_calls_task_done_once_per_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -467,7 +461,6 @@ async def test_memory_consume_calls_task_done_once_per_message(
         await backend._queue.join()
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_PENDING)
 async def test_memory_queue_can_be_replaced_like_the_published_tests_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -124,9 +124,17 @@ async def test_keep_alive_ends_when_its_command_swallows_the_cancellation() -> N
     started = asyncio.Event()
 
     class Client:
+        """A client whose pipelined XCLAIMs lose the first cancellation."""
+
         calls = 0
 
-        async def xclaim(self, *args: Any, **kwargs: Any) -> None:
+        def pipeline(self, transaction: bool = True) -> Client:
+            return self
+
+        def xclaim(self, *args: Any, **kwargs: Any) -> Client:
+            return self
+
+        async def execute(self, raise_on_error: bool = True) -> None:
             self.calls += 1
             started.set()
             if self.calls > 1:

@@ -131,8 +131,8 @@ async def test_a_message_cancelled_at_shutdown_is_not_acked_and_comes_back(
     async with asyncio.timeout(5):
         await started.wait()
     await consumer.shutdown()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await task  # run() returns normally after a graceful shutdown, even one that timed out
+    assert consumer.drain_timed_out
     assert await first.pending() == 1
     assert first.stats.released == 1
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -472,7 +473,7 @@ async def test_half_open_verdict_uses_the_failure_rate(
     clock: FakeClock, registry: BreakerRegistry
 ) -> None:
     """With a failure rate, a few failed probes are tolerated and too many reopen at once."""
-    options = {
+    options: dict[str, Any] = {
         "failure_threshold": 1,
         "window": CountWindow(size=10, minimum_calls=10),
         "failure_rate": 0.5,
@@ -682,7 +683,7 @@ async def test_force_open_force_closed_and_reset(
     cb.force_closed()
     for _ in range(5):
         assert await run(cb, down) == "failed"
-    assert cb.state is BreakerState.FORCED_CLOSED
+    assert cb.breaker.state is BreakerState.FORCED_CLOSED
     assert cb.stats.consecutive_failures == 0
     cb.reset()
     assert cb.state is CLOSED

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from abe.backends.message_queue.base import EventConsumer
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
-from abe.backends.message_queue.service.memory import MemoryBackend
+from abe.backends.message_queue.service.memory import MemoryBackend, MemoryChannel
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
 from resilience.errors import ConfigError, DeadLetter, Drop
@@ -426,3 +426,76 @@ async def test_cancelled_message_is_never_dead_lettered() -> None:
     assert store.envelopes == []
     assert backend.unacked() == []
     assert [m.delivery_count for m in backend.peek("jobs")] == [2]
+
+
+class _SlowRelease(MemoryBackend):
+    """A memory backend whose release takes several loop turns, counting finished releases."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryChannel())
+        self.released = 0
+
+    async def release(self, message: Any) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await super().release(message)
+        self.released += 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_run_returns_after_a_shutdown_whose_drain_timed_out(concurrency: int) -> None:
+    """After a shutdown whose drain timeout expires, run() returns normally and every message
+    that was in flight has been released (not acked) by then."""
+    backend = _SlowRelease()
+    for n in range(concurrency):
+        await backend.publish("jobs", {"n": n})
+    started: list[int] = []
+    all_started = asyncio.Event()
+
+    async def stuck(payload: dict[str, Any]) -> None:
+        started.append(payload["n"])
+        if len(started) == concurrency:
+            all_started.set()
+        await asyncio.Event().wait()
+
+    consumer = ResilientConsumer(
+        backend, policy=Policy.from_dict({"retry": False}), concurrency=concurrency, drain_timeout=0
+    )
+    outcomes = Outcomes()
+    consumer.events.subscribe(outcomes)
+    task = asyncio.create_task(consumer.run(stuck))
+    async with asyncio.timeout(5):
+        await all_started.wait()
+    await consumer.shutdown()
+    assert task.done()
+    await task  # no CancelledError out of run()
+    assert consumer.drain_timed_out
+    assert backend.released == concurrency
+    assert backend.unacked() == []
+    assert outcomes.counts == Counter({Outcome.CANCELLED: concurrency})
+    assert sorted(m.delivery_count for m in backend.peek("jobs")) == [2] * concurrency
+
+
+async def test_a_clean_drain_is_not_reported_as_timed_out() -> None:
+    """A shutdown whose in-flight message finishes in time acks it and says the drain was
+    clean."""
+    backend = MemoryBackend.isolated()
+    await publish(backend, 1)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(payload: dict[str, Any]) -> None:
+        started.set()
+        await release.wait()
+
+    consumer = ResilientConsumer(backend, policy=FAST, drain_timeout=60)
+    task = asyncio.create_task(consumer.run(handler))
+    await started.wait()
+    stopping = asyncio.create_task(consumer.shutdown())
+    await asyncio.sleep(0)
+    release.set()
+    await stopping
+    await task
+    assert not consumer.drain_timed_out
+    assert backend.unacked() == []
+    assert backend.peek("jobs") == []

@@ -545,7 +545,7 @@ async def test_router_holds_failures_while_a_pausing_breaker_is_forced_open() ->
     call = pipeline.use(breaker).build(handler)
     breaker.force_open()
     delivery = Delivery({"n": 1}, delivery_count=1)
-    task = asyncio.create_task(call(delivery))
+    task = asyncio.ensure_future(call(delivery))
     await advance(clock, 31)  # held by the breaker past the 30 s total timeout
     assert not task.done()
     assert router.stats.held == 1
@@ -574,7 +574,7 @@ async def test_router_dead_letters_after_a_total_timeout_when_the_breaker_opened
         raise ConnectionError("down")
 
     delivery = Delivery({"n": 1})
-    task = asyncio.create_task(pipeline.build(handler)(delivery))
+    task = asyncio.ensure_future(pipeline.build(handler)(delivery))
     await advance(clock, 31)
     await task
     assert delivery.outcome is Outcome.DEAD_LETTERED
@@ -623,7 +623,7 @@ async def test_shutdown_while_held_by_the_router_releases_the_message() -> None:
     """Cancelling a message the router holds propagates CancelledError and writes nothing."""
     store = MemoryStore()
     router = DeadLetterRouter(store, clock=FakeClock())
-    task = asyncio.create_task(
+    task = asyncio.ensure_future(
         router(Delivery({"n": 1}), gated("timeout", ConnectionError("down"), Gate()))
     )
     for _ in range(5):

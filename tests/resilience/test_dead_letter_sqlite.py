@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,93 @@ async def test_concurrent_consumer_dead_letters_everything_into_sqlite(tmp_path:
     assert sorted(r.envelope["payload"]["order"] for r in records) == list(range(30))
     assert backend.size() == 0
     assert backend.unacked() == []
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+def _envelopes(count: int) -> list[dict[str, Any]]:
+    """``count`` envelopes with distinct ids."""
+    return [envelope(payload={"n": n}, at=1_000.0 + n) for n in range(count)]
+
+
+async def test_concurrent_writes_share_one_transaction(tmp_path: Path) -> None:
+    """200 writes started together are committed in one transaction, and all are stored."""
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    await asyncio.gather(*(store.write(env) for env in _envelopes(200)))
+    assert store.commits == 1
+    assert len(await store.find()) == 200
+
+
+async def test_no_write_returns_before_the_commit_that_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the commit of a group is held up, none of its writers has returned; they all
+    return once it is committed, and then every envelope is readable."""
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    await store.write(envelope(payload={"warm": 1}))  # creates the file outside the gate
+    entered, gate = threading.Event(), threading.Event()
+    real_commit = SQLiteStore._commit
+
+    def held_commit(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+        entered.set()
+        assert gate.wait(timeout=30)
+        real_commit(self, conn)
+
+    monkeypatch.setattr(SQLiteStore, "_commit", held_commit)
+    writers = [asyncio.create_task(store.write(env)) for env in _envelopes(20)]
+    await asyncio.to_thread(entered.wait, 30)
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in writers)
+    gate.set()
+    await asyncio.gather(*writers)
+    assert len(await store.find()) == 21
+
+
+async def test_a_failed_commit_fails_every_writer_of_its_group_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the transaction's commit fails, each writer of that group gets the error (an
+    object of its own), none of the envelopes is stored, and later writes work again."""
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+
+    def failing_commit(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_commit", failing_commit)
+    results = await asyncio.gather(
+        *(store.write(env) for env in _envelopes(20)), return_exceptions=True
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert len({id(r) for r in results}) == 20
+    assert store.commits == 0
+    assert await store.find() == []
+    monkeypatch.undo()
+    await store.write(envelope())
+    assert len(await store.find()) == 1
+
+
+async def test_a_consumer_acks_nothing_whose_group_commit_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 8 messages in flight and every commit failing, no message is dead-lettered or
+    acked: the store stays empty and the backend still holds all 16."""
+    db = tmp_path / "dl.sqlite3"
+    backend = MemoryBackend.isolated()
+    for i in range(16):
+        await backend.publish("orders", {"order": i})
+
+    def failing_commit(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_commit", failing_commit)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise DeadLetter(f"order {payload['order']}")
+
+    policy = Policy.from_dict({"dead_letter": {"path": str(db)}})
+    consumer = ResilientConsumer(backend, policy=policy, concurrency=8, clock=FakeClock())
+    outcomes = await run_until_settled(consumer, handler, 16)
+    assert Outcome.DEAD_LETTERED not in outcomes.counts
+    assert await SQLiteStore(db).find() == []
+    assert backend.size() + len(backend.unacked()) == 16

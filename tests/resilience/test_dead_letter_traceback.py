@@ -43,7 +43,7 @@ def caused() -> None:
 
 def during() -> None:
     try:
-        {}["missing"]
+        {"present": 1}["missing"]
     except KeyError:
         raise ValueError("no such order") from None
 

@@ -69,7 +69,7 @@ async def test_plain_function_middleware_with_other_parameter_names() -> None:
     async def handler(payload: dict[str, Any]) -> None:
         seen.append(payload)
 
-    await Pipeline(tag).build(handler)(Delivery({"x": 1}))
+    await Pipeline(tag).build(handler)(Delivery({"x": 1}))  # type: ignore[arg-type]
     assert seen == [{"x": 1, "tagged": True}]
 
 
@@ -174,3 +174,21 @@ async def test_builder_adds_a_shared_circuit_breaker() -> None:
     assert type(pipeline.layers[-1]).__name__ == "CircuitBreaker"
     first.force_open()
     assert second.state.value.startswith("forced")
+
+
+def test_the_package_re_exports_the_everyday_names() -> None:
+    """``from resilience import ...`` gives the same objects as their own modules."""
+    import resilience
+    from resilience.breaker import CircuitBreaker
+    from resilience.consumer import ResilientConsumer
+    from resilience.dead_letter import DeadLetterRouter
+    from resilience.policy import Policy, resilient
+    from resilience.retry import Retry
+
+    assert resilience.ResilientConsumer is ResilientConsumer
+    assert resilience.Policy is Policy
+    assert resilience.Pipeline is Pipeline
+    assert resilience.Retry is Retry
+    assert resilience.CircuitBreaker is CircuitBreaker
+    assert resilience.DeadLetterRouter is DeadLetterRouter
+    assert resilience.resilient is resilient

@@ -266,7 +266,7 @@ async def test_cancellation_during_backoff_is_not_retried() -> None:
     """Cancelling a message while it waits between attempts propagates CancelledError."""
     handler = Flaky(99)
     call = Pipeline(Retry(attempts=5, wait=Fixed(3600))).build(handler)
-    task = asyncio.create_task(call(Delivery({}, started_at=0.0)))
+    task = asyncio.ensure_future(call(Delivery({}, started_at=0.0)))
     while handler.calls < 1:
         await asyncio.sleep(0)
     await asyncio.sleep(0)

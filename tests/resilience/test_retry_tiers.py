@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from resilience.bench._vloop import run_virtual
 from resilience.classify import Classifier
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
-from resilience.dead_letter import MemoryStore
+from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
 from resilience.errors import ConfigError, RetryAfter
 from resilience.events import MessageSettled, Outcome
@@ -158,7 +159,7 @@ def test_tiers_hand_over_after_in_process_attempts_and_free_the_slot() -> None:
 def test_exhausted_across_tiers_dead_letters_with_every_attempt() -> None:
     """The envelope counts attempts of both tiers and names the process of each earlier one."""
 
-    async def scenario() -> tuple[dict[str, Any], InboundMessage | None]:
+    async def scenario() -> tuple[Mapping[str, Any], InboundMessage | None]:
         backend = MemoryBackend.isolated(keys=["orders"])
         await backend.publish_message(
             "orders", {"n": 1, "password": "hunter2"}, headers={"traceparent": TRACEPARENT}
@@ -188,8 +189,9 @@ def test_exhausted_across_tiers_dead_letters_with_every_attempt() -> None:
         assert [e.outcome for e in settled] == [Outcome.DEFERRED] * 2 + [Outcome.DEAD_LETTERED]
         assert handler.calls[1] == 4
         assert consumer.pipeline is not None
-        layers = consumer.pipeline.layers
-        (store,) = [x.sink for x in layers if isinstance(getattr(x, "sink", None), MemoryStore)]
+        (router,) = [x for x in consumer.pipeline.layers if isinstance(x, DeadLetterRouter)]
+        store = router.sink
+        assert isinstance(store, MemoryStore)
         (envelope,) = store.envelopes
         return envelope, seen[-1] if seen else None
 

@@ -291,7 +291,7 @@ async def test_concurrent_messages_get_spans_of_their_own(otel: Otel) -> None:
     )
     await run_until_settled(consumer, handler, 6)
     spans = otel.finished()
-    by_id = {dict(s.attributes or {})["messaging.message.id"]: s for s in spans}
+    by_id = {str(dict(s.attributes or {})["messaging.message.id"]): s for s in spans}
     assert sorted(by_id) == ["1", "2", "3", "4", "5", "6"]
     outcomes = {k: dict(s.attributes or {})["resilience.outcome"] for k, s in by_id.items()}
     assert outcomes == {
@@ -654,8 +654,8 @@ async def test_replayed_dead_letter_links_to_producer_and_failed_processing(otel
 
 def test_replay_header_names_match_the_dead_letter_module() -> None:
     """Telemetry's copies of the replay header names are the dead-letter module's."""
-    from resilience import _telemetry_spans
     from resilience.dead_letter import DEAD_LETTER_TRACEPARENT_HEADER, REPLAY_COUNT_HEADER
+    from resilience.telemetry import spans as _telemetry_spans
 
     assert _telemetry_spans.DEAD_LETTER_TRACEPARENT_HEADER == DEAD_LETTER_TRACEPARENT_HEADER
     assert _telemetry_spans.REPLAY_COUNT_HEADER == REPLAY_COUNT_HEADER

@@ -23,13 +23,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.util._once import Once
 
 from abe.backends.message_queue.service.memory import MemoryBackend
-from resilience._telemetry_events import (
-    BreakerTransition,
-    EventRecorder,
-    breaker_transition,
-    dead_letter_attributes,
-)
-from resilience._telemetry_metrics import Instruments
 from resilience.errors import ConfigError
 from resilience.logging import LogContext
 from resilience.policy import Policy
@@ -42,6 +35,13 @@ from resilience.telemetry import (
     policy_section,
     tracing_configured,
 )
+from resilience.telemetry.events import (
+    BreakerTransition,
+    EventRecorder,
+    breaker_transition,
+    dead_letter_attributes,
+)
+from resilience.telemetry.metrics import Instruments
 
 
 @pytest.fixture
@@ -328,7 +328,9 @@ def test_recorder_counts_a_transition_it_did_not_hear() -> None:
     recorder = EventRecorder(Instruments(provider), {"messaging.system": "memory"})
     recorder(BreakerStateChanged("pay", State.CLOSED, State.OPEN, "threshold"))
     recorder(BreakerStateChanged("pay", State.HALF_OPEN, State.CLOSED, "probe_succeeded"))
-    data = json.loads(reader.get_metrics_data().to_json())
+    metrics_data = reader.get_metrics_data()
+    assert metrics_data is not None
+    data = json.loads(metrics_data.to_json())
     counts = {
         point["attributes"]["resilience.breaker.state"]: point["value"]
         for resource in data["resource_metrics"]

@@ -102,7 +102,7 @@ async def test_outer_cancellation_is_not_turned_into_a_timeout() -> None:
         await asyncio.sleep(3600)
 
     call = Pipeline(Timeout(60.0)).build(handler)
-    task = asyncio.create_task(call(Delivery({}, started_at=0.0)))
+    task = asyncio.ensure_future(call(Delivery({}, started_at=0.0)))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

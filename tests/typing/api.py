@@ -15,10 +15,11 @@ from resilience.breaker import BreakerStats, CircuitBreaker, get_breaker
 from resilience.classify import Classifier, Verdict
 from resilience.clock import Clock, FakeClock, LoopClock
 from resilience.consumer import ResilientConsumer
+from resilience.dead_letter import DeadLetterRouter
 from resilience.delivery import Delivery
 from resilience.errors import ConfigError, DeadLetter, Drop, RetryAfter
 from resilience.events import EventBus, MessageSettled, Outcome
-from resilience.pipeline import CallNext, Compiled, Pipeline
+from resilience.pipeline import CallNext, Pipeline
 from resilience.policy import Policy, resilient
 from resilience.retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
 from resilience.testing import Outcomes, capture_events, run_until_settled, set_testing
@@ -81,9 +82,7 @@ async def usage() -> None:
     assert shared is not None
     pipeline.use(breaker)
     fast = Pipeline().retry(attempts=3).circuit_breaker("db", mode="pause").timeout(1.0)
-    compiled: Compiled = fast.compile(handler)
-    entry: CallNext = compiled.call
-    assert compiled.fused is not None
+    entry: CallNext = fast.compile(handler)
     assert entry is not None
     linked: CallNext = Pipeline().retry(attempts=2).build(handler, fuse=False)
     assert linked is not None
@@ -107,3 +106,21 @@ async def usage() -> None:
     first: MessageSettled = settled[0]
     assert first.outcome is Outcome.SUCCESS or outcomes.counts[Outcome.FAILED] >= 0
     await decorated({"id": 1})
+
+
+def everyday_names_from_the_package() -> None:
+    """The everyday names are re-exported by ``resilience`` itself."""
+    import resilience
+
+    consumer_type: type[ResilientConsumer] = resilience.ResilientConsumer
+    policy: Policy = resilience.Policy()
+    pipeline: Pipeline = resilience.Pipeline(resilience.Retry(), resilience.Timeout(1.0))
+    breaker: CircuitBreaker = resilience.CircuitBreaker("api")
+    router: type[DeadLetterRouter] = resilience.DeadLetterRouter
+    decorate = resilience.resilient
+    assert consumer_type is ResilientConsumer
+    assert router is DeadLetterRouter
+    assert decorate is resilient
+    assert policy is not None
+    assert pipeline is not None
+    assert breaker is not None

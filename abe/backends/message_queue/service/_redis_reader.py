@@ -1,10 +1,13 @@
 """One consumer-group reader of the Redis Streams backend: reads in batches, settles, acks.
 
 A :class:`StreamReader` backs one ``deliveries()`` (or ``consume()``) iterator. It reads new
-entries in batches with XREADGROUP and buffers acknowledgements into one multi-id XACK per
-stream, sent together with the next read (or after ``ack_delay``, or when ``ack_batch`` are
-waiting). Reclaiming idle entries, keeping held ones alive and reconnecting live in
-:mod:`._redis_recovery`.
+entries of every stream in one XREADGROUP (``COUNT`` applies per stream, so a busy stream
+cannot starve the others) and buffers acknowledgements into one multi-id XACK per stream, sent
+in the same round trip as the next read (or after ``ack_delay``, or when more are waiting than
+``ack_batch`` and the last read together). Consumer groups are created in one pipelined round
+trip for all streams; streams matching a pattern (``tenant:*``) are looked up with SCAN at the
+start and every ``discover_interval``. Reclaiming idle entries, keeping held ones alive and
+reconnecting live in :mod:`._redis_recovery`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from abe.backends.message_queue.base.connection import ConnectionStatus
 from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
-from ._redis_common import LOGGER_NAME, RedisStats, Sleep
+from ._redis_common import LOGGER_NAME, RedisStats, Sleep, text
 from ._redis_recovery import keep_alive, reclaim, resilient, unswallowed
+from ._redis_settings import is_pattern
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -72,15 +76,23 @@ class StreamReader:
         self.stats = stats
         self.sleep = sleep
         """Awaited for reconnection backoff."""
-        self.streams = settings.streams
-        self._key_of = {key.encode(): key for key in self.streams}
-        self._read_ids: dict[str, str] = dict.fromkeys(self.streams, ">")
-        self.unsettled: dict[str, dict[str, bytes]] = {key: {} for key in self.streams}
+        self.patterns = tuple(key for key in settings.streams if is_pattern(key))
+        """Stream patterns (``tenant:*``) whose matching streams are read too."""
+        self.streams: list[str] = []
+        """The streams read: the configured keys, then the streams found for the patterns."""
+        self.discovered: set[str] = set()
+        """Streams found through a pattern (dropped again when they disappear)."""
+        self._key_of: dict[bytes, str] = {}
+        self._read_ids: dict[str, str] = {}
+        self.unsettled: dict[str, dict[str, bytes]] = {}
         """Per stream: ids (str -> bytes) read by this reader and neither acked nor released."""
+        for key in settings.streams:
+            if key not in self.patterns:
+                self._add_stream(key)
         self.waiting: deque[InboundMessage] = deque()
         """Read (or reclaimed) and not yet handed out."""
-        self.acks: dict[str, list[bytes]] = {key: [] for key in self.streams}
-        """Per stream: entry ids whose acknowledgement is buffered."""
+        self.acks: dict[str, list[bytes]] = {}
+        """Per stream with acknowledgements buffered: their entry ids."""
         self._ack_limit = settings.ack_limit
         self.ack_count = 0
         self.release_pending = False
@@ -92,6 +104,8 @@ class StreamReader:
         """Per stream: where an unfinished reclaim scan goes on."""
         self.next_reclaim = 0.0
         """Monotonic time of the next reclaim scan (the first one runs at start)."""
+        self.next_discovery = 0.0 if self.patterns else float("inf")
+        """Monotonic time of the next look-up of streams matching the patterns."""
         self.groups_ready = False
         self.owner: asyncio.Task[Any] | None = None
         """The task iterating :meth:`messages` (set when it starts)."""
@@ -119,7 +133,10 @@ class StreamReader:
                     continue
                 if self.closed:
                     return  # the backend was closed under us
-                if _monotonic() >= self.next_reclaim:
+                now = _monotonic()
+                if now >= self.next_discovery:
+                    await resilient(self, self.discover)
+                if now >= self.next_reclaim:
                     await resilient(self, self._reclaim)
                     if waiting:
                         continue
@@ -141,16 +158,85 @@ class StreamReader:
         """A deadline of ``command_timeout`` (plus ``extra``) seconds for one Redis call."""
         return asyncio.timeout(self.settings.command_timeout + extra)
 
+    def _add_stream(self, key: str) -> None:
+        self.streams.append(key)
+        self._key_of[key.encode()] = key
+        self._read_ids[key] = ">"
+        self.unsettled.setdefault(key, {})
+
+    def _drop_stream(self, key: str) -> None:
+        """Stop reading ``key`` (a discovered stream that was deleted)."""
+        self.streams.remove(key)
+        self.discovered.discard(key)
+        self._key_of.pop(key.encode(), None)
+        self._read_ids.pop(key, None)
+        self.cursors.pop(key, None)
+        if not self.unsettled.get(key):
+            self.unsettled.pop(key, None)
+
     async def ensure_groups(self) -> None:
-        """Create the consumer group on every stream (at the start, creating the stream)."""
-        for key in self.streams:
-            try:
-                async with self.timeout():
-                    await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        """Create the consumer group on every stream, in one pipelined round trip.
+
+        Configured streams are created when missing (``MKSTREAM``); a discovered stream that
+        no longer exists is dropped instead.
+
+        Raises:
+            redis.exceptions.ResponseError: Redis refused to create a group.
+        """
+        if self.groups_ready:
+            return  # resilient() runs this before any step while the groups are not ready
+        await self._create_groups(list(self.streams))
         self.groups_ready = True
+
+    async def _create_groups(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xgroup_create(key, self.group, id="0", mkstream=key not in self.discovered)
+        async with self.timeout():
+            results = await pipe.execute(raise_on_error=False)
+        for key, result in zip(keys, results, strict=True):
+            if not isinstance(result, BaseException) or "BUSYGROUP" in str(result):
+                continue
+            if key in self.discovered and isinstance(result, ResponseError):
+                logger.info("Stream %r is gone; no longer reading it", key)
+                self._drop_stream(key)
+                continue
+            raise result
+
+    async def discover(self) -> None:
+        """Look up the streams matching the patterns (SCAN ... TYPE stream); read new ones.
+
+        A new stream's group starts at its first entry, so what was published before it was
+        found is delivered too.
+        """
+        self.next_discovery = _monotonic() + self.settings.discover_interval
+        found: set[str] = set()
+        for pattern in self.patterns:
+            cursor: int = 0
+            while True:
+                async with self.timeout():
+                    cursor, keys = await self.client.scan(
+                        cursor, match=pattern, count=1000, _type="stream"
+                    )
+                found.update(text(key) for key in keys)
+                if not cursor:
+                    break
+        new = sorted(found.difference(self._read_ids))
+        if not new:
+            return
+        for key in new:
+            self.discovered.add(key)
+            self._add_stream(key)
+        if self.groups_ready:
+            await self._create_groups(new)
+        logger.info(
+            "Reading %d new stream(s) matching %s: %s",
+            len(new),
+            ", ".join(repr(p) for p in self.patterns),
+            ", ".join(new[:10]) + (", ..." if len(new) > 10 else ""),
+        )
 
     async def _reclaim(self) -> None:
         await reclaim(self)
@@ -158,8 +244,12 @@ class StreamReader:
     async def _fill(self) -> None:
         """Send buffered acks and read the next batch, in one round trip."""
         timeout_ms = self.settings.block_ms
-        until_reclaim = self.next_reclaim - _monotonic()
-        timeout_ms = max(1, min(timeout_ms, int(until_reclaim * 1000)))
+        until_next = min(self.next_reclaim, self.next_discovery) - _monotonic()
+        timeout_ms = max(1, min(timeout_ms, int(until_next * 1000)))
+        if not self._read_ids:  # only patterns, and nothing matches them yet
+            await self.flush()
+            await asyncio.sleep(timeout_ms / 1000)
+            return
         acks = self._take_acks()
         try:
             async with self.timeout(timeout_ms / 1000):
@@ -196,6 +286,10 @@ class StreamReader:
         stats.delivered += len(waiting) - before
         if poison:
             stats.poison += poison
+        if not self.settings.ack_batch:
+            # A read across many streams can be far bigger than batch_size: its acks go out
+            # with the next read rather than in early flushes of a few ids per stream.
+            self._ack_limit = max(self.settings.ack_limit, len(waiting) + 1)
 
     def _read_command(self, timeout_ms: int) -> list[Any]:
         streams = self._read_ids
@@ -233,11 +327,16 @@ class StreamReader:
 
         Synchronous, so the per-message cost of an ack is a few dict operations.
         """
+        key = message.key
         try:
-            entry_id = self.unsettled[message.key].pop(message.message_id)  # type: ignore[arg-type]
+            entry_id = self.unsettled[key].pop(message.message_id)  # type: ignore[arg-type]
         except KeyError:
             return False  # settled already (dead-lettered, released, or acked twice)
-        self.acks[message.key].append(entry_id)
+        ids = self.acks.get(key)
+        if ids is None:
+            self.acks[key] = [entry_id]
+        else:
+            ids.append(entry_id)
         count = self.ack_count = self.ack_count + 1
         if count >= self._ack_limit or self.closed:
             return True
@@ -266,8 +365,14 @@ class StreamReader:
 
     def _flush_soon(self) -> None:
         self._ack_timer = None
-        if self.ack_count and (self._flushing is None or self._flushing.done()):
-            self._flushing = asyncio.create_task(self._flush_quietly())
+        if self.ack_count:
+            self.request_flush()
+
+    def request_flush(self) -> None:
+        """Flush buffered acknowledgements in the background: one task at a time, however many
+        acknowledgements ask for it (failures are logged and retried with the next read)."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_quietly())
 
     async def _flush_quietly(self) -> None:
         try:
@@ -278,8 +383,7 @@ class StreamReader:
     def _take_acks(self) -> dict[str, list[bytes]]:
         acks: dict[str, list[bytes]] = {}
         if self.ack_count:
-            acks = {key: ids for key, ids in self.acks.items() if ids}
-            self.acks = {key: [] for key in self.streams}
+            acks, self.acks = self.acks, {}
             self.ack_count = 0
         if self._ack_timer is not None:
             self._ack_timer.cancel()
@@ -288,7 +392,7 @@ class StreamReader:
 
     def _restore_acks(self, acks: dict[str, list[bytes]]) -> None:
         for key, ids in acks.items():
-            self.acks[key].extend(ids)
+            self.acks.setdefault(key, []).extend(ids)
             self.ack_count += len(ids)
 
     def _acked(self, acks: dict[str, list[bytes]]) -> None:

@@ -93,60 +93,66 @@ async def unswallowed(call: Awaitable[T]) -> T:
 
 
 async def reclaim(reader: StreamReader) -> None:
-    """Claim up to ``batch_size`` entries idle longer than ``claim_idle`` for ``reader``.
+    """Claim entries idle longer than ``claim_idle`` for ``reader``: up to ``batch_size`` per
+    stream, every stream in one pipelined round trip (one more for the delivery counts).
 
-    Claimed entries go to the front of the reader's queue, with their delivery counts. A scan
-    that stops early (the budget is spent) goes on from its cursor on the next turn.
+    Claimed entries go to the front of the reader's queue, with their delivery counts. A stream
+    whose scan stops early (its count is spent) goes on from its cursor on the next turn.
     """
     reader.release_pending = False
     settings = reader.settings
     stats = reader.stats
     reader.next_reclaim = time.monotonic() + settings.claim_idle / 2
-    budget = settings.batch_size
-    claimed: list[InboundMessage] = []
-    for key in reader.streams:
-        cursor = reader.cursors.get(key, "0-0")
-        while budget > 0:
-            async with reader.timeout():
-                reply = await reader.client.xautoclaim(
-                    key,
-                    reader.group,
-                    reader.consumer,
-                    settings.claim_idle_ms,
-                    start_id=cursor,
-                    count=budget,
-                )
-            entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                stats.deleted_while_pending += len(deleted)
-                logger.warning(
-                    "%d pending entries of %r were deleted from the stream (trimmed?) before "
-                    "being processed: %s",
-                    len(deleted),
-                    key,
-                    ", ".join(text(d) for d in deleted[:10]),
-                )
-            if entries:
-                counts = await _delivery_counts(reader, key, entries)
-                stats.poison += decode_batch(
-                    key,
-                    entries,
-                    reader.group,
-                    reader,
-                    reader.unsettled[key],
-                    claimed.append,
-                    counts,
-                )
-                budget -= len(entries)
-            cursor = text(reply[0])
-            if cursor == "0-0":
-                break
+    keys = list(reader.streams)
+    if not keys:
+        return
+    pipe = reader.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.xautoclaim(
+            key,
+            reader.group,
+            reader.consumer,
+            settings.claim_idle_ms,
+            start_id=reader.cursors.get(key, "0-0"),
+            count=settings.batch_size,
+        )
+    async with reader.timeout():
+        replies = await pipe.execute()
+    found: list[tuple[str, list[Any]]] = []
+    for key, reply in zip(keys, replies, strict=True):
+        entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
+        deleted = reply[2] if len(reply) > 2 else []
+        if deleted:
+            stats.deleted_while_pending += len(deleted)
+            logger.warning(
+                "%d pending entries of %r were deleted from the stream (trimmed?) before "
+                "being processed: %s",
+                len(deleted),
+                key,
+                ", ".join(text(d) for d in deleted[:10]),
+            )
+        if entries:
+            found.append((key, entries))
+        cursor = text(reply[0])
         if cursor == "0-0":
             reader.cursors.pop(key, None)
         else:
             reader.cursors[key] = cursor
             reader.next_reclaim = 0.0  # more to scan: go on at the next turn
+    if not found:
+        return
+    counts = await _delivery_counts(reader, found)
+    claimed: list[InboundMessage] = []
+    for key, entries in found:
+        stats.poison += decode_batch(
+            key,
+            entries,
+            reader.group,
+            reader,
+            reader.unsettled.setdefault(key, {}),
+            claimed.append,
+            counts[key],
+        )
     if claimed:
         stats.reclaimed += len(claimed)
         stats.delivered += len(claimed)
@@ -158,23 +164,31 @@ async def reclaim(reader: StreamReader) -> None:
         reader.waiting.extendleft(reversed(claimed))
 
 
-async def _delivery_counts(reader: StreamReader, key: str, entries: list[Any]) -> dict[bytes, int]:
-    """Delivery counts of ``entries`` (just claimed by ``reader``) from the pending list."""
-    async with reader.timeout():
-        rows = await reader.client.xpending_range(
+async def _delivery_counts(
+    reader: StreamReader, found: list[tuple[str, list[Any]]]
+) -> dict[str, dict[bytes, int]]:
+    """Delivery counts of entries just claimed by ``reader`` (per stream) from the pending
+    lists, all streams in one pipelined round trip."""
+    pipe = reader.client.pipeline(transaction=False)
+    for key, entries in found:
+        pipe.xpending_range(
             key,
             reader.group,
             min=entries[0][0],
             max=entries[-1][0],
-            count=len(entries) + len(reader.unsettled[key]),
+            count=len(entries) + len(reader.unsettled.get(key, ())),
             consumername=reader.consumer,
         )
-    counts: dict[bytes, int] = {}
-    for row in rows:
-        entry_id = row["message_id"]
-        if not isinstance(entry_id, bytes):
-            entry_id = str(entry_id).encode()
-        counts[entry_id] = int(row["times_delivered"])
+    async with reader.timeout():
+        replies = await pipe.execute()
+    counts: dict[str, dict[bytes, int]] = {}
+    for (key, _), rows in zip(found, replies, strict=True):
+        per_entry = counts[key] = {}
+        for row in rows:
+            entry_id = row["message_id"]
+            if not isinstance(entry_id, bytes):
+                entry_id = str(entry_id).encode()
+            per_entry[entry_id] = int(row["times_delivered"])
     return counts
 
 
@@ -184,17 +198,18 @@ async def keep_alive(reader: StreamReader) -> None:
     task = asyncio.current_task()
     while True:
         await asyncio.sleep(interval)
-        for key, held in reader.unsettled.items():
-            if not held:
-                continue
+        held = {key: list(ids.values()) for key, ids in reader.unsettled.items() if ids}
+        if held:
+            pipe = reader.client.pipeline(transaction=False)
+            for key, ids in held.items():  # every stream in one round trip
+                pipe.xclaim(key, reader.group, reader.consumer, 0, ids, justid=True)  # type: ignore[arg-type]
             try:
                 async with reader.timeout():
-                    await reader.client.xclaim(
-                        key, reader.group, reader.consumer, 0, list(held.values()), justid=True
-                    )
+                    await pipe.execute(raise_on_error=False)
             except _KEEP_ALIVE_ERRORS as exc:
-                logger.debug("Keep-alive of %d held entries failed: %s", len(held), exc)
-            raise_if_cancel_swallowed(task, 0)  # close() cancels this task and waits for it
+                count = sum(len(ids) for ids in held.values())
+                logger.debug("Keep-alive of %d held entries failed: %s", count, exc)
+        raise_if_cancel_swallowed(task, 0)  # close() cancels this task and waits for it
 
 
 async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -> None:

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["DEFAULT_GROUP", "DEFAULT_STREAMS", "DEFAULT_URL", "RedisSettings", "default_consumer"]
+__all__ = [
+    "DEFAULT_GROUP",
+    "DEFAULT_STREAMS",
+    "DEFAULT_URL",
+    "RedisSettings",
+    "default_consumer",
+    "is_pattern",
+]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 """Where the backend connects when neither an argument nor ``REDIS_URL`` says otherwise."""
@@ -56,6 +63,20 @@ def _name(value: str, name: str) -> str:
     return value.strip()
 
 
+def is_pattern(key: str) -> bool:
+    """Whether stream ``key`` is a glob pattern (an unescaped ``*``, ``?`` or ``[``), read as
+    every stream whose name matches it (Redis ``SCAN MATCH`` syntax)."""
+    escaped = False
+    for char in key:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "*?[":
+            return True
+    return False
+
+
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for messages and logs)."""
     parts = urlsplit(url)
@@ -76,7 +97,10 @@ class RedisSettings:
 
     Attributes:
         url: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL; may carry a password.
-        streams: Stream keys that ``consume()`` and ``deliveries()`` read.
+        streams: Stream keys that ``consume()`` and ``deliveries()`` read. A key with an
+            unescaped ``*``, ``?`` or ``[`` is a pattern (``tenant:*``): every stream whose name
+            matches it, looked up with ``SCAN`` at start and every ``discover_interval``, so
+            streams created later are read without a restart.
         group: Consumer group used when a caller passes ``group=None``.
         consumer: This consumer's name in the group (unique per process).
         batch_size: Entries fetched per XREADGROUP (``COUNT``) and per reclaim round.
@@ -88,13 +112,17 @@ class RedisSettings:
         maxlen: Approximate cap on a stream's length applied when publishing (``None``: never
             trim; trimming can delete entries nobody has processed yet).
         ack_batch: Acknowledgements buffered before one multi-id XACK is sent at once (0, the
-            default, means twice ``batch_size``; see :attr:`ack_limit`).
+            default, means twice ``batch_size`` or the size of the last read across all
+            streams, whichever is larger; see :attr:`ack_limit`).
         ack_delay: Seconds a buffered acknowledgement may wait for the next read before it is
             flushed on its own.
         reconnect_initial: First wait, in seconds, after a lost connection.
         reconnect_max: Longest wait between reconnection attempts.
         command_timeout: Seconds one Redis command may take before it counts as a lost
             connection (a blocking read may take ``block`` longer).
+        discover_interval: Seconds between two look-ups of the streams matching the patterns
+            in ``streams`` (unused without patterns). Each look-up is a ``SCAN`` of the key
+            space, so do not make it very short on a Redis with millions of keys.
     """
 
     url: str = DEFAULT_URL
@@ -110,6 +138,7 @@ class RedisSettings:
     reconnect_initial: float = 0.1
     reconnect_max: float = 5.0
     command_timeout: float = 10.0
+    discover_interval: float = 10.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -137,6 +166,7 @@ class RedisSettings:
         set_(self, "reconnect_initial", _seconds(self.reconnect_initial, "reconnect_initial"))
         set_(self, "reconnect_max", _seconds(self.reconnect_max, "reconnect_max"))
         set_(self, "command_timeout", _seconds(self.command_timeout, "command_timeout"))
+        set_(self, "discover_interval", _seconds(self.discover_interval, "discover_interval"))
         if self.reconnect_max < self.reconnect_initial:
             raise ValueError(
                 f"reconnect_max ({self.reconnect_max:g}s) must be >= reconnect_initial "
@@ -165,8 +195,10 @@ class RedisSettings:
         """Read settings from environment variables (``os.environ`` by default).
 
         ``REDIS_URL``, ``REDIS_STREAMS`` (comma-separated), ``REDIS_GROUP``, ``REDIS_CONSUMER``,
-        ``REDIS_BATCH_SIZE``, ``REDIS_BLOCK_MS``, ``REDIS_CLAIM_IDLE_MS``, ``REDIS_MAXLEN`` and
-        ``REDIS_PASSWORD`` (used when the URL carries none). Unset or empty means the default.
+        ``REDIS_BATCH_SIZE``, ``REDIS_BLOCK_MS``, ``REDIS_CLAIM_IDLE_MS``, ``REDIS_MAXLEN``,
+        ``REDIS_DISCOVER_INTERVAL_MS`` and ``REDIS_PASSWORD`` (used when the URL carries none).
+        Unset or empty means the default. ``REDIS_STREAMS`` may hold patterns
+        (``REDIS_STREAMS=tenant:*``).
 
         Args:
             environ: The variables to read.
@@ -226,6 +258,12 @@ class RedisSettings:
         millis = (
             ("REDIS_BLOCK_MS", "block", 0, "an integer >= 0 (milliseconds)"),
             ("REDIS_CLAIM_IDLE_MS", "claim_idle", 1, "an integer >= 1 (milliseconds)"),
+            (
+                "REDIS_DISCOVER_INTERVAL_MS",
+                "discover_interval",
+                1,
+                "an integer >= 1 (milliseconds between look-ups of streams matching a pattern)",
+            ),
         )
         for name, attr, minimum, allowed in millis:
             value = text(name)

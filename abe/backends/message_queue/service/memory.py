@@ -22,17 +22,66 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from typing import Any, ClassVar, Protocol, overload
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
 
 __all__ = ["MemoryBackend", "MemoryChannel", "MemoryDeliveries"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Entry:
+    """One queued message: ``live`` turns false when a reader of named keys takes it."""
+
+    __slots__ = ("live", "message", "seq")
+
+    def __init__(self, seq: int, message: InboundMessage) -> None:
+        self.seq = seq
+        self.message = message
+        self.live = True
+
+
+def _message(
+    seq: int,
+    key: MessageQueueKey,
+    payload: MessageQueuePayload,
+    headers: Mapping[str, str] | None,
+) -> InboundMessage:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    return InboundMessage(
+        payload=payload,
+        key=key,
+        message_id=str(seq),
+        headers=dict(headers) if headers else {},
+        enqueued_at=time.time(),
+    )
+
+
+class _Done:
+    """An awaitable that is already done (what ``put((key, payload))`` returns)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE = _Done()
+
+_COMPACT_AT = 64
+"""Taken entries the publish-order queue may hold before it is compacted (see ``_taken``)."""
 
 
 class TimerClock(Protocol):
@@ -53,34 +102,75 @@ class _LoopTimers:
 class MemoryChannel:
     """The store behind one or more :class:`MemoryBackend` instances.
 
-    Keeps one FIFO per key and a global sequence so that a consumer of several keys sees
-    messages in publish order. Not bound to any event loop, so one channel can outlive a loop.
+    It is also the published ``MemoryBackend._queue``: an :class:`asyncio.Queue`-compatible
+    object (``qsize()``, ``put``/``get`` of ``(key, payload)`` pairs, ``task_done()``,
+    ``join()``), so code written against the published backend keeps working. Unlike
+    ``asyncio.Queue`` it is not bound to an event loop, so one channel can outlive a loop.
+
+    Every operation costs the same whatever the number of keys: messages sit in one queue in
+    publish order (what a reader of every key takes from) and in one queue per key (what a
+    reader of named keys takes from); each key's queue is the publish-order queue restricted to
+    that key, so the oldest message overall is always at the head of its key's queue. A message
+    taken through its key's queue stays in the publish-order queue, marked taken, until it
+    reaches the head or the queue is compacted (when taken entries outnumber the live ones).
+    A reader of several named keys compares the heads of those keys' queues.
     """
 
-    __slots__ = ("_queues", "_seq", "_unacked", "_waiters")
-
     def __init__(self) -> None:
-        self._queues: dict[str, deque[tuple[int, InboundMessage]]] = {}
+        self._order: deque[_Entry] = deque()
+        self._queues: dict[str, deque[_Entry]] = {}
+        self._taken = 0
+        """Entries in ``_order`` already taken through their key's queue."""
+        self._size = 0
         self._seq = itertools.count(1)
         self._waiters: list[asyncio.Future[None]] = []
         self._unacked: dict[str, tuple[int, InboundMessage]] = {}
+        self._handed_out = 0
+        """Messages taken by ``get()``/``consume()`` whose ``task_done()`` is still due."""
+        self._joiners: list[asyncio.Future[None]] = []
 
-    def put(self, message: InboundMessage, seq: int | None = None, *, front: bool = False) -> None:
-        """Queue ``message`` (at the front when redelivering) and wake the waiting consumers."""
-        if seq is None:
-            seq = next(self._seq)
-        queue = self._queues.get(message.key)
+    # -- the store ----------------------------------------------------------------------------
+
+    @overload
+    def put(self, item: InboundMessage, seq: int | None = None, *, front: bool = False) -> None: ...
+
+    @overload
+    def put(self, item: tuple[MessageQueueKey, MessageQueuePayload]) -> Awaitable[None]: ...
+
+    def put(
+        self,
+        item: InboundMessage | tuple[MessageQueueKey, MessageQueuePayload],
+        seq: int | None = None,
+        *,
+        front: bool = False,
+    ) -> Awaitable[None] | None:
+        """Queue a message and wake the waiting consumers.
+
+        Given an :class:`InboundMessage`, queue it (at the front when redelivering, keeping its
+        sequence number ``seq``). Given a ``(key, payload)`` pair, behave as the published
+        ``await _queue.put((key, payload))``: the pair is queued at once and an awaitable that
+        is already done is returned.
+        """
+        if not isinstance(item, InboundMessage):
+            self.put_nowait(item)
+            return _DONE
+        entry = _Entry(next(self._seq) if seq is None else seq, item)
+        queue = self._queues.get(item.key)
         if queue is None:
-            queue = self._queues[message.key] = deque()
+            queue = self._queues[item.key] = deque()
         if front:
-            queue.appendleft((seq, message))
+            queue.appendleft(entry)
+            self._order.appendleft(entry)
         else:
-            queue.append((seq, message))
+            queue.append(entry)
+            self._order.append(entry)
+        self._size += 1
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for fut in waiters:
                 if not fut.done() and not fut.get_loop().is_closed():
                     fut.set_result(None)
+        return None
 
     def next_id(self) -> int:
         """Return the next sequence number."""
@@ -88,18 +178,53 @@ class MemoryChannel:
 
     def pop_nowait(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
         """Remove and return the oldest message of ``keys`` (all when ``None``), or ``None``."""
-        if keys is None and len(self._queues) == 1:
-            for only in self._queues.values():
-                return only.popleft() if only else None
-        best: deque[tuple[int, InboundMessage]] | None = None
-        queues: Iterable[deque[tuple[int, InboundMessage]] | None]
-        queues = self._queues.values() if keys is None else (self._queues.get(k) for k in keys)
-        for queue in queues:
-            if queue and (best is None or queue[0][0] < best[0][0]):
-                best = queue
-        return None if best is None else best.popleft()
+        if keys is None:
+            order = self._order
+            while order:
+                entry = order.popleft()
+                if not entry.live:
+                    self._taken -= 1
+                    continue
+                message = entry.message
+                own = self._queues[message.key]
+                own.popleft()  # ``entry``: the oldest live entry is the head of its key's queue
+                if not own:
+                    del self._queues[message.key]
+                self._size -= 1
+                return entry.seq, message
+            return None
+        queues = self._queues
+        queue: deque[_Entry] | None = None
+        if len(keys) == 1:
+            for key in keys:
+                queue = queues.get(key)
+        else:
+            for key in keys:
+                candidate = queues.get(key)
+                if candidate is not None and (queue is None or candidate[0].seq < queue[0].seq):
+                    queue = candidate
+        if not queue:
+            return None
+        entry = queue.popleft()
+        message = entry.message
+        if not queue:
+            del queues[message.key]
+        self._size -= 1
+        entry.live = False
+        order = self._order
+        if order[0] is entry:
+            order.popleft()
+        else:
+            self._taken += 1
+            while order and not order[0].live:  # taken entries at the head, ``entry`` among them
+                order.popleft()
+                self._taken -= 1
+            if self._taken > _COMPACT_AT and 2 * self._taken > len(order):
+                self._order = deque(e for e in order if e.live)
+                self._taken = 0
+        return entry.seq, message
 
-    async def get(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage]:
+    async def wait_pop(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage]:
         """Wait for and remove the oldest message of ``keys`` (all keys when ``None``)."""
         while True:
             item = self.pop_nowait(keys)
@@ -115,21 +240,30 @@ class MemoryChannel:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
 
-    def settle(self, message: InboundMessage) -> tuple[int, InboundMessage] | None:
-        """Forget ``message`` as unacked; returns what was tracked, if anything."""
+    def settle(
+        self, message: InboundMessage, *, finished: bool = True
+    ) -> tuple[int, InboundMessage] | None:
+        """Forget ``message`` as unacked; returns what was tracked, if anything.
+
+        ``finished=False`` when it is about to be queued again (a release), so :meth:`join`
+        does not see a moment with nothing left.
+        """
         if message.message_id is None:
             return None
-        return self._unacked.pop(message.message_id, None)
+        tracked = self._unacked.pop(message.message_id, None)
+        if finished and tracked is not None and self._joiners:
+            self._wake_joiners()
+        return tracked
 
     def size(self, key: str | None = None) -> int:
         """Messages waiting (not handed out) under ``key``, or under all keys."""
         if key is not None:
             return len(self._queues.get(key, ()))
-        return sum(len(q) for q in self._queues.values())
+        return self._size
 
     def peek(self, key: str) -> list[InboundMessage]:
         """The messages waiting under ``key``, oldest first, without removing them."""
-        return [m for _, m in self._queues.get(key, ())]
+        return [e.message for e in self._queues.get(key, ())]
 
     def unacked(self) -> list[InboundMessage]:
         """Deliveries handed out and not yet acked or released."""
@@ -145,6 +279,115 @@ class MemoryChannel:
             )
             self.put(redelivery, seq, front=True)
         return len(items)
+
+    # -- the published ``asyncio.Queue`` face ------------------------------------------------------
+
+    @property
+    def maxsize(self) -> int:
+        """Always 0: the queue is unbounded."""
+        return 0
+
+    def qsize(self) -> int:
+        """Messages waiting, under every key (handed-out deliveries not counted)."""
+        return self._size
+
+    def empty(self) -> bool:
+        """Whether no message is waiting."""
+        return self._size == 0
+
+    def full(self) -> bool:
+        """Always ``False``: the queue is unbounded."""
+        return False
+
+    def put_nowait(self, item: tuple[MessageQueueKey, MessageQueuePayload]) -> None:
+        """Queue a ``(key, payload)`` pair, as the published backend's ``publish()`` does.
+
+        Raises:
+            ValueError: the key is not a non-empty string.
+            TypeError: the payload is not a dict.
+        """
+        key, payload = item
+        seq = next(self._seq)
+        self.put(_message(seq, key, payload, None), seq)
+
+    def get_nowait(self) -> tuple[MessageQueueKey, MessageQueuePayload]:
+        """Remove and return the oldest ``(key, payload)``; call :meth:`task_done` when done.
+
+        Raises:
+            asyncio.QueueEmpty: nothing is waiting.
+        """
+        item = self.pop_nowait(None)
+        if item is None:
+            raise asyncio.QueueEmpty
+        self._handed_out += 1
+        message = item[1]
+        return message.key, message.payload
+
+    async def get(self) -> tuple[MessageQueueKey, MessageQueuePayload]:
+        """Wait for and remove the oldest ``(key, payload)``; call :meth:`task_done` when done."""
+        _, message = await self.wait_pop(None)
+        self._handed_out += 1
+        return message.key, message.payload
+
+    def task_done(self) -> None:
+        """Mark a message taken with :meth:`get` (or yielded by ``consume()``) as processed.
+
+        Deliveries of ``deliveries()`` count as processed once acked or dead-lettered.
+
+        Raises:
+            ValueError: called more times than messages were taken.
+        """
+        if self._handed_out <= 0:
+            raise ValueError("task_done() called too many times")
+        self._handed_out -= 1
+        if self._joiners:
+            self._wake_joiners()
+
+    async def join(self) -> None:
+        """Wait until every message put is processed: taken and ``task_done()``, or settled."""
+        while self._unfinished():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._joiners.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._joiners.remove(fut)
+
+    def _unfinished(self) -> int:
+        return self._size + len(self._unacked) + self._handed_out
+
+    def _wake_joiners(self) -> None:
+        if self._unfinished():
+            return
+        joiners, self._joiners = self._joiners, []
+        for fut in joiners:
+            if not fut.done() and not fut.get_loop().is_closed():
+                fut.set_result(None)
+
+    @classmethod
+    def adopt(cls, queue: Any) -> MemoryChannel:
+        """A channel holding what a plain ``asyncio.Queue`` of ``(key, payload)`` pairs holds.
+
+        Used when code written for the published backend assigns ``MemoryBackend._queue =
+        asyncio.Queue()`` (as its tests do to start empty): the next ``MemoryBackend()``
+        replaces that queue with a channel carrying its messages over.
+
+        Raises:
+            TypeError: ``queue`` is not ``asyncio.Queue``-like.
+        """
+        if not callable(getattr(queue, "get_nowait", None)):
+            raise TypeError(
+                f"MemoryBackend._queue must be a MemoryChannel or an asyncio.Queue of "
+                f"(key, payload) pairs, got {type(queue).__name__}"
+            )
+        channel = cls()
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return channel
+            channel.put_nowait(item)
 
 
 class MemoryDeliveries:
@@ -171,7 +414,7 @@ class MemoryDeliveries:
     async def __anext__(self) -> InboundMessage:
         item = self._channel.pop_nowait(self._keys)
         if item is None:
-            item = await self._channel.get(self._keys)
+            item = await self._channel.wait_pop(self._keys)
         return self._track(item)
 
     def next_nowait(self) -> InboundMessage | None:
@@ -199,17 +442,27 @@ class MemoryBackend:
     """In-memory message-queue backend (development and tests only).
 
     Args:
-        channel: The store to use. ``None`` means the process-wide shared store, which is what
-            ``MemoryBackend()`` and :meth:`from_env` give (the published behaviour).
+        channel: The store to use. ``None`` means the process-wide shared store, the class
+            attribute ``MemoryBackend._queue``, which is what ``MemoryBackend()`` and
+            :meth:`from_env` give (the published behaviour).
         keys: Keys that :meth:`consume` and :meth:`deliveries` read. ``None`` (the default) reads
             every key, as the published backend does; naming keys keeps, for example, a
             ``<key>.dlq`` destination away from the consumer that dead-letters into it.
         clock: Timers for :meth:`release_later` (anything with ``call_later(seconds,
             callback)``, such as :class:`resilience.clock.FakeClock`); the running event loop's
             by default.
+
+    Raises:
+        TypeError: ``keys`` is a single string, or ``MemoryBackend._queue`` was replaced by
+            something that is not a queue.
+        ValueError: ``keys`` is empty.
     """
 
-    _shared: ClassVar[MemoryChannel] = MemoryChannel()
+    _queue: ClassVar[MemoryChannel] = MemoryChannel()
+    """The process-wide shared store, as published: an ``asyncio.Queue``-compatible object
+    (``qsize()``, ``task_done()``, ...). Assigning a plain ``asyncio.Queue()`` to it (as tests
+    of the published backend do to start empty) works too: the next ``MemoryBackend()``
+    turns it into a :class:`MemoryChannel` holding the same messages."""
 
     def __init__(
         self,
@@ -220,7 +473,10 @@ class MemoryBackend:
     ) -> None:
         self.clock: TimerClock = clock if clock is not None else _LoopTimers()
         self._delayed: dict[int, InboundMessage] = {}
-        self.channel = channel if channel is not None else MemoryBackend._shared
+        if channel is None:
+            channel = type(self)._shared_channel()
+        self.channel = channel
+        self._queue = channel  # type: ignore[misc]  # the instance's own store, as published
         if isinstance(keys, str):
             raise TypeError("keys must be an iterable of key names, not a single string")
         self.keys: frozenset[str] | None = None if keys is None else frozenset(keys)
@@ -228,10 +484,20 @@ class MemoryBackend:
             raise ValueError("keys must name at least one key, or be None for every key")
 
     @classmethod
+    def _shared_channel(cls) -> MemoryChannel:
+        queue: Any = cls._queue
+        if isinstance(queue, MemoryChannel):
+            return queue
+        owner = next(k for k in cls.__mro__ if "_queue" in vars(k))
+        channel = MemoryChannel.adopt(queue)
+        owner._queue = channel  # type: ignore[attr-defined]
+        return channel
+
+    @classmethod
     def from_env(cls) -> MemoryBackend:
         """Return a backend on the shared in-process queue (warns: development only)."""
         warnings.warn(
-            "MemoryBackend is for development and testing only: messages are lost on restart "
+            "MemoryBackend is for development/testing only: messages are lost on restart "
             "and are visible only to consumers in the same process.",
             UserWarning,
             stacklevel=2,
@@ -248,7 +514,7 @@ class MemoryBackend:
     @classmethod
     def reset_shared(cls) -> None:
         """Drop everything in the process-wide shared queue (for tests)."""
-        cls._shared = MemoryChannel()
+        MemoryBackend._queue = MemoryChannel()
 
     def view(self, *, keys: Iterable[MessageQueueKey] | None = None) -> MemoryBackend:
         """Another backend on the same store that reads ``keys`` (same clock)."""
@@ -266,7 +532,15 @@ class MemoryBackend:
         keys = self.keys
         while True:
             item = channel.pop_nowait(keys)
-            _, message = item if item is not None else await channel.get(keys)
+            _, message = item if item is not None else await channel.wait_pop(keys)
+            # As published: the message counts as processed (task_done) once it is handed out.
+            channel._handed_out += 1
+            try:
+                channel.task_done()
+            except ValueError:
+                logger.warning(
+                    "task_done() called too many times - this may indicate a queue accounting issue"
+                )
             yield message.payload
 
     # -- extensions -----------------------------------------------------------------------------
@@ -278,19 +552,14 @@ class MemoryBackend:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> str | None:
-        """Queue ``payload`` with ``headers``; returns the message id."""
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"key must be a non-empty string, got {key!r}")
-        if not isinstance(payload, dict):
-            raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+        """Queue ``payload`` with ``headers``; returns the message id.
+
+        Raises:
+            ValueError: ``key`` is not a non-empty string.
+            TypeError: ``payload`` is not a dict.
+        """
         seq = self.channel.next_id()
-        message = InboundMessage(
-            payload=payload,
-            key=key,
-            message_id=str(seq),
-            headers=dict(headers) if headers else {},
-            enqueued_at=time.time(),
-        )
+        message = _message(seq, key, payload, headers)
         self.channel.put(message, seq)
         return message.message_id
 
@@ -305,11 +574,14 @@ class MemoryBackend:
 
     def ack_nowait(self, message: InboundMessage) -> None:
         """:meth:`ack` without a coroutine (the in-memory ack is synchronous anyway)."""
-        self.channel._unacked.pop(message.message_id, None)  # type: ignore[arg-type]
+        channel = self.channel
+        channel._unacked.pop(message.message_id, None)  # type: ignore[arg-type]
+        if channel._joiners:
+            channel._wake_joiners()
 
     async def release(self, message: InboundMessage) -> None:
         """Give ``message`` back: it is redelivered first, with its delivery count raised."""
-        tracked = self.channel.settle(message)
+        tracked = self.channel.settle(message, finished=False)
         if tracked is None:
             return
         seq, _ = tracked
@@ -330,7 +602,7 @@ class MemoryBackend:
         """
         if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
-        tracked = self.channel.settle(message)
+        tracked = self.channel.settle(message, finished=False)
         if tracked is None and message.message_id is not None:
             return  # already settled: another release_later or ack got there first
         seq = self.channel.next_id()

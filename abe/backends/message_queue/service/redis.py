@@ -73,7 +73,14 @@ from ._redis_delay import (
     member_of,
 )
 from ._redis_reader import RedisDeliveries, StreamReader
-from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
+from ._redis_settings import (
+    DEFAULT_GROUP,
+    DEFAULT_STREAMS,
+    DEFAULT_URL,
+    RedisSettings,
+    is_pattern,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -114,7 +121,9 @@ class RedisBackend:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
             ``unix://``. Defaults to ``redis://localhost:6379/0``.
         streams: Stream keys that ``consume()`` and ``deliveries()`` read (default
-            ``("events",)``). Publishing works on any key.
+            ``("events",)``); a key with ``*``, ``?`` or ``[`` is a pattern (``"tenant:*"``)
+            read as every stream matching it, including streams created later (looked up every
+            ``discover_interval``). Publishing works on any key.
         group: Consumer group used when ``consume()``/``deliveries()`` get ``group=None``
             (default ``"abe"``). Groups are created on first read, starting at the beginning
             of the stream.
@@ -128,6 +137,8 @@ class RedisBackend:
         ack_batch: Acknowledgements buffered before one XACK is sent at once (default: twice
             ``batch_size``).
         ack_delay: Seconds an acknowledgement may wait for the next read (default 0.1).
+        discover_interval: Seconds between look-ups of the streams matching a pattern in
+            ``streams`` (default 10).
         settings: Ready :class:`RedisSettings`; the other arguments override its fields.
         client: A ``redis.asyncio.Redis`` to use (``decode_responses=False``, and a
             ``socket_timeout`` longer than ``block``, or none); the backend then does not
@@ -152,6 +163,7 @@ class RedisBackend:
         maxlen: int | None = None,
         ack_batch: int | None = None,
         ack_delay: float | timedelta | None = None,
+        discover_interval: float | timedelta | None = None,
         settings: RedisSettings | None = None,
         client: aioredis.Redis | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -169,6 +181,7 @@ class RedisBackend:
                 ("maxlen", maxlen),
                 ("ack_batch", ack_batch),
                 ("ack_delay", ack_delay),
+                ("discover_interval", discover_interval),
             )
             if value is not None
         }
@@ -205,10 +218,11 @@ class RedisBackend:
         """Create a backend from ``REDIS_*`` environment variables.
 
         ``REDIS_URL`` (default ``redis://localhost:6379/0``), ``REDIS_STREAMS``
-        (comma-separated, default ``events``), ``REDIS_GROUP`` (default ``abe``),
-        ``REDIS_CONSUMER`` (default ``<hostname>-<pid>``), ``REDIS_BATCH_SIZE``,
-        ``REDIS_BLOCK_MS``, ``REDIS_CLAIM_IDLE_MS``, ``REDIS_MAXLEN``, and ``REDIS_PASSWORD``
-        when the URL carries no password.
+        (comma-separated keys or patterns such as ``tenant:*``, default ``events``),
+        ``REDIS_GROUP`` (default ``abe``), ``REDIS_CONSUMER`` (default ``<hostname>-<pid>``),
+        ``REDIS_BATCH_SIZE``, ``REDIS_BLOCK_MS``, ``REDIS_CLAIM_IDLE_MS``, ``REDIS_MAXLEN``,
+        ``REDIS_DISCOVER_INTERVAL_MS``, and ``REDIS_PASSWORD`` when the URL carries no
+        password.
 
         Returns:
             The backend (it connects on first use).
@@ -422,14 +436,18 @@ class RedisBackend:
     def ack_nowait(self, message: InboundMessage) -> None:
         """:meth:`ack` without a coroutine: buffer the acknowledgement of ``message``.
 
-        What must be sent at once (a full buffer, a closed reader, a message that did not come
-        from ``deliveries()``) is sent by a task; if Redis does not take it, that is logged and
-        the entry is delivered again.
+        A full buffer is flushed by one background task (however many acknowledgements arrive
+        meanwhile); what must be sent at once (a closed reader, a message that did not come
+        from ``deliveries()``) is sent by a task of its own. If Redis does not take it, that is
+        logged and the entry is delivered again.
         """
         handle = message.handle
         if type(handle) is StreamReader:
             if handle.buffer_ack(message):
-                self._in_background(handle.flush_due(), message)
+                if handle.closed:  # nobody reads again: send now, and log a failure
+                    self._in_background(handle.flush_due(), message)
+                else:  # one background flush for the lot, not a task per acknowledgement
+                    handle.request_flush()
             return
         self._in_background(self.ack(message), message)
 
@@ -586,7 +604,8 @@ class RedisBackend:
         """Entries delivered in ``group`` and not acknowledged yet (XPENDING).
 
         Args:
-            key: One stream, or ``None`` for every configured stream.
+            key: One stream, or ``None`` for every configured stream (and every stream
+                matching a configured pattern).
             group: The consumer group (the configured one when ``None``).
 
         Returns:
@@ -595,17 +614,43 @@ class RedisBackend:
         Raises:
             RedisBackendError: Redis could not be asked.
         """
+        streams = [key] if key is not None else await self._configured_streams()
+        if not streams:
+            return 0
+        pipe = self._client.pipeline(transaction=False)
+        for stream in streams:  # every stream in one round trip
+            pipe.xpending(stream, group or self._settings.group)
+        try:
+            async with self._timeout():
+                replies = await pipe.execute(raise_on_error=False)
+        except _FAILURES as exc:
+            self._fail(f"reading pending entries of {len(streams)} stream(s)", exc)
         total = 0
-        for stream in (key,) if key is not None else self._settings.streams:
+        for stream, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if "NOGROUP" in str(reply):
+                    continue
+                self._fail(f"reading pending entries of {stream!r}", reply)
+            total += int(reply["pending"])
+        return total
+
+    async def _configured_streams(self) -> list[str]:
+        """The configured stream keys, each pattern replaced by the streams matching it now."""
+        streams: list[str] = []
+        for key in self._settings.streams:
+            if not is_pattern(key):
+                streams.append(key)
+                continue
             try:
                 async with self._timeout():
-                    summary = await self._client.xpending(stream, group or self._settings.group)
+                    found = [
+                        text(k)
+                        async for k in self._client.scan_iter(match=key, count=1000, _type="stream")
+                    ]
             except _FAILURES as exc:
-                if "NOGROUP" in str(exc):
-                    continue
-                self._fail(f"reading pending entries of {stream!r}", exc)
-            total += int(summary["pending"])
-        return total
+                self._fail(f"looking up the streams matching {key!r}", exc)
+            streams.extend(sorted(found))
+        return list(dict.fromkeys(streams))
 
     async def flush(self) -> None:
         """Send every buffered acknowledgement now.

@@ -20,29 +20,33 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from resilience.cli import CliError
-from resilience.cli._service import BREAKER_ACTIONS, breaker_info, breakers, control_breaker
+from resilience.errors import ConfigError
+from resilience.ops.service import BREAKER_ACTIONS, breaker_info, breakers, control_breaker
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from resilience.cli._service import Service
+    from resilience.ops.service import Service
     from resilience.prometheus import PrometheusMetrics
 
-__all__ = ["DEFAULT_HOST", "HttpEndpoint", "parse_address"]
+__all__ = ["DEFAULT_HOST", "EndpointError", "HttpEndpoint", "parse_address"]
 
 DEFAULT_HOST = "127.0.0.1"
+
+
+class EndpointError(ConfigError):
+    """The ``--http`` address is malformed or cannot be bound (one line for the CLI)."""
 
 
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``:PORT`` (loopback) as ``(host, port)``.
 
     Raises:
-        CliError: not an address with a port in 0-65535.
+        EndpointError: not an address with a port in 0-65535.
     """
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise CliError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
+        raise EndpointError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
     host = host.strip("[]") or DEFAULT_HOST
     return host, int(port_text)
 
@@ -87,7 +91,7 @@ class HttpEndpoint:
         """Listen on ``host:port``; returns the bound ``host:port``.
 
         Raises:
-            CliError: the address cannot be bound (in use, not local).
+            EndpointError: the address cannot be bound (in use, not local).
         """
         from aiohttp import web
 
@@ -98,7 +102,9 @@ class HttpEndpoint:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise CliError(f"--http {host}:{port}: cannot listen: {exc.strerror or exc}") from None
+            raise EndpointError(
+                f"--http {host}:{port}: cannot listen: {exc.strerror or exc}"
+            ) from None
         self._runner = runner
         bound_port = port
         server = getattr(site, "_server", None)

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from . import __version__
-from ._telemetry_events import (
+from .._version import __version__
+from .events import (
     BREAKER_NAME,
     BREAKER_STATE_VALUES,
     CONSUMER_GROUP,
     SYSTEM,
     normalize_state,
 )
-from ._telemetry_setup import SCHEMA_URL
+from .setup import SCHEMA_URL
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider

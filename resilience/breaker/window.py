@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FAILURE", "SLOW", "CountWindow", "TimeWindow", "Window"]
 

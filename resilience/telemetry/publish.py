@@ -11,8 +11,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import __version__
-from ._telemetry_events import (
+from .._version import __version__
+from .events import (
     DESTINATION,
     ERROR_TYPE,
     MESSAGE_ID,
@@ -20,7 +20,7 @@ from ._telemetry_events import (
     OPERATION_TYPE,
     SYSTEM,
 )
-from ._telemetry_setup import SCHEMA_URL, messaging_system, tracing_configured
+from .setup import SCHEMA_URL, messaging_system, tracing_configured
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

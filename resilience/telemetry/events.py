@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
 
-from .events import AttemptFailed, MessageSettled, RetryScheduled
-from .logging import current_delivery
+from ..events import AttemptFailed, MessageSettled, RetryScheduled
+from ..logging import current_delivery
 
 if TYPE_CHECKING:
-    from ._telemetry_metrics import Instruments
+    from opentelemetry.metrics import Counter
 
 __all__ = [
     "ATTEMPT",
@@ -230,6 +230,20 @@ def dead_letter_attributes(event: object) -> dict[str, Any] | None:
     return attrs
 
 
+class Counters(Protocol):
+    """The counters an :class:`EventRecorder` adds to (the telemetry's instruments)."""
+
+    @property
+    def retries(self) -> Counter:
+        """Scheduled retries."""
+        ...
+
+    @property
+    def breaker_transitions(self) -> Counter:
+        """Circuit-breaker state changes."""
+        ...
+
+
 class EventRecorder:
     """Event-bus listener: span events on the current span, and the event-driven metrics.
 
@@ -244,7 +258,7 @@ class EventRecorder:
 
     __slots__ = ("attributes", "breakers", "instruments")
 
-    def __init__(self, instruments: Instruments | None, attributes: dict[str, Any]) -> None:
+    def __init__(self, instruments: Counters | None, attributes: dict[str, Any]) -> None:
         self.instruments = instruments
         self.attributes = attributes
         self.breakers: dict[str, str] = {}

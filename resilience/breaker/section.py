@@ -21,14 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._breaker_config import BreakerConfig
-from ._breaker_window import CountWindow, TimeWindow, Window
-from .errors import ConfigError
+from ..errors import ConfigError
+from .config import BreakerConfig
+from .middleware import CircuitBreaker, Mode
+from .registry import default_registry
+from .window import CountWindow, TimeWindow, Window
 
 if TYPE_CHECKING:
-    from ._config import Reader
-    from .breaker import CircuitBreaker, Mode
-    from .policy import BuildContext
+    from .._config import Reader
+    from ..types import BuildContext
 
 __all__ = ["CircuitBreakerConfig", "policy_section"]
 
@@ -170,8 +171,6 @@ class _Section:
         Raises:
             ConfigError: a breaker of that name already exists with another config.
         """
-        from .breaker import CircuitBreaker, default_registry
-
         breaker = default_registry.get(config.name, config.breaker, clock=context.clock)
         mode: Mode = "fail_fast" if config.mode == "fail_fast" else "pause"
         return CircuitBreaker(

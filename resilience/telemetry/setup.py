@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider

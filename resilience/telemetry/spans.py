@@ -11,7 +11,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ._telemetry_events import (
+from ..classify import Classifier, Verdict
+from ..errors import DeadLetterWriteError
+from ..events import Outcome
+from .events import (
     ATTEMPT,
     CONSUMER_GROUP,
     DEAD_LETTER_REASON,
@@ -26,16 +29,13 @@ from ._telemetry_events import (
     REPLAY_COUNT,
     SYSTEM,
 )
-from ._telemetry_metrics import base_attributes
-from .classify import Classifier, Verdict
-from .errors import DeadLetterWriteError
-from .events import Outcome
+from .metrics import base_attributes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span
 
-    from .delivery import Delivery
+    from ..delivery import Delivery
 
 __all__ = [
     "DEAD_LETTER_TRACEPARENT_HEADER",

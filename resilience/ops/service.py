@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from resilience.breaker import BreakerState, default_registry
-from resilience.cli._connect import connection_of
 from resilience.errors import ConfigError
 from resilience.events import MessageSettled, Outcome
+from resilience.ops.connect import connection_of
+from resilience.ops.summary import policy_summary
 
 if TYPE_CHECKING:
     from resilience.breaker import Breaker
@@ -175,8 +176,6 @@ class Service:
             self.consumer = consumer
             self.run_task = asyncio.create_task(consumer.run(self.handler))
             self.reloads += 1
-            from resilience.cli._startup import policy_summary
-
             message = f"policy reloaded ({source}): {policy_summary(policy)}"
             log.info(message)
             return ReloadResult(True, message)

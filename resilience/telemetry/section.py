@@ -20,18 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._config import Reader
-from ._telemetry_setup import messaging_system, metrics_configured, tracing_configured
-from .errors import ConfigError
-from .logging import LogContext
+from .._config import Reader
+from ..errors import ConfigError
+from ..logging import LogContext
+from .middleware import LINK_MODES, Telemetry
+from .setup import messaging_system, metrics_configured, tracing_configured
 
 if TYPE_CHECKING:
-    from .pipeline import Middleware
-    from .policy import BuildContext
+    from ..types import BuildContext, Middleware
 
-__all__ = ["LINK_MODES", "TelemetryConfig", "policy_section"]
-
-LINK_MODES = ("link", "parent")
+__all__ = ["TelemetryConfig", "policy_section"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +137,6 @@ class _TelemetrySection:
         metered = config.metrics and (forced or metrics_configured())
         if not traces and not metered:
             return LogContext() if config.log_context else None
-        from .telemetry import Telemetry
-
         return Telemetry(
             system=config.system or messaging_system(context.backend),
             link_mode=config.link_mode,

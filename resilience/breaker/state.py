@@ -30,20 +30,20 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._breaker_config import (
+from ..clock import Clock, TimerHandle
+from .config import (
     BreakerConfig,
     BreakerState,
     BreakerStateChanged,
     BreakerStats,
     seconds_of,
 )
-from ._breaker_window import FAILURE, SLOW, TimeWindow
-from .clock import Clock, TimerHandle
+from .window import FAILURE, SLOW, TimeWindow
 
 if TYPE_CHECKING:
-    from ._breaker_window import _CountRing, _TimeBuckets
-    from .delivery import Delivery
-    from .events import EventBus
+    from ..delivery import Delivery
+    from ..events import EventBus
+    from .window import _CountRing, _TimeBuckets
 
 __all__ = ["PROBE_GRACE", "Breaker"]
 

@@ -23,16 +23,22 @@ breaks a handler: a failing tracer, span processor or meter is logged, and the m
 
 from __future__ import annotations
 
-import functools
 import logging
+from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
-from . import __version__
-from ._telemetry_events import (
+from .._version import __version__
+from ..classify import Classifier, default_classifier
+from ..clock import Clock, default_clock
+from ..errors import ConfigError
+from ..events import EventBus, Outcome
+from ..hooks import HookLayer
+from ..logging import _DELIVERY
+from .events import (
     ATTEMPT,
     DEAD_LETTER_REASON,
     DELIVERY_COUNT,
@@ -42,28 +48,15 @@ from ._telemetry_events import (
     OUTCOME,
     EventRecorder,
 )
-from ._telemetry_metrics import Instruments, base_attributes, instruments_for
-from ._telemetry_policy import LINK_MODES, TelemetryConfig, policy_section
-from ._telemetry_publish import inject_context, publish_with_context
-from ._telemetry_setup import (
-    SCHEMA_URL,
-    configure_otel,
-    messaging_system,
-    metrics_configured,
-    tracing_configured,
-)
-from ._telemetry_spans import (
+from .metrics import Instruments, base_attributes, instruments_for
+from .setup import SCHEMA_URL
+from .spans import (
     OUTCOME_VALUES,
     Destination,
     close_terminal,
     context_from,
     settled_outcome,
 )
-from .classify import Classifier, default_classifier
-from .clock import Clock, default_clock
-from .errors import ConfigError
-from .events import EventBus, Outcome
-from .logging import _DELIVERY
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -72,27 +65,20 @@ if TYPE_CHECKING:
 
     from abe.backends.message_queue.base.extensions import InboundMessage
 
-    from .delivery import Delivery
-    from .pipeline import CallNext
+    from ..delivery import Delivery
+    from ..types import CallNext
 
-__all__ = [
-    "LINK_MODES",
-    "SCHEMA_URL",
-    "Telemetry",
-    "TelemetryConfig",
-    "configure_otel",
-    "inject_context",
-    "messaging_system",
-    "metrics_configured",
-    "policy_section",
-    "publish_with_context",
-    "tracing_configured",
-]
+__all__ = ["LINK_MODES", "Telemetry"]
 
-logger = logging.getLogger(__name__)
+LINK_MODES = ("link", "parent")
+"""How a message's span relates to the producer's span: linked to it, or its child."""
+
+_Token = tuple[Destination, "Span | None", object, "Token[Delivery | None]", float]
+
+logger = logging.getLogger("resilience.telemetry")
 
 
-class Telemetry:
+class Telemetry(HookLayer):
     """Middleware: one CONSUMER span per delivery, span events, metrics and log context.
 
     Put it outermost (the policy's order 10). Instances hold metric counters and breaker states
@@ -180,30 +166,15 @@ class Telemetry:
 
     # -- the per-message path ------------------------------------------------------------------
 
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's callable for this layer (saves a keyword call per message).
-
-        Args:
-            call_next: The rest of the pipeline.
-
-        Returns:
-            ``async (delivery) -> None``.
-        """
-        return functools.partial(self._run, call_next)
-
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Process ``delivery`` inside its span.
+    def enter(self, delivery: Delivery) -> _Token:
+        """Open the delivery's span, make it current, and start the duration.
 
         Args:
             delivery: The message.
-            call_next: The rest of the pipeline.
 
-        Raises:
-            BaseException: whatever the rest of the pipeline raises, unchanged.
+        Returns:
+            What :meth:`leave` / :meth:`fail` need to close the span.
         """
-        await self._run(call_next, delivery)
-
-    async def _run(self, call_next: CallNext, delivery: Delivery) -> None:
         bus = delivery.events
         if bus is not self._bus:
             if not bus:
@@ -228,22 +199,28 @@ class Telemetry:
                 self._fault("start the message span")
         log_token = _DELIVERY.set(delivery)
         self._in_flight += 1
-        instruments = self._instruments
-        start = self._monotonic() if instruments is not None else 0.0
+        start = self._monotonic() if self._instruments is not None else 0.0
+        return (destination, span, token, log_token, start)
+
+    def leave(self, token: _Token, delivery: Delivery) -> None:
+        """Close the span and record the duration of a call that returned.
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+        """
+        destination, span, otel_token, log_token, start = token
         try:
-            await call_next(delivery)
-        except BaseException as exc:
-            self._finish(delivery, destination, span, exc, start)
-            raise
-        else:
             if delivery.outcome is not None:
                 self._finish(delivery, destination, span, None, start)
             else:
                 # The success path, inline: no terminal outcome, no error. Recorded while the
                 # span is still current, so a histogram exemplar points at this trace.
+                message = delivery.message
                 attempt = delivery.attempt
                 count = message.delivery_count if message is not None else delivery.delivery_count
                 outcome = Outcome.RETRIED if attempt > count else Outcome.SUCCESS
+                instruments = self._instruments
                 try:
                     if span is not None:
                         try:
@@ -259,10 +236,34 @@ class Telemetry:
                 except Exception:
                     self._fault("finish the message span or metrics")
         finally:
-            self._in_flight -= 1
-            _DELIVERY.reset(log_token)
-            if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
+            self._exit(otel_token, log_token)
+
+    async def fail(
+        self, token: _Token, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        """Close the span with the failure, and re-raise it.
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+            exc: What the rest of the pipeline raised.
+            call_next: Unused.
+
+        Raises:
+            BaseException: ``exc``, unchanged.
+        """
+        destination, span, otel_token, log_token, start = token
+        try:
+            self._finish(delivery, destination, span, exc, start)
+        finally:
+            self._exit(otel_token, log_token)
+        raise exc
+
+    def _exit(self, otel_token: object, log_token: Token[Delivery | None]) -> None:
+        self._in_flight -= 1
+        _DELIVERY.reset(log_token)
+        if otel_token is not None:
+            otel_context.detach(otel_token)  # type: ignore[arg-type]
 
     def _subscribe(self, bus: EventBus) -> None:
         bus.subscribe(self._recorder)

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import TypedDict, Unpack
 
-from ._breaker_config import BreakerConfig
-from ._breaker_state import Breaker
-from ._breaker_window import Window
-from .clock import Clock, default_clock
-from .errors import ConfigError
+from ..clock import Clock, default_clock
+from ..errors import ConfigError
+from .config import BreakerConfig
+from .state import Breaker
+from .window import Window
 
 __all__ = ["BreakerOptions", "BreakerRegistry", "default_registry", "get_breaker"]
 

@@ -14,14 +14,14 @@ It then stays open for ``open_wait`` seconds (growing by ``open_wait_multiplier`
 trips, up to ``open_wait_max``), goes half-open and admits ``half_open_probes`` probe calls;
 their outcome closes or reopens it. Further calls during half-open are not permitted. In
 pause mode the probes go to messages that have not failed through the breaker when such a
-message waits (see :mod:`resilience._breaker_state`), so a bad message cannot keep it open.
+message waits (see :mod:`resilience.breaker.state`), so a bad message cannot keep it open.
 
 What "not permitted" means depends on the middleware's ``mode``:
 
 * ``"pause"`` (default): the delivery is *held* until a probe is admitted, and a delivery whose
   call failed because of the outage is held and replayed too, so nothing is dead-lettered
   however long the outage lasts (unless the message's total timeout ends the wait).
-  :class:`CircuitBreaker` is a :class:`~resilience.consumer.Gate`, so
+  :class:`CircuitBreaker` is a :class:`~resilience.types.Gate`, so
   :class:`~resilience.consumer.ResilientConsumer` also stops pulling new messages while the
   breaker is open.
 * ``"fail_fast"``: the call raises :class:`~resilience.errors.CircuitOpen` at once (retryable
@@ -36,11 +36,14 @@ breaker.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
-from ._breaker_config import (
+from ..classify import Classifier, Verdict, default_classifier
+from ..clock import Clock
+from ..errors import CircuitOpen, ConfigError
+from ..hooks import SLOW_PATH, HookLayer
+from .config import (
     GATES_EXTRA,
     BreakerConfig,
     BreakerState,
@@ -48,38 +51,16 @@ from ._breaker_config import (
     BreakerStats,
     CallNotPermitted,
 )
-from ._breaker_policy import CircuitBreakerConfig, policy_section
-from ._breaker_registry import BreakerOptions, BreakerRegistry, default_registry, get_breaker
-from ._breaker_state import DEFERRED, Breaker
-from ._breaker_window import FAILURE, SLOW, CountWindow, TimeWindow, Window
-from .classify import Classifier, Verdict, default_classifier
-from .clock import Clock, monotonic_function
-from .errors import CircuitOpen, ConfigError
+from .registry import BreakerOptions, BreakerRegistry, get_breaker
+from .state import DEFERRED, Breaker
+from .window import FAILURE, SLOW
 
 if TYPE_CHECKING:
-    from .delivery import Delivery
-    from .events import EventBus
-    from .pipeline import CallNext
+    from ..delivery import Delivery
+    from ..events import EventBus
+    from ..types import CallNext
 
-__all__ = [
-    "GATES_EXTRA",
-    "Breaker",
-    "BreakerConfig",
-    "BreakerOptions",
-    "BreakerRegistry",
-    "BreakerState",
-    "BreakerStateChanged",
-    "BreakerStats",
-    "CallNotPermitted",
-    "CircuitBreaker",
-    "CircuitBreakerConfig",
-    "CountWindow",
-    "TimeWindow",
-    "Window",
-    "default_registry",
-    "get_breaker",
-    "policy_section",
-]
+__all__ = ["MODES", "CircuitBreaker", "Mode"]
 
 Mode = Literal["pause", "fail_fast"]
 MODES: tuple[Mode, ...] = ("pause", "fail_fast")
@@ -90,7 +71,7 @@ _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
 
 
-class CircuitBreaker:
+class CircuitBreaker(HookLayer):
     """Circuit-breaker middleware: ``Pipeline().use(CircuitBreaker("payments", ...))``.
 
     Put it inside retry (so each attempt is one breaker call) and outside the per-attempt
@@ -149,8 +130,68 @@ class CircuitBreaker:
 
     # -- the middleware ----------------------------------------------------------------------------
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        """Run ``call_next`` if the breaker permits it, and record the outcome.
+    def enter(self, delivery: Delivery) -> Any:
+        """Admit the call while the breaker is closed (reading the clock only when timed).
+
+        Args:
+            delivery: The message.
+
+        Returns:
+            The admitted call's epoch, or ``(epoch, start)`` when slow calls are timed, or
+            :data:`~resilience.hooks.SLOW_PATH` when
+            the breaker is not closed (admission then waits or fails fast).
+        """
+        breaker = self.breaker
+        if breaker._state is not _CLOSED:
+            return SLOW_PATH
+        if breaker._slow_duration:
+            return (breaker._epoch, breaker._now())
+        return breaker._epoch  # untimed: the epoch alone (start 0.0)
+
+    def leave(self, token: int | tuple[int, float], delivery: Delivery) -> None:
+        """Record the successful call.
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+        """
+        breaker = self.breaker
+        if breaker._simple:  # never timed: the token is the epoch
+            if breaker._epoch == token:
+                breaker._consecutive = 0
+        else:
+            epoch, start = _epoch_start(token)
+            end = breaker._now() if breaker._timed else 0.0
+            breaker._closed_success(epoch, start, end, delivery)
+
+    async def fail(
+        self,
+        token: int | tuple[int, float],
+        delivery: Delivery,
+        exc: BaseException,
+        call_next: CallNext,
+    ) -> None:
+        """Record the failed call; in pause mode, hold and replay an outage failure.
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+            exc: What the call raised.
+            call_next: The rest of the pipeline, replayed once a call is permitted.
+
+        Raises:
+            BaseException: ``exc`` unless it is held and the replay succeeds.
+        """
+        if not isinstance(exc, Exception):
+            raise exc
+        epoch, start = _epoch_start(token)
+        if not self._failed(exc, epoch, start, delivery, self.breaker._now):
+            raise exc
+        await self._guarded(delivery, call_next, self.breaker._now)
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        """Wait for (pause mode) or refuse (fail-fast mode) a call the breaker does not
+        permit now, and record what permitted calls do.
 
         Args:
             delivery: The message.
@@ -159,42 +200,7 @@ class CircuitBreaker:
         Raises:
             CircuitOpen: in ``fail_fast`` mode, when the call is not permitted.
         """
-        await self._run(self.breaker._now, call_next, delivery)
-
-    def link(self, call_next: CallNext) -> CallNext:
-        """The pipeline's cheap form of this layer in front of ``call_next``.
-
-        Called when the pipeline is built (at consumer start, inside the event loop), it also
-        picks the cheapest way to read the breaker's clock in that loop.
-
-        Args:
-            call_next: The rest of the pipeline.
-
-        Returns:
-            ``async (delivery) -> None``.
-        """
-        return functools.partial(self._run, monotonic_function(self.breaker.clock), call_next)
-
-    async def _run(self, now: Callable[[], float], call_next: CallNext, delivery: Delivery) -> None:
-        breaker = self.breaker
-        if breaker._state is _CLOSED:
-            # The hot path: one epoch check, plus clock reads only when something is timed.
-            epoch = breaker._epoch
-            start = now() if breaker._slow_duration else 0.0
-            try:
-                await call_next(delivery)
-            except Exception as exc:
-                if not self._failed(exc, epoch, start, delivery, now):
-                    raise
-            else:
-                if breaker._simple:
-                    if breaker._epoch == epoch:
-                        breaker._consecutive = 0
-                else:
-                    end = now() if breaker._timed else 0.0
-                    breaker._closed_success(epoch, start, end, delivery)
-                return
-        await self._guarded(delivery, call_next, now)
+        await self._guarded(delivery, call_next, self.breaker._now)
 
     async def _guarded(
         self, delivery: Delivery, call_next: CallNext, now: Callable[[], float]
@@ -293,7 +299,11 @@ class CircuitBreaker:
     @property
     def paused(self) -> bool:
         """In pause mode: whether the breaker would not permit a new call right now."""
-        return self._pause and self.breaker.paused
+        # Read after every message by each consumer worker: the closed state answers at once.
+        if not self._pause:
+            return False
+        breaker = self.breaker
+        return breaker._state is not _CLOSED and breaker.paused
 
     async def wait_resumed(self) -> None:
         """Return once the breaker would permit a new call (at once in fail-fast mode)."""
@@ -366,3 +376,8 @@ class CircuitBreaker:
             f"CircuitBreaker({self.breaker.name!r}, mode={self.mode!r}, "
             f"state={self.breaker.state.value})"
         )
+
+
+def _epoch_start(token: int | tuple[int, float]) -> tuple[int, float]:
+    """The ``(epoch, start)`` of a call from :meth:`CircuitBreaker.enter`'s token."""
+    return token if isinstance(token, tuple) else (token, 0.0)

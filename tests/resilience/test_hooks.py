@@ -1,4 +1,5 @@
-"""The fused success path: which layers fuse, and that fusing changes no behaviour."""
+"""Compiled hook runs: which layers take part, and that compiling changes no behaviour
+(differential tests between compiled and fully linked pipelines)."""
 
 from __future__ import annotations
 
@@ -9,108 +10,97 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from abe.backends.message_queue.base import InboundMessage
 from abe.backends.message_queue.service.memory import MemoryBackend
-from resilience._fused import fusable_suffix
 from resilience.bench import Workload, builtin_policies, compare, parse_scenario
 from resilience.breaker import BreakerState, CircuitBreaker
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
-from resilience.errors import DeadLetter, Drop
 from resilience.events import MessageSettled, Outcome
-from resilience.pipeline import CallNext, Compiled, Handler, Pipeline
+from resilience.hooks import SLOW_PATH, HookLayer, has_hooks
+from resilience.logging import LogContext
+from resilience.pipeline import CallNext, Handler, Pipeline
 from resilience.policy import Policy
 from resilience.retry import Fixed, Retry
+from resilience.telemetry import Telemetry
 from resilience.timeout import Timeout
 
 SCENARIOS = ("transient", "outage:start=20,duration=200", "poison", "latency", "rate_limited")
 
 
 def _unfuse(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every pipeline link each layer as its own frame (``compile(fuse=False)``)."""
-    compile_ = Pipeline.compile
+    """Make every pipeline link each layer as its own frame (``build(fuse=False)``)."""
+    build = Pipeline.build
 
-    def unfused(self: Pipeline, handler: Handler, *, fuse: bool = True) -> Compiled:
-        return compile_(self, handler, fuse=False)
+    def unfused(self: Pipeline, handler: Handler) -> CallNext:
+        return build(self, handler, fuse=False)
 
     monkeypatch.setattr(Pipeline, "compile", unfused)
 
 
-@pytest.fixture(params=[True, False], ids=["fused", "unfused"])
+@pytest.fixture(params=[True, False], ids=["compiled", "linked"])
 def fusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Run a test with the pipeline fused (the default) and with every layer linked."""
+    """Run a test with the hooks compiled (the default) and with every layer linked."""
     fuse: bool = request.param
     if not fuse:
         _unfuse(monkeypatch)
     return fuse
 
 
-class Sink:
-    """A dead-letter sink that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    async def write(self, message: InboundMessage | None, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-
 async def _noop(delivery: Delivery, call_next: CallNext) -> None:
     await call_next(delivery)
 
 
-def test_the_recommended_order_fuses_whole() -> None:
-    """Dead-letter routing, retry, breaker and attempt timeout, in that order, fuse entirely;
-    any subset of them in that order too."""
-    layers: list[Any] = [
-        DeadLetterRouter(Sink()),
-        Retry(),
-        CircuitBreaker("fused-order"),
-        Timeout(1.0),
-    ]
-    assert fusable_suffix(layers) == 0
-    assert fusable_suffix([layers[1], layers[3]]) == 0
-    assert fusable_suffix([layers[0], layers[2]]) == 0
-    assert fusable_suffix([]) == 0
-
-
-def test_only_an_inner_run_in_order_fuses() -> None:
-    """Fusing stops at a layer out of order, a user's middleware, a total timeout, a router
-    with a validator, or a subclass of a built-in layer."""
+def test_every_built_in_layer_offers_the_hooks() -> None:
+    """Dead-letter routing, retry, breaker, both timeouts, log context and telemetry take part
+    in compiled runs; plain middleware and a subclass replacing ``__call__`` do not."""
 
     class MyRetry(Retry):
-        pass
+        async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+            await call_next(delivery)
 
-    timeout, retry = Timeout(1.0), Retry()
-    assert fusable_suffix([_noop, retry, timeout]) == 1
-    assert fusable_suffix([timeout, retry]) == 1  # out of order: only the inner one fuses
-    assert fusable_suffix([retry, _noop]) == 2
-    assert fusable_suffix([Timeout(5.0, total=True), retry]) == 1
-    assert fusable_suffix([DeadLetterRouter(Sink(), validate=lambda p: None), retry]) == 1
-    assert fusable_suffix([MyRetry(), timeout]) == 1
+    layers: list[Any] = [
+        Telemetry(traces=False, metrics=False),
+        LogContext(),
+        DeadLetterRouter(MemoryStore()),
+        Timeout(5.0, total=True),
+        Retry(),
+        CircuitBreaker("hooks-order"),
+        Timeout(1.0),
+    ]
+    assert all(has_hooks(layer) for layer in layers)
+    assert not has_hooks(_noop)
+    assert not has_hooks(MyRetry())
 
 
-def test_compile_reports_a_fused_run_only_when_it_covers_every_layer() -> None:
+async def test_plain_middleware_anywhere_splits_the_run_and_still_runs(fusing: bool) -> None:
+    """A plain middleware between hook layers runs on every attempt, inside retry and outside
+    the attempt timeout, exactly where it is listed."""
+    seen: list[str] = []
+
+    async def spy(delivery: Delivery, call_next: CallNext) -> None:
+        seen.append(f"spy {delivery.attempt}")
+        await call_next(delivery)
+
     async def handler(payload: dict[str, Any]) -> None:
-        return None
+        seen.append("handler")
+        if len(seen) < 4:
+            raise ConnectionError("flaky")
 
-    assert Pipeline(Retry(), Timeout(1.0)).compile(handler).fused is not None
-    assert Pipeline().compile(handler).fused is not None
-    assert Pipeline(_noop, Retry()).compile(handler).fused is None
-    assert Pipeline(Retry()).compile(handler, fuse=False).fused is None
+    call = Pipeline(Retry(attempts=3, wait=Fixed(0)), spy, Timeout(5.0)).compile(handler)
+    await call(Delivery({"n": 1}))
+    assert seen == ["spy 1", "handler", "spy 2", "handler"]
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_fusing_changes_no_simulated_result(
+def test_compiling_changes_no_simulated_result(
     concurrency: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every built-in policy against every fault scenario gives the same numbers fused and
-    unfused: calls to the dependency, outcomes, simulated latencies, breaker open time."""
+    """Every built-in policy against every fault scenario gives the same numbers compiled and
+    linked: calls to the dependency, outcomes, simulated latencies, breaker open time."""
     policies = list(builtin_policies().values())
     scenarios = [parse_scenario(spec) for spec in SCENARIOS]
     workload = Workload(messages=300, rate=1.0, concurrency=concurrency, seed=7)
@@ -141,7 +131,7 @@ async def test_a_listener_added_during_a_message_sees_it_settle(fusing: bool) ->
     settled: list[MessageSettled] = []
 
     async def handler(payload: dict[str, Any]) -> None:
-        consumer.events.subscribe(lambda event: settled.append(event))  # type: ignore[arg-type]
+        consumer.events.subscribe(lambda event: settled.append(event))
 
     await _drain(consumer, handler, lambda: settled)
     assert [(e.outcome, e.attempts) for e in settled] == [(Outcome.SUCCESS, 1)]
@@ -206,7 +196,7 @@ async def test_a_handler_that_swallows_the_timeout_still_succeeds(fusing: bool) 
     await task  # a graceful stop: the swallowed timeout left no cancel request behind
 
 
-async def test_an_open_breaker_pauses_the_fused_loop(fusing: bool) -> None:
+async def test_an_open_breaker_pauses_the_consumer(fusing: bool) -> None:
     """In pause mode the consumer stops pulling while the breaker is open, then goes on."""
     clock = FakeClock()
     backend = MemoryBackend.isolated()
@@ -221,7 +211,7 @@ async def test_an_open_breaker_pauses_the_fused_loop(fusing: bool) -> None:
             raise ConnectionError("down")
 
     breaker = CircuitBreaker(
-        f"fused-pause-{fusing}", clock=clock, failure_threshold=2, open_wait=30.0
+        f"hooks-pause-{fusing}", clock=clock, failure_threshold=2, open_wait=30.0
     )
     policy = Pipeline(Retry(attempts=1, clock=clock), breaker)
     consumer = ResilientConsumer(backend, policy=policy, clock=clock)
@@ -240,83 +230,77 @@ async def test_an_open_breaker_pauses_the_fused_loop(fusing: bool) -> None:
     await task
 
 
-BEHAVIOURS = st.one_of(
-    st.just(("ok", 0)),
-    st.tuples(st.just("transient"), st.integers(1, 4)),
-    st.just(("terminal", 0)),
-    st.just(("drop", 0)),
-)
+@pytest.mark.parametrize("outcome", ["ok", "flaky", "broken"])
+async def test_calling_a_layer_directly_matches_its_linked_form(outcome: str) -> None:
+    """``await layer(delivery, call_next)`` and the pipeline's linked form of the same layer
+    call the rest as often and end alike."""
 
+    async def run(direct: bool) -> tuple[int, str]:
+        calls = 0
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    plan=st.lists(BEHAVIOURS, min_size=1, max_size=25),
-    stop_at=st.none() | st.integers(0, 24),
-)
-def test_the_fast_path_loses_nothing(plan: list[tuple[str, int]], stop_at: int | None) -> None:
-    """With no event listener (the consumer's inlined fast path), under random failures and a
-    shutdown that cancels a message mid-handler, every message ends exactly once: handled,
-    dropped, dead-lettered, or back in the queue (the cancelled one redelivered, the rest never
-    pulled). Nothing is lost or left unacknowledged."""
-    if stop_at is not None and stop_at >= len(plan):
-        stop_at = None
+        async def call_next(delivery: Delivery) -> None:
+            nonlocal calls
+            calls += 1
+            if outcome == "broken" or (outcome == "flaky" and calls == 1):
+                raise ConnectionError("down")
 
-    async def scenario() -> None:
-        backend = MemoryBackend.isolated(keys=["jobs"])
-        for i in range(len(plan)):
-            await backend.publish("jobs", {"i": i})
-        store = MemoryStore()
-        calls: Counter[int] = Counter()
-        handled: list[int] = []
-        dropped: list[int] = []
-        reached = asyncio.Event()
-
-        async def handler(payload: dict[str, Any]) -> None:
-            i = payload["i"]
-            calls[i] += 1
-            kind, failures = plan[i]
-            if i == stop_at:
-                reached.set()
-                await asyncio.Event().wait()  # until the shutdown cancels it
-            if kind == "transient" and calls[i] <= failures:
-                raise ConnectionError("flaky")
-            if kind == "terminal":
-                raise DeadLetter("no")
-            if kind == "drop":
-                dropped.append(i)
-                raise Drop("duplicate")
-            handled.append(i)
-
-        pipeline = (
-            Pipeline()
-            .dead_letter(store)
-            .retry(attempts=3, wait=Fixed(0))
-            .circuit_breaker(f"fast-path-{id(plan)}", failure_threshold=10_000)
-            .timeout(30)
-        )
-        consumer = ResilientConsumer(backend, policy=pipeline, drain_timeout=0)
-        assert not consumer.events  # nobody listens: the fast path runs
-        task = asyncio.create_task(consumer.run(handler))
-        for _ in range(10_000):
-            if reached.is_set() or (backend.size() == 0 and not backend.unacked()):
-                break
-            await asyncio.sleep(0)
-        await consumer.shutdown()
-        await asyncio.gather(task, return_exceptions=True)  # cancelled when stop_at is set
-
-        dead = [envelope["payload"]["i"] for envelope in store.envelopes]
-        queued = {m.payload["i"]: m.delivery_count for m in backend.peek("jobs")}
-        assert backend.unacked() == []
-        ends = Counter(handled) + Counter(dropped) + Counter(dead) + Counter(queued.keys())
-        assert ends == Counter(range(len(plan)))  # each message ends exactly once
-        for i, (kind, failures) in enumerate(plan):
-            if stop_at is not None and i >= stop_at:
-                assert queued[i] == (2 if i == stop_at else 1)
-            elif kind == "ok" or (kind == "transient" and failures < 3):
-                assert i in handled
-            elif kind == "drop":
-                assert i in dropped
+        retry = Retry(attempts=2, wait=Fixed(0))
+        delivery = Delivery({"n": 1})
+        try:
+            if direct:
+                await retry(delivery, call_next)
             else:
-                assert i in dead
+                await retry.link(call_next)(delivery)
+        except ConnectionError:
+            return calls, "raised"
+        return calls, "returned"
 
-    asyncio.run(scenario())
+    assert await run(True) == await run(False)
+
+
+class _Counting(HookLayer):
+    """A hooked layer that counts its hook calls and re-raises failures."""
+
+    def __init__(self, decline: bool = False, raise_on_enter: bool = False) -> None:
+        self.calls: Counter[str] = Counter()
+        self.decline = decline
+        self.raise_on_enter = raise_on_enter
+
+    def enter(self, delivery: Delivery) -> Any:
+        self.calls["enter"] += 1
+        if self.raise_on_enter:
+            raise LookupError("enter failed")
+        return SLOW_PATH if self.decline else "token"
+
+    def leave(self, token: Any, delivery: Delivery) -> None:
+        self.calls["leave"] += 1
+
+    async def fail(
+        self, token: Any, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        self.calls["fail"] += 1
+        raise exc
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        self.calls["slow"] += 1
+        raise ValueError("declined and failed")
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["compiled", "linked"])
+@pytest.mark.parametrize("inner_kind", ["declines", "raises on enter"])
+async def test_an_inner_layers_own_failure_reaches_each_outer_layer_once(
+    fuse: bool, inner_kind: str
+) -> None:
+    """When an inner layer's slow path or enter hook raises, every outer layer sees the
+    exception exactly once (its ``fail``), compiled or linked."""
+    outer, middle = _Counting(), _Counting()
+    inner = _Counting(decline=inner_kind == "declines", raise_on_enter=inner_kind != "declines")
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise AssertionError("never reached")
+
+    call = Pipeline(outer, middle, inner).build(handler, fuse=fuse)
+    with pytest.raises((ValueError, LookupError)):
+        await call(Delivery({"n": 1}))
+    assert outer.calls == Counter(enter=1, fail=1)
+    assert middle.calls == Counter(enter=1, fail=1)

@@ -7,9 +7,10 @@ import functools
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ._breaker_window import CountWindow, TimeWindow, Window
-from .errors import ConfigError
-from .events import Event
+from ..errors import ConfigError
+from ..events import Event
+from ..types import GATES_EXTRA
+from .window import CountWindow, TimeWindow, Window
 
 __all__ = [
     "GATES_EXTRA",
@@ -20,13 +21,6 @@ __all__ = [
     "CallNotPermitted",
     "seconds_of",
 ]
-
-
-GATES_EXTRA = "resilience.breaker.gates"
-"""Key in :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` of the list of pausing
-breakers that held the delivery or saw it fail. The dead-letter router reads it to hold, rather
-than dead-letter, a message that ran out of attempts or time while such a breaker is forced
-open, and to warn when a message runs out of attempts before the breaker opened."""
 
 
 class BreakerState(enum.Enum):

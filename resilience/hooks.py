@@ -1,0 +1,317 @@
+"""Success-path hooks: how a layer runs without a coroutine frame of its own.
+
+Every layer is a middleware ``async (delivery, call_next)``. A layer may instead (or also)
+describe itself by four hooks, and then the pipeline runs it inside one frame shared with its
+neighbours:
+
+* ``enter(delivery) -> token``: plain, synchronous work before the rest of the pipeline runs
+  (check a flag, register a deadline, open a span). It returns a token that is handed back to
+  ``leave`` or ``fail``; or :data:`SLOW_PATH` (before doing anything) when this delivery needs the
+  layer's own asynchronous code, ``slow``.
+* ``leave(token, delivery)``: plain work after the rest of the pipeline returned. It returns
+  ``None``, or (rarely) an awaitable to await before the outer layers leave.
+* ``fail(token, delivery, exc, call_next)``: the rest of the pipeline raised ``exc``; a
+  coroutine that handles it (returns: the layer's call succeeded; ``call_next`` is there to call
+  the rest again) or raises (``exc`` itself, or what it became).
+* ``slow(delivery, call_next)``: the layer's whole asynchronous path, for when ``enter`` returned
+  :data:`SLOW_PATH`.
+
+:func:`compile_hooks` turns a run of such layers into one ``CallNext``: it calls every ``enter``
+outermost first, awaits the handler (or whatever is below the run), and calls every ``leave``
+innermost first. Only when something goes wrong does it await the layers' ``fail`` or ``slow``,
+innermost first, exactly as nested frames would have seen the exception. A layer written with
+:class:`HookLayer` links itself with the same function (a run of one), so the hooks are the
+layer's only code: nothing is written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+if TYPE_CHECKING:
+    from .delivery import Delivery
+    from .types import CallNext, Handler
+
+__all__ = ["SLOW_PATH", "HookLayer", "Hooks", "compile_hooks", "has_hooks"]
+
+
+class _Slow:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SLOW_PATH"
+
+
+SLOW_PATH: Final[Any] = _Slow()
+"""Returned by ``enter`` (having done nothing) to run the layer's ``slow`` path instead."""
+
+
+class Hooks(Protocol):
+    """The four hooks of a layer that takes part in a compiled run (see the module text)."""
+
+    def enter(self, delivery: Delivery) -> Any:
+        """Synchronous work on the way in; a token, or :data:`SLOW_PATH`."""
+        ...
+
+    def leave(self, token: Any, delivery: Delivery) -> Awaitable[None] | None:
+        """Synchronous work after success; ``None`` or an awaitable to finish it."""
+        ...
+
+    def fail(
+        self, token: Any, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> Awaitable[None]:
+        """Handle ``exc`` escaping the rest of the pipeline, or raise."""
+        ...
+
+    def slow(self, delivery: Delivery, call_next: CallNext) -> Awaitable[None]:
+        """The layer's asynchronous path, when ``enter`` returned :data:`SLOW_PATH`."""
+        ...
+
+
+class HookLayer:
+    """Base class of a layer written as hooks: it is a middleware too.
+
+    Subclasses implement ``enter`` and whichever of ``leave`` / ``fail`` / ``slow`` they need
+    (the defaults do nothing, re-raise, and run the rest of the pipeline). A subclass that
+    overrides ``__call__`` or ``link`` is linked as plain middleware instead.
+    """
+
+    __slots__ = ()
+
+    def enter(self, delivery: Delivery) -> Any:
+        """Synchronous work on the way in; a token, or :data:`SLOW_PATH`.
+
+        Args:
+            delivery: The message.
+
+        Returns:
+            A token for :meth:`leave` / :meth:`fail`, or :data:`SLOW_PATH`.
+        """
+        return None
+
+    def leave(self, token: Any, delivery: Delivery) -> Awaitable[None] | None:
+        """Synchronous work after the rest of the pipeline returned (nothing by default).
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+
+        Returns:
+            ``None``, or an awaitable that finishes the work.
+        """
+        return None
+
+    async def fail(
+        self, token: Any, delivery: Delivery, exc: BaseException, call_next: CallNext
+    ) -> None:
+        """The rest of the pipeline raised ``exc`` (re-raised by default).
+
+        Args:
+            token: What :meth:`enter` returned.
+            delivery: The message.
+            exc: The exception.
+            call_next: The rest of the pipeline, to call again.
+
+        Raises:
+            BaseException: ``exc``, or what the layer turned it into.
+        """
+        raise exc
+
+    async def slow(self, delivery: Delivery, call_next: CallNext) -> None:
+        """The asynchronous path when :meth:`enter` returned :data:`SLOW_PATH` (by default: just
+        the rest of the pipeline).
+
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline.
+        """
+        await call_next(delivery)
+
+    def link(self, call_next: CallNext) -> CallNext:
+        """This layer alone in front of ``call_next``: a compiled run of one.
+
+        Args:
+            call_next: The rest of the pipeline.
+
+        Returns:
+            ``async (delivery) -> None``.
+        """
+        return compile_hooks((self,), call_next)
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        """Process ``delivery`` with this layer in front of ``call_next``: the layer's hooks
+        around one call, as a compiled run of one does them.
+
+        Args:
+            delivery: The message.
+            call_next: The rest of the pipeline.
+        """
+        token = self.enter(delivery)
+        if token is SLOW_PATH:
+            await self.slow(delivery, call_next)
+            return
+        try:
+            await call_next(delivery)
+        except BaseException as exc:
+            error = exc
+        else:
+            pending = self.leave(token, delivery)
+            if pending is not None:
+                await pending
+            return
+        await self.fail(token, delivery, error, call_next)
+
+
+_BASE_LEAVE = HookLayer.leave
+_HOOK_NAMES = ("enter", "leave", "fail", "slow")
+
+
+def has_hooks(layer: object) -> bool:
+    """Whether ``layer`` takes part in compiled runs: it offers the four hooks and, if it is a
+    :class:`HookLayer`, does not replace ``__call__`` or ``link``.
+
+    Args:
+        layer: A middleware.
+
+    Returns:
+        ``True`` when the pipeline may run ``layer`` by its hooks.
+    """
+    if isinstance(layer, HookLayer):
+        kind = type(layer)
+        return kind.__call__ is HookLayer.__call__ and kind.link is HookLayer.link
+    return all(callable(getattr(layer, name, None)) for name in _HOOK_NAMES)
+
+
+def compile_hooks(
+    layers: Sequence[Hooks], below: CallNext, handler: Handler | None = None
+) -> CallNext:
+    """One ``CallNext`` running ``layers`` (outermost first) in front of ``below``.
+
+    Args:
+        layers: Layers offering the hooks (see :func:`has_hooks`).
+        below: What the innermost layer calls (the rest of the pipeline).
+        handler: When ``below`` just calls the user's handler with the payload, that handler:
+            the success path then awaits it directly.
+
+    Returns:
+        ``async (delivery) -> None``.
+    """
+    layers = tuple(layers)
+    # runs[i] is the compiled run of layers[i:]: what layers[i - 1] calls on its slow and
+    # failure paths (a retry goes through the inner layers' hooks again). runs[n] is ``below``.
+    runs: list[CallNext] = [below]
+    for i in range(len(layers) - 1, -1, -1):
+        runs.insert(0, _run(layers[i:], tuple(runs), handler))
+    return runs[0]
+
+
+def _run(
+    hooks: tuple[Hooks, ...], below: tuple[CallNext, ...], handler: Handler | None
+) -> CallNext:
+    """The coroutine function for one run: straight-line code calling each hook in turn.
+
+    Like the ``__init__`` that :mod:`dataclasses` writes, the function's source is generated
+    for the run's length (no loop, no token list on the success path) and compiled once, when
+    the pipeline is built. ``below[k]`` is what ``hooks[k]`` calls: the run of
+    ``hooks[k + 1:]``, or the continuation."""
+    n = len(hooks)
+    namespace: dict[str, Any] = {
+        "SLOW_PATH": SLOW_PATH,
+        "hooks": hooks,
+        "below": below,
+        "handler": handler,
+        "inner": below[-1],
+        "slow": _slow,
+        "complete": _complete,
+    }
+
+    def entered(k: int) -> str:
+        return "[" + ", ".join(f"t{i}" for i in range(k)) + "]"
+
+    # One try block per hook (free in CPython 3.11 until something raises): an exception is
+    # handed to exactly the layers outside the hook that raised it.
+    lines = ["async def run(delivery):"]
+    for k, hook in enumerate(hooks):
+        namespace[f"e{k}"] = hook.enter
+        lines += [
+            "    try:",
+            f"        t{k} = e{k}(delivery)",
+            "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
+            f"        return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
+            f"    if t{k} is SLOW_PATH:",
+            f"        return await slow(hooks, below, {entered(k)}, {k}, delivery)",
+        ]
+    call = "handler(delivery.payload)" if handler is not None else "inner(delivery)"
+    lines += [
+        "    try:",
+        f"        await {call}",
+        "    except BaseException as exc:",
+        "        error = exc",
+        "    else:",
+    ]
+    for k in range(n - 1, -1, -1):
+        if getattr(type(hooks[k]), "leave", None) is _BASE_LEAVE:
+            continue
+        namespace[f"l{k}"] = hooks[k].leave
+        lines += [
+            "        try:",
+            f"            pending = l{k}(t{k}, delivery)",
+            "            if pending is not None:",
+            "                await pending",
+            "        except BaseException as exc:  # escapes this layer: the outer ones see it",
+            f"            return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
+        ]
+    lines += [
+        "        return None",
+        "    # Outside the except block, as nested frames would be: a retry runs with no exception",
+        "    # being handled, so the handler's own errors do not chain onto later ones.",
+        f"    return await complete(hooks, below, {entered(n)}, {n}, delivery, error)",
+    ]
+    source = "\n".join(lines) + "\n"
+    names = ", ".join(type(h).__name__ for h in hooks)
+    exec(compile(source, f"<resilience.hooks run: {names}>", "exec"), namespace)
+    run: CallNext = namespace["run"]
+    return run
+
+
+async def _slow(
+    hooks: tuple[Hooks, ...],
+    below: tuple[CallNext, ...],
+    tokens: list[Any],
+    k: int,
+    delivery: Delivery,
+) -> None:
+    """Layer ``k`` declined the fast path: its ``slow`` path, then the outer layers' hooks."""
+    try:
+        await hooks[k].slow(delivery, below[k])
+    except BaseException as exc:
+        return await _complete(hooks, below, tokens, k, delivery, exc)
+    return await _complete(hooks, below, tokens, k, delivery, None)
+
+
+async def _complete(
+    hooks: tuple[Hooks, ...],
+    below: tuple[CallNext, ...],
+    tokens: list[Any],
+    k: int,
+    delivery: Delivery,
+    error: BaseException | None,
+) -> None:
+    """Finish layers ``k - 1`` down to 0 (innermost first) after the call below layer ``k - 1``
+    ended with ``error`` (``None``: it returned): each layer's ``leave`` or ``fail``, exactly as
+    each would see the outcome of its own ``call_next``."""
+    while k:
+        k -= 1
+        try:
+            if error is None:
+                pending = hooks[k].leave(tokens[k], delivery)
+                if pending is not None:
+                    await pending
+            else:
+                failed, error = error, None
+                await hooks[k].fail(tokens[k], delivery, failed, below[k])
+        except BaseException as exc:
+            error = exc
+    if error is not None:
+        raise error

@@ -1,0 +1,238 @@
+"""RedisBackend with many streams: round trips that do not grow with streams, fairness, patterns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis_support import MakeBackend, eventually
+
+from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
+
+pytestmark = pytest.mark.broker
+
+
+async def _take(stream: AsyncIterator[Any], count: int = 1, timeout: float = 5.0) -> list[Any]:
+    async with asyncio.timeout(timeout):
+        return [await anext(stream) for _ in range(count)]
+
+
+class RoundTrips:
+    """Counts round trips to Redis made by this process: single commands and pipelines."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.commands: list[str] = []
+        self.pipelines: list[list[str]] = []
+        command = aioredis.Redis.execute_command
+        execute = Pipeline.execute
+
+        async def counted_command(client: Any, *args: Any, **options: Any) -> Any:
+            self.commands.append(str(args[0]).upper())
+            return await command(client, *args, **options)
+
+        async def counted_execute(pipe: Any, raise_on_error: bool = True) -> Any:
+            self.pipelines.append([str(c[0][0]).upper() for c in pipe.command_stack])
+            return await execute(pipe, raise_on_error)
+
+        monkeypatch.setattr(aioredis.Redis, "execute_command", counted_command)
+        monkeypatch.setattr(Pipeline, "execute", counted_execute)
+
+    @property
+    def total(self) -> int:
+        return len(self.commands) + len(self.pipelines)
+
+
+async def test_startup_with_many_streams_takes_a_few_round_trips(
+    make_backend: MakeBackend, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating the groups of 60 streams, reclaiming on them and the first read take a few
+    round trips in all, not one per stream."""
+    streams = [f"{prefix}s{i}" for i in range(60)]
+    backend = make_backend(streams=streams)
+    await backend.publish(streams[-1], {"n": 1})
+    trips = RoundTrips(monkeypatch)
+    stream = backend.deliveries()
+    (message,) = await _take(stream)
+    assert message.payload == {"n": 1}
+    assert trips.total <= 4, (trips.commands, [p[:2] for p in trips.pipelines])
+    creates = [p for p in trips.pipelines if p and p[0] == "XGROUP CREATE"]
+    assert [len(p) for p in creates] == [60]
+    claims = [p for p in trips.pipelines if p and p[0] == "XAUTOCLAIM"]
+    assert [len(p) for p in claims] == [60]
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ack(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """2,000 entries over 100 streams read in one XREADGROUP are acknowledged with one multi-id
+    XACK per stream in one or two round trips, no task per ack, nothing left pending."""
+    streams = [f"{prefix}s{i}" for i in range(100)]
+    backend = make_backend(streams=streams, batch_size=500, ack_delay=60)
+    pipe = client.pipeline(transaction=False)
+    for n in range(2000):
+        pipe.xadd(streams[n % 100], {"data": f'{{"n": {n}}}'})
+    await pipe.execute()
+    stream = backend.deliveries()
+    first = await _take(stream)
+    rest = []
+    while (message := stream.next_nowait()) is not None:  # type: ignore[attr-defined]
+        rest.append(message)
+    messages = first + rest
+    assert len(messages) == 2000
+    tasks_before = len(asyncio.all_tasks())
+    for message in messages:
+        backend.ack_nowait(message)
+    assert len(asyncio.all_tasks()) <= tasks_before + 1
+    assert backend._settling == set()
+    assert await backend.pending() == 2000  # nothing is sent before the next read or flush
+    await backend.flush()
+    assert await backend.pending() == 0
+    assert backend.stats.acked == 2000
+    assert backend.stats.ack_round_trips == 1
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_busy_stream_does_not_starve_the_others(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """With 2,000 entries waiting in one stream and one in each of 20 others, every quiet
+    stream's entry is delivered within the first read (batch_size from each stream)."""
+    hot = f"{prefix}hot"
+    quiet = [f"{prefix}q{i}" for i in range(20)]
+    backend = make_backend(streams=[hot, *quiet], batch_size=10)
+    pipe = client.pipeline(transaction=False)
+    for n in range(2000):
+        pipe.xadd(hot, {"data": f'{{"n": {n}}}'})
+    for key in quiet:
+        pipe.xadd(key, {"data": '{"quiet": true}'})
+    await pipe.execute()
+    stream = backend.deliveries()
+    delivered = await _take(stream, 30)
+    assert {m.key for m in delivered if m.key != hot} == set(quiet)
+    for message in delivered:
+        await backend.ack(message)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_stream_created_after_start_is_read_without_a_restart(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """With streams=['<prefix>tenant:*'], streams that appear while the consumer runs are
+    found by the periodic look-up and read from their first entry; others are not read."""
+    backend = make_backend(streams=[f"{prefix}tenant:*"], discover_interval=0.05, block=0.05)
+    await client.xadd(f"{prefix}tenant:a", {"data": '{"tenant": "a"}'})
+    await client.xadd(f"{prefix}other", {"data": '{"tenant": "none"}'})
+    stream = backend.deliveries()
+    (first,) = await _take(stream)
+    assert (first.key, first.payload) == (f"{prefix}tenant:a", {"tenant": "a"})
+    await backend.ack(first)
+
+    reader = asyncio.create_task(_take(stream, 2))
+    await client.xadd(f"{prefix}tenant:b", {"data": '{"tenant": "b", "n": 1}'})
+    await client.xadd(f"{prefix}tenant:b", {"data": '{"tenant": "b", "n": 2}'})
+    later = await reader
+    assert [(m.key, m.payload) for m in later] == [
+        (f"{prefix}tenant:b", {"tenant": "b", "n": 1}),
+        (f"{prefix}tenant:b", {"tenant": "b", "n": 2}),
+    ]
+    for message in later:
+        await backend.ack(message)
+    await backend.flush()
+    assert await backend.pending() == 0
+    assert await client.xlen(f"{prefix}other") == 1
+    groups = await client.xinfo_groups(f"{prefix}other")
+    assert groups == []
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_pattern_matching_nothing_yet_waits_quietly(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """A reader whose only pattern matches no stream waits (no error, no stream created) until
+    one appears."""
+    backend = make_backend(streams=[f"{prefix}t:*"], discover_interval=0.05, block=0.05)
+    stream = backend.deliveries()
+    reader = asyncio.create_task(_take(stream))
+    await asyncio.sleep(0.2)
+    assert not reader.done()
+    assert [k async for k in client.scan_iter(match=f"{prefix}*")] == []
+    await client.xadd(f"{prefix}t:1", {"data": '{"n": 1}'})
+    (message,) = await reader
+    assert message.payload == {"n": 1}
+    await backend.ack(message)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_discovered_stream_that_is_deleted_is_dropped_not_recreated(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """Deleting a stream found through a pattern stops its reading; it is not created again,
+    and the other matching streams keep flowing."""
+    backend = make_backend(streams=[f"{prefix}t:*"], discover_interval=0.05, block=0.05)
+    await client.xadd(f"{prefix}t:gone", {"data": '{"n": 0}'})
+    await client.xadd(f"{prefix}t:kept", {"data": '{"n": 1}'})
+    stream = backend.deliveries()
+    for message in await _take(stream, 2):
+        await backend.ack(message)
+    await backend.flush()
+    await client.delete(f"{prefix}t:gone")
+    await client.xadd(f"{prefix}t:kept", {"data": '{"n": 2}'})
+    (message,) = await _take(stream)
+    assert message.payload == {"n": 2}
+    await backend.ack(message)
+
+    async def gone_stays_gone() -> bool:
+        return not await client.exists(f"{prefix}t:gone")
+
+    await eventually(gone_stays_gone, what="the deleted stream to stay deleted")
+    await asyncio.sleep(0.2)  # a few look-ups and reads later
+    assert not await client.exists(f"{prefix}t:gone")
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_pending_counts_the_streams_matching_a_pattern(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """pending() with a pattern in streams counts the entries of every matching stream."""
+    backend = make_backend(streams=[f"{prefix}t:*"], discover_interval=0.05)
+    for key in ("a", "b"):
+        await client.xadd(f"{prefix}t:{key}", {"data": '{"n": 1}'})
+    stream = backend.deliveries()
+    messages = await _take(stream, 2)
+    assert await backend.pending() == 2
+    for message in messages:
+        await backend.ack(message)
+    await backend.flush()
+    assert await backend.pending() == 0
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern"),
+    [
+        ("tenant:*", True),
+        ("tenant:?", True),
+        ("tenant:[ab]", True),
+        ("orders", False),
+        ("tenant\\*", False),
+        ("a.b-c", False),
+    ],
+)
+async def test_which_stream_keys_are_patterns(key: str, pattern: bool) -> None:
+    """An unescaped *, ? or [ makes a stream key a pattern; a backslash escapes it."""
+    assert is_pattern(key) is pattern
+
+
+async def test_discover_interval_is_validated_and_read_from_the_environment() -> None:
+    """REDIS_DISCOVER_INTERVAL_MS sets discover_interval; a bad value names the variable."""
+    settings = RedisSettings.from_environ({"REDIS_DISCOVER_INTERVAL_MS": "2500"})
+    assert settings.discover_interval == 2.5
+    with pytest.raises(ValueError, match="REDIS_DISCOVER_INTERVAL_MS='0' is not valid"):
+        RedisSettings.from_environ({"REDIS_DISCOVER_INTERVAL_MS": "0"})
+    with pytest.raises(ValueError, match="discover_interval must be a finite number"):
+        RedisSettings(discover_interval=-1)
