@@ -104,6 +104,27 @@ async def test_release_later_of_a_settled_entry_adds_nothing(
     assert await client.zcard(delay_key(stream)) == 0
 
 
+async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """Entries delayed from a stream found through a pattern come back to a consumer started
+    later on the same pattern (it looks up the delay sets with SCAN)."""
+    stream = f"{prefix}t:1"
+    first = make_backend(streams=[f"{prefix}t:*"], block=0.1)
+    await first.publish(stream, {"n": 1})
+    message = await anext(first.deliveries())
+    await first.release_later(message, 3600)
+    assert await first.delayed() == 1
+    await first.aclose()
+    members = await client.zrange(delay_key(stream), 0, -1)
+    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # due now
+    second = make_backend(streams=[f"{prefix}t:*"], block=0.1, consumer="later")
+    again = await asyncio.wait_for(anext(second.deliveries()), 10)
+    assert again.payload == {"n": 1}
+    assert again.key == stream
+    assert again.delivery_count == 2
+
+
 @pytest.mark.parametrize("delay", [-0.5, float("nan"), float("inf")])
 async def test_release_later_refuses_bad_delays(make_backend: MakeBackend, delay: float) -> None:
     """A negative or non-finite delay is a ValueError; the entry stays pending."""

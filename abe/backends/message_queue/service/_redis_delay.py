@@ -138,10 +138,17 @@ class DelayScheduler:
         *,
         poll: float = 0.25,
         batch: int = 100,
+        patterns: Iterable[str] = (),
+        discover_interval: float = 10.0,
     ) -> None:
         self._client = client
         self._script = client.register_script(MOVE_DUE_LUA)
-        self.streams = tuple(streams)
+        self.streams: list[str] = list(streams)
+        """Streams whose delay sets are served (those of :meth:`add` and of the patterns too)."""
+        self.patterns = tuple(patterns)
+        """Stream patterns (``tenant:*``): their streams' delay sets are looked up with SCAN."""
+        self.discover_interval = discover_interval
+        self._next_discovery = 0.0
         self.poll = poll
         self.batch = batch
         self.moved = 0
@@ -158,6 +165,24 @@ class DelayScheduler:
         """Check again now (an entry was just delayed)."""
         self._wake.set()
 
+    def add(self, stream: str) -> None:
+        """Serve the delay set of ``stream`` too (a stream found through a pattern)."""
+        if stream not in self.streams:
+            self.streams.append(stream)
+
+    async def _discover(self) -> None:
+        """Find the delay sets of streams matching the patterns (after a restart, say)."""
+        loop = asyncio.get_running_loop()
+        if not self.patterns or loop.time() < self._next_discovery:
+            return
+        self._next_discovery = loop.time() + self.discover_interval
+        for pattern in self.patterns:
+            async for key in self._client.scan_iter(
+                match=DELAY_KEY_PREFIX + pattern, count=1000, _type="zset"
+            ):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                self.add(name[len(DELAY_KEY_PREFIX) :])
+
     async def move_due(self) -> float:
         """Move every due entry now.
 
@@ -165,7 +190,8 @@ class DelayScheduler:
             Seconds until the next entry is due (``inf`` when none waits).
         """
         wait = math.inf
-        for stream in self.streams:
+        await self._discover()
+        for stream in list(self.streams):
             while True:
                 reply: Any = await self._script(keys=[delay_key(stream), stream], args=[self.batch])
                 moved, next_ms = int(reply[0]), int(reply[1])

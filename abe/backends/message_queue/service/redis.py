@@ -383,7 +383,13 @@ class RedisBackend:
         except RuntimeError:
             return  # started by the first release_later or deliveries() inside a loop
         if self._scheduler is None:
-            self._scheduler = DelayScheduler(self._client, self._settings.streams)
+            settings = self._settings
+            self._scheduler = DelayScheduler(
+                self._client,
+                [key for key in settings.streams if not is_pattern(key)],
+                patterns=[key for key in settings.streams if is_pattern(key)],
+                discover_interval=settings.discover_interval,
+            )
         self._scheduler.start()
 
     @property
@@ -533,16 +539,23 @@ class RedisBackend:
             self._fail(f"delaying entry {entry_id} of {message.key!r}", exc)
         self._start_scheduler()
         if self._scheduler is not None:
+            self._scheduler.add(message.key)
             self._scheduler.wake()
 
     async def delayed(self, key: MessageQueueKey | None = None) -> int:
-        """Entries waiting in the delay set of ``key`` (or of every configured stream).
+        """Entries waiting in the delay set of ``key`` (or of every stream read so far).
 
         Raises:
             RedisBackendError: Redis could not be asked.
         """
         total = 0
-        for stream in (key,) if key is not None else self._settings.streams:
+        if key is not None:
+            streams: Iterable[str] = (key,)
+        elif self._scheduler is not None:
+            streams = tuple(self._scheduler.streams)  # with the streams of patterns found
+        else:
+            streams = [s for s in self._settings.streams if not is_pattern(s)]
+        for stream in streams:
             try:
                 async with self._timeout():
                     total += int(await self._client.zcard(delay_key(stream)))
