@@ -16,7 +16,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from abe.backends.message_queue.service.memory import MemoryBackend, MemoryChannel
@@ -207,6 +207,12 @@ _operation = st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_operation, max_size=120))
+@example(  # redeliveries of two keys: a reader of both takes the last one released first
+    [("publish", "a")] * 4
+    + [("publish", "b")]
+    + [("take", None)] * 5
+    + [("release", 0), ("release", 0), ("release", 2), ("take", frozenset({"a", "b"}))]
+)
 def test_any_mix_of_readers_matches_the_ordered_model(operations: list[tuple[str, Any]]) -> None:
     """Readers of every key, of named keys, releases and acks in any mix: each take returns what
     a plain ordered list would (redeliveries first, then publish order), sizes agree, and

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend, RedisServer, eventually
 
 from abe.backends.message_queue.base.extensions import DelayingBackend
 from abe.backends.message_queue.service._redis_delay import DelayScheduler, delay_key
@@ -29,6 +28,13 @@ from resilience.consumer import ResilientConsumer
 from resilience.events import MessageSettled, Outcome
 from resilience.policy import Policy
 from resilience.testing import capture_events
+from tests.redis.redis_support import (
+    MakeBackend,
+    RedisServer,
+    eventually,
+    list_values,
+    stream_entries,
+)
 
 pytestmark = [pytest.mark.broker]
 
@@ -72,7 +78,7 @@ async def test_release_later_acks_and_delays_in_one_step(
     """After release_later the entry is neither pending nor in the stream's reach until due,
     then comes back with its headers, a new id and its delivery count raised."""
     backend = make_backend(block=0.1)
-    assert isinstance(backend, DelayingBackend)
+    assert isinstance(backend, DelayingBackend)  # the extension, checked at run time
     stream = f"{prefix}s"
     await backend.publish_message(stream, {"n": 1}, headers={"traceparent": "00-ab-cd-01"})
     deliveries = backend.deliveries()
@@ -116,7 +122,7 @@ async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
     await first.release_later(message, 3600)
     assert await first.delayed() == 1
     await first.aclose()
-    members = await client.zrange(delay_key(stream), 0, -1)
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
     await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # due now
     second = make_backend(streams=[f"{prefix}t:*"], block=0.1, consumer="later")
     again = await asyncio.wait_for(anext(second.deliveries()), 10)
@@ -149,7 +155,7 @@ async def test_two_schedulers_re_add_each_due_entry_exactly_once(
         await backend.release_later(message, 3600)
     assert backend.delay_scheduler is not None
     await backend.delay_scheduler.stop()  # only the two racing schedulers below move entries
-    members = await client.zrange(delay_key(stream), 0, -1)
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
     assert len(members) == 400
     await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
     clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
@@ -162,7 +168,7 @@ async def test_two_schedulers_re_add_each_due_entry_exactly_once(
     assert sum(s.moved for s in schedulers) == 400
     assert all(s.moved > 0 for s in schedulers)
     assert await client.zcard(delay_key(stream)) == 0
-    entries = await client.xrange(stream)
+    entries = stream_entries(await client.xrange(stream))
     again = [e for e in entries if b"h:x-abe-deliveries" in e[1]]
     numbers = sorted(int(fields[b"data"].split(b":")[1].rstrip(b"}")) for _, fields in again)
     assert numbers == list(range(400))

@@ -39,13 +39,20 @@ logger = logging.getLogger(__name__)
 
 
 class _Entry:
-    """One queued message: ``live`` turns false when a reader of named keys takes it."""
+    """One queued message: ``live`` turns false when a reader of named keys takes it.
 
-    __slots__ = ("live", "message", "seq")
+    ``rank`` is the entry's place in the one queue order: rising for messages queued at the
+    back, falling (below every earlier one) for redeliveries queued at the front, so a reader of
+    several named keys that takes the head with the lowest rank takes what a reader of every key
+    would. ``seq`` is the message's own number, kept across redeliveries.
+    """
 
-    def __init__(self, seq: int, message: InboundMessage) -> None:
+    __slots__ = ("live", "message", "rank", "seq")
+
+    def __init__(self, seq: int, message: InboundMessage, rank: int) -> None:
         self.seq = seq
         self.message = message
+        self.rank = rank
         self.live = True
 
 
@@ -123,6 +130,8 @@ class MemoryChannel:
         """Entries in ``_order`` already taken through their key's queue."""
         self._size = 0
         self._seq = itertools.count(1)
+        self._back = itertools.count(1)
+        self._front = itertools.count(-1, -1)
         self._waiters: list[asyncio.Future[None]] = []
         self._unacked: dict[str, tuple[int, InboundMessage]] = {}
         self._handed_out = 0
@@ -154,7 +163,8 @@ class MemoryChannel:
         if not isinstance(item, InboundMessage):
             self.put_nowait(item)
             return _DONE
-        entry = _Entry(next(self._seq) if seq is None else seq, item)
+        rank = next(self._front) if front else next(self._back)
+        entry = _Entry(next(self._seq) if seq is None else seq, item, rank)
         queue = self._queues.get(item.key)
         if queue is None:
             queue = self._queues[item.key] = deque()
@@ -201,7 +211,7 @@ class MemoryChannel:
         else:
             for key in keys:
                 candidate = queues.get(key)
-                if candidate is not None and (queue is None or candidate[0].seq < queue[0].seq):
+                if candidate is not None and (queue is None or candidate[0].rank < queue[0].rank):
                     queue = candidate
         if not queue:
             return None
