@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .clock import Clock
     from .dead_letter import DeadLetterSink
     from .delivery import Delivery
+    from .idempotency import IdempotencyStore
     from .retry import Backoff, RetryBudget
 
 __all__ = ["CallNext", "Compiled", "Handler", "Middleware", "Pipeline"]
@@ -191,6 +192,16 @@ class Pipeline:
         from .timeout import Timeout
 
         return self.use(Timeout(seconds, total=True, clock=clock))
+
+    def idempotent(self, store: IdempotencyStore, **options: Any) -> Pipeline:
+        """Append an :class:`~resilience.idempotency.Idempotency` layer on ``store``.
+
+        List it after dead-letter routing and before retry; ``options`` are the layer's keyword
+        arguments (``header``, ``key``, ``lease``, ``ttl``, ``wait``, ...).
+        """
+        from .idempotency import Idempotency
+
+        return self.use(Idempotency(store, **options))
 
     def build(self, handler: Handler, *, fuse: bool = True) -> CallNext:
         """Freeze the pipeline and compose it around ``handler``.

@@ -15,7 +15,7 @@ from .._breaker_config import GATES_EXTRA
 from .._log import get_logger
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
-from ..errors import DeadLetterWriteError, ResilienceError
+from ..errors import DeadLetterWriteError, ResilienceError, Unsettled
 from ..events import Event, Outcome
 from ._pending import PendingWrite, PendingWrites, identity, wait_after, write_wait
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
@@ -269,7 +269,7 @@ class DeadLetterRouter:
                 return
         try:
             await call_next(delivery)
-        except DeadLetterWriteError:
+        except Unsettled:
             raise
         except Exception as exc:
             await self._failed_call(delivery, call_next, exc)
@@ -296,7 +296,7 @@ class DeadLetterRouter:
             try:
                 await call_next(delivery)
                 return
-            except DeadLetterWriteError:
+            except Unsettled:
                 raise
             except Exception as again:
                 exc = again

@@ -61,6 +61,7 @@ from ._redis_common import (
     socket_timeout_of,
     text,
 )
+from ._redis_idempotency import COMPLETE_LUA, Command, complete_args
 from ._redis_reader import RedisDeliveries, StreamReader
 from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
 
@@ -179,6 +180,7 @@ class RedisBackend:
             self._guard_reads = socket_timeout is not None and sys.version_info < (3, 12)
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
+        self._complete_script = client.register_script(COMPLETE_LUA)
         self._sleep = sleep
         self._stats = RedisStats()
         self._connection = ConnectionStatus()
@@ -493,6 +495,51 @@ class RedisBackend:
             self._fail(what, exc)
         self._stats.dead_lettered += 1
         return text(record_id)
+
+    async def complete_idempotent(
+        self,
+        message: InboundMessage,
+        record_key: str,
+        owner: str,
+        ttl: float,
+        effects: Iterable[Command] = (),
+    ) -> bool:
+        """Run ``effects``, write an idempotency completion record and acknowledge ``message``,
+        in one Lua script (one round trip), provided ``owner`` still holds the claim.
+
+        Args:
+            message: A delivery from this backend.
+            record_key: The claim key; it becomes the completion record.
+            owner: The claim's owner token.
+            ttl: Seconds the completion record is kept.
+            effects: Redis commands of the handler's, run just before the record is written.
+
+        Returns:
+            ``True`` when done; ``False`` when the claim belongs to someone else (nothing was
+            run, written or acknowledged).
+
+        Raises:
+            RedisUnavailableError: Redis could not be reached; nothing is known to be done.
+            RedisBackendError: the script failed; the message is not acknowledged.
+        """
+        entry_id = _id_of(message)
+        handle = message.handle
+        reader = handle if type(handle) is StreamReader else None
+        held = reader.settle(message) if reader is not None else None
+        args = complete_args(owner, int(ttl * 1000), self._group_of(message), entry_id, effects)
+        try:
+            async with self._timeout():
+                done = await self._complete_script(keys=[record_key, message.key], args=args)
+        except _FAILURES as exc:
+            if held is not None and reader is not None:
+                reader.hold(message, held)
+            self._fail(f"completing entry {entry_id} of {message.key!r}", exc)
+        if not done:
+            if held is not None and reader is not None:
+                reader.hold(message, held)
+            return False
+        self._stats.acked += 1
+        return True
 
     # -- operations ------------------------------------------------------------------------------
 

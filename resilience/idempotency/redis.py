@@ -1,0 +1,140 @@
+"""Claims and completion records in Redis.
+
+A claim is ``SET key owner NX PX lease GET``: one round trip that claims a free key or says who
+holds it. The completion record replaces the claim (``SET key done PX ttl``) in a Lua script
+that first checks the claim is still the caller's and runs the handler's own Redis commands
+(:class:`RedisEffects`); when the messages come from a
+:class:`~abe.backends.message_queue.service.redis.RedisBackend`, the same script acknowledges the
+entry, so the success path costs one round trip more than without the layer: the claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from abe.backends.message_queue.service._redis_idempotency import (
+    COMPLETE_LUA,
+    DONE,
+    Command,
+    complete_args,
+)
+
+from ._store import ClaimLost, ClaimState
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from abe.backends.message_queue.service.redis import RedisBackend
+
+    from ..delivery import Delivery
+
+__all__ = ["RedisEffects", "RedisStore"]
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisEffects:
+    """The handler's Redis writes, run in the same Lua script as the completion record.
+
+    Returned by :func:`~resilience.idempotency.current_transaction` under a
+    :class:`RedisStore`. Commands are queued, not sent: they run after the handler returns,
+    atomically with the completion record (and the acknowledgement), or not at all when the
+    handler fails or the claim was lost. Do not read back what you queue.
+
+    Attributes:
+        commands: The queued commands, in order.
+    """
+
+    __slots__ = ("commands",)
+
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
+
+    def call(self, *command: str | bytes | int | float) -> None:
+        """Queue one command, e.g. ``effects.call("HINCRBY", "totals", "eu", 5)``.
+
+        Raises:
+            ValueError: no command was given.
+        """
+        if not command:
+            raise ValueError("a Redis command needs at least its name")
+        self.commands.append(command)
+
+
+class RedisStore:
+    """Idempotency records in Redis (server-side expiry, shared by every consumer process).
+
+    Args:
+        client: A ``redis.asyncio.Redis`` client; ``None`` uses the backend's.
+        backend: The consumer's Redis backend: completion records are then written in the same
+            script as the acknowledgement of the entry.
+        prefix: Prepended to every key.
+
+    Raises:
+        ValueError: neither ``client`` nor ``backend`` was given.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis | None = None,
+        *,
+        backend: RedisBackend | None = None,
+        prefix: str = "idempotency:",
+    ) -> None:
+        if client is None:
+            if backend is None:
+                raise ValueError("RedisStore needs a client or a RedisBackend")
+            client = backend.client
+        self.client = client
+        self.backend = backend
+        self.prefix = prefix
+        self._complete = client.register_script(COMPLETE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.prefix!r}, acks={self.backend is not None})"
+
+    async def claim(self, key: str, owner: str, lease: float) -> ClaimState:
+        """Claim ``key`` in one ``SET NX PX GET``."""
+        held: Any = await self.client.set(
+            self.prefix + key, owner, nx=True, px=max(1, int(lease * 1000)), get=True
+        )
+        if held is None:
+            return ClaimState.CLAIMED
+        value = held.decode() if isinstance(held, bytes) else str(held)
+        return ClaimState.COMPLETED if value == DONE else ClaimState.BUSY
+
+    @contextlib.asynccontextmanager
+    async def complete(
+        self, key: str, owner: str, ttl: float, delivery: Delivery
+    ) -> AsyncIterator[RedisEffects]:
+        """Yield a :class:`RedisEffects`; after the handler, run them, write the completion
+        record and (with a backend) acknowledge the entry, in one script.
+
+        Raises:
+            ClaimLost: someone else holds the claim; nothing was run or written.
+        """
+        effects = RedisEffects()
+        yield effects
+        record_key = self.prefix + key
+        message = delivery.message
+        if self.backend is not None and message is not None and message.message_id:
+            done = await self.backend.complete_idempotent(
+                message, record_key, owner, ttl, effects.commands
+            )
+        else:
+            args = complete_args(owner, int(ttl * 1000), "", "", effects.commands)
+            done = bool(await self._complete(keys=[record_key, ""], args=args))
+        if not done:
+            raise ClaimLost(f"the claim on {key!r} was taken over while the handler ran")
+
+    async def release(self, key: str, owner: str) -> None:
+        """Drop ``owner``'s claim on ``key`` (a check-and-delete script)."""
+        await self._release(keys=[self.prefix + key], args=[owner])
