@@ -62,7 +62,7 @@ def workers() -> Iterator[list[subprocess.Popen[str]]]:
 async def test_redis_store_claims_completes_and_releases(
     client: aioredis.Redis, prefix: str
 ) -> None:
-    """The Redis store: one claim wins, a completed key reads as completed, release is owner-only."""
+    """Redis store: one claim wins, a completed key reads as completed, release is owner-only."""
     store = RedisStore(client, prefix=prefix)
     delivery = Delivery({}, key="s", message_id="1-0")
     assert await store.claim("k", "a", 5) is ClaimState.CLAIMED
