@@ -127,26 +127,27 @@ async def test_sigkilled_consumers_lose_nothing_and_complete_nothing_twice(
     """Two consumer processes, one SIGKILLed at random moments eight times and restarted: every
     message is completed exactly once (Redis store, completion recorded in the Lua script)."""
     stream = f"{prefix}jobs"
-    total = 600
+    total = 1000
     rng = random.Random(18)
     names = iter(f"w{i}" for i in range(100))
 
     def spawn() -> subprocess.Popen[str]:
-        process = start(redis_url, stream, next(names), prefix, "--work", "0.003")
+        process = start(redis_url, stream, next(names), prefix, "--work", "0.01")
         workers.append(process)
-        wait_ready(process)
         return process
 
     live = [spawn(), spawn()]
+    for process in live:
+        wait_ready(process)
     backend = RedisBackend(redis_url, streams=[stream], group="workers", consumer="publisher")
     await backend.publish_many(stream, [{"n": n} for n in range(total)])
-    kills = 0
-    while kills < 8:
+    left_at_last_kill = total
+    for _ in range(8):
         await asyncio.sleep(rng.uniform(0.1, 0.4))
         victim = live.pop(rng.randrange(len(live)))
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
-        kills += 1
+        left_at_last_kill = total - await client.hlen(f"{prefix}done")
         live.append(spawn())
 
     async def drained() -> bool:
@@ -157,7 +158,70 @@ async def test_sigkilled_consumers_lose_nothing_and_complete_nothing_twice(
     runs = {int(k): int(v) for k, v in (await client.hgetall(f"{prefix}runs")).items()}
     assert sorted(done) == list(range(total)), "no message lost"
     assert [n for n, count in done.items() if count != 1] == [], "no message completed twice"
+    assert left_at_last_kill > 0, "every kill came while messages were still being processed"
     assert sum(runs.values()) >= total
+    for process in live:
+        process.send_signal(signal.SIGTERM)
+    for process in live:
+        _, err = process.communicate(timeout=15)
+        assert process.returncode == 0, err
+    await backend.aclose()
+
+
+@pytest.mark.slow
+async def test_sigkilled_consumers_write_no_duplicate_rows_with_postgres(
+    client: aioredis.Redis,
+    prefix: str,
+    redis_url: str,
+    postgres_table: tuple[str, str],
+    workers: list[subprocess.Popen[str]],
+) -> None:
+    """Two consumer processes with the PostgreSQL store, one SIGKILLed at random moments eight
+    times: the handler's own table ends with every message's row exactly once."""
+    import psycopg
+
+    dsn, table = postgres_table
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(f"CREATE TABLE {table} (n integer NOT NULL)")
+    stream = f"{prefix}jobs"
+    total = 800
+    rng = random.Random(5)
+    names = iter(f"p{i}" for i in range(100))
+
+    def spawn() -> subprocess.Popen[str]:
+        process = start(
+            redis_url, stream, next(names), prefix, "--store", "postgres", "--dsn", dsn,
+            "--table", table, "--work", "0.01",
+        )  # fmt: skip
+        workers.append(process)
+        return process
+
+    async def table_rows() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cursor = await conn.execute(f"SELECT n FROM {table}")
+            return [row[0] for row in await cursor.fetchall()]
+
+    live = [spawn(), spawn()]
+    for process in live:
+        wait_ready(process)
+    backend = RedisBackend(redis_url, streams=[stream], group="workers", consumer="publisher")
+    await backend.publish_many(stream, [{"n": n} for n in range(total)])
+    for _ in range(8):
+        await asyncio.sleep(rng.uniform(0.1, 0.4))
+        victim = live.pop(rng.randrange(len(live)))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        live.append(spawn())
+    left_at_last_kill = total - len(await table_rows())
+
+    async def drained() -> bool:
+        return len(await table_rows()) >= total and await backend.pending(stream) == 0
+
+    await eventually(drained, timeout=60, what="the workers to complete every message")
+    found = await table_rows()
+    assert left_at_last_kill > 0, "every kill came while messages were still being processed"
+    assert sorted(set(found)) == list(range(total)), "no message lost"
+    assert len(found) == total, "no duplicate row"
     for process in live:
         process.send_signal(signal.SIGTERM)
     for process in live:
