@@ -3,9 +3,10 @@
 A claim is ``SET key owner NX PX lease GET``: one round trip that claims a free key or says who
 holds it. The completion record replaces the claim (``SET key done PX ttl``) in a Lua script
 that first checks the claim is still the caller's and runs the handler's own Redis commands
-(:class:`RedisEffects`); when the messages come from a
-:class:`~abe.backends.message_queue.service.redis.RedisBackend`, the same script acknowledges the
-entry, so the success path costs one round trip more than without the layer: the claim.
+(:class:`RedisEffects`). When the messages come from a
+:class:`~abe.backends.message_queue.service.redis.RedisBackend`, completions are buffered like
+acknowledgements and one script call per batch writes them and acknowledges their entries, so
+the success path costs one round trip more than without the layer: the claim.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from abe.backends.message_queue.service._redis_idempotency import (
     COMPLETE_LUA,
     DONE,
     Command,
-    complete_args,
+    completion_args,
 )
 
 from ._store import ClaimLost, ClaimState
@@ -115,8 +116,8 @@ class RedisStore:
     async def complete(
         self, key: str, owner: str, ttl: float, delivery: Delivery
     ) -> AsyncIterator[RedisEffects]:
-        """Yield a :class:`RedisEffects`; after the handler, run them, write the completion
-        record and (with a backend) acknowledge the entry, in one script.
+        """Yield a :class:`RedisEffects`; after the handler, run them and write the completion
+        record in one script (with a backend: buffered with the entry's acknowledgement).
 
         Raises:
             ClaimLost: someone else holds the claim; nothing was run or written.
@@ -126,13 +127,14 @@ class RedisStore:
         record_key = self.prefix + key
         message = delivery.message
         if self.backend is not None and message is not None and message.message_id:
-            done = await self.backend.complete_idempotent(
+            # Buffered with the acknowledgement: no round trip of its own. A claim lost by
+            # then leaves the entry pending; its redelivery finds the other owner's record.
+            self.backend.complete_idempotent_nowait(
                 message, record_key, owner, ttl, effects.commands
             )
-        else:
-            args = complete_args(owner, int(ttl * 1000), "", "", effects.commands)
-            done = bool(await self._complete(keys=[record_key, ""], args=args))
-        if not done:
+            return
+        args = completion_args(owner, ttl, "", "", effects.commands)
+        if not await self._complete(keys=[record_key, ""], args=args):
             raise ClaimLost(f"the claim on {key!r} was taken over while the handler ran")
 
     async def release(self, key: str, owner: str) -> None:

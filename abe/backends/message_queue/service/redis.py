@@ -28,6 +28,7 @@ Guarantees (see ``docs/redis.md``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -61,7 +62,7 @@ from ._redis_common import (
     socket_timeout_of,
     text,
 )
-from ._redis_idempotency import COMPLETE_LUA, Command, complete_args
+from ._redis_idempotency import COMPLETE_LUA, Command, CompletionBuffer, completion_args
 from ._redis_reader import RedisDeliveries, StreamReader
 from ._redis_settings import DEFAULT_GROUP, DEFAULT_STREAMS, DEFAULT_URL, RedisSettings, redact
 
@@ -181,6 +182,7 @@ class RedisBackend:
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._complete_script = client.register_script(COMPLETE_LUA)
+        self._completions: CompletionBuffer | None = None
         self._sleep = sleep
         self._stats = RedisStats()
         self._connection = ConnectionStatus()
@@ -496,16 +498,21 @@ class RedisBackend:
         self._stats.dead_lettered += 1
         return text(record_id)
 
-    async def complete_idempotent(
+    def complete_idempotent_nowait(
         self,
         message: InboundMessage,
         record_key: str,
         owner: str,
         ttl: float,
         effects: Iterable[Command] = (),
-    ) -> bool:
-        """Run ``effects``, write an idempotency completion record and acknowledge ``message``,
-        in one Lua script (one round trip), provided ``owner`` still holds the claim.
+    ) -> None:
+        """Buffer an idempotency completion that replaces the acknowledgement of ``message``.
+
+        Buffered completions are sent like acknowledgements (after ``ack_delay``, or at once
+        when ``ack_batch`` of them wait), all in one Lua script that, for each message whose
+        claim ``owner`` still holds, runs ``effects``, writes the completion record (kept ``ttl``
+        seconds) and XACKs the entry; a message whose claim was taken over is left pending.
+        If Redis does not take them, the entries stay pending and are delivered again.
 
         Args:
             message: A delivery from this backend.
@@ -514,32 +521,22 @@ class RedisBackend:
             ttl: Seconds the completion record is kept.
             effects: Redis commands of the handler's, run just before the record is written.
 
-        Returns:
-            ``True`` when done; ``False`` when the claim belongs to someone else (nothing was
-            run, written or acknowledged).
-
         Raises:
-            RedisUnavailableError: Redis could not be reached; nothing is known to be done.
-            RedisBackendError: the script failed; the message is not acknowledged.
+            ValueError: ``message`` has no id.
         """
         entry_id = _id_of(message)
         handle = message.handle
-        reader = handle if type(handle) is StreamReader else None
-        held = reader.settle(message) if reader is not None else None
-        args = complete_args(owner, int(ttl * 1000), self._group_of(message), entry_id, effects)
-        try:
-            async with self._timeout():
-                done = await self._complete_script(keys=[record_key, message.key], args=args)
-        except _FAILURES as exc:
-            if held is not None and reader is not None:
-                reader.hold(message, held)
-            self._fail(f"completing entry {entry_id} of {message.key!r}", exc)
-        if not done:
-            if held is not None and reader is not None:
-                reader.hold(message, held)
-            return False
+        if type(handle) is StreamReader:
+            handle.settle(message)  # the completion acknowledges it; a later ack is a no-op
+        buffer = self._completions
+        if buffer is None:
+            s = self._settings
+            buffer = self._completions = CompletionBuffer(
+                self._complete_script, s.ack_limit, s.ack_delay
+            )
+        args = completion_args(owner, ttl, self._group_of(message), entry_id, effects)
+        buffer.add(record_key, message.key, args)
         self._stats.acked += 1
-        return True
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -581,6 +578,11 @@ class RedisBackend:
                 await reader.flush()
             except _FAILURES as exc:
                 self._fail("flushing acknowledgements", exc)
+        if self._completions is not None:
+            try:
+                await self._completions.flush()
+            except _FAILURES as exc:
+                self._fail("writing idempotency completions", exc)
 
     async def aclose(self) -> None:
         """Flush acknowledgements, stop every reader and close the connection pool.
@@ -592,6 +594,9 @@ class RedisBackend:
         self._closed = True
         if self._settling:
             await asyncio.wait(set(self._settling))
+        if self._completions is not None:
+            with contextlib.suppress(*_FAILURES):
+                await self._completions.flush()  # left pending on failure: delivered again
         for reader in list(self._readers):
             await reader.close()
         if self._owns_client:
