@@ -362,3 +362,28 @@ def test_policy_places_the_layer_inside_dead_letter_and_outside_retry(tmp_path: 
         type(layer).__name__ != "Idempotency"
         for layer in Policy.from_dict({"idempotency": {"enabled": False}}).layers()
     )
+
+
+async def test_duplicates_are_counted_and_marked_on_the_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Telemetry counts duplicates in resilience.duplicates and marks their span's outcome."""
+    from test_telemetry import install
+
+    otel = install(monkeypatch)
+    backend = MemoryBackend.isolated()
+    for _ in range(3):
+        await backend.publish_message("orders", {"x": 1}, headers={"idempotency-key": "k"})
+    policy = Policy.from_dict({"idempotency": {"store": "memory", "header": "idempotency-key"}})
+    consumer = ResilientConsumer(backend, "billing", policy=policy, clock=FakeClock())
+    handler = Counting()
+    await run_until_settled(consumer, handler, 3)
+    assert handler.runs == 1
+    points = otel.points("resilience.duplicates")
+    assert [p.value for p in points] == [2]
+    outcomes = sorted(
+        str((span.attributes or {}).get("resilience.outcome")) for span in otel.finished()
+    )
+    assert outcomes == ["duplicate", "duplicate", "success"]
+    otel.tracer_provider.shutdown()
+    otel.meter_provider.shutdown()
