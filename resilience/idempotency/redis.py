@@ -12,11 +12,13 @@ the success path costs one round trip more than without the layer: the claim.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.service._redis_idempotency import (
     COMPLETE_LUA,
+    COMPLETE_SHA,
     DONE,
     Command,
     completion_args,
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from ..delivery import Delivery
 
 __all__ = ["RedisEffects", "RedisStore"]
+
+logger = logging.getLogger(__name__)
 
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -103,14 +107,43 @@ class RedisStore:
         return f"RedisStore(prefix={self.prefix!r}, acks={self.backend is not None})"
 
     async def claim(self, key: str, owner: str, lease: float) -> ClaimState:
-        """Claim ``key`` in one ``SET NX PX GET``."""
-        held: Any = await self.client.set(
-            self.prefix + key, owner, nx=True, px=max(1, int(lease * 1000)), get=True
-        )
+        """Claim ``key`` in one ``SET NX PX GET``, sent in one pipeline with the completions
+        the backend has buffered meanwhile (so they cost no round trip of their own)."""
+        px = max(1, int(lease * 1000))
+        taken = self.backend.take_idempotent_completions() if self.backend is not None else None
+        held: Any
+        if taken is None:
+            held = await self.client.set(self.prefix + key, owner, nx=True, px=px, get=True)
+        else:
+            held = await self._claim_with(taken, key, owner, px)
         if held is None:
             return ClaimState.CLAIMED
         value = held.decode() if isinstance(held, bytes) else str(held)
         return ClaimState.COMPLETED if value == DONE else ClaimState.BUSY
+
+    async def _claim_with(
+        self, taken: tuple[list[str], list[Any]], key: str, owner: str, px: int
+    ) -> Any:
+        keys, args = taken
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(COMPLETE_SHA, len(keys), *keys, *args)
+        pipe.set(self.prefix + key, owner, nx=True, px=px, get=True)
+        # If the pipeline fails, nothing is known to be written: the completed entries stay
+        # pending and are delivered again (and run again: their effects were not applied).
+        done, held = await pipe.execute(raise_on_error=False)
+        if isinstance(done, Exception):
+            assert self.backend is not None
+            if "NOSCRIPT" in str(done):
+                await self.backend.send_idempotent_completions(keys, args)  # loads it
+            else:
+                logger.warning(
+                    "Writing idempotency completions failed; their entries stay pending and "
+                    "are delivered again: %s",
+                    done,
+                )
+        if isinstance(held, Exception):
+            raise held
+        return held
 
     @contextlib.asynccontextmanager
     async def complete(

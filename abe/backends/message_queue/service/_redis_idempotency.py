@@ -9,11 +9,19 @@ idempotency stores completing a message from any other source (record and effect
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["COMPLETE_LUA", "DONE", "Command", "CompletionBuffer", "completion_args"]
+__all__ = [
+    "COMPLETE_LUA",
+    "COMPLETE_SHA",
+    "DONE",
+    "Command",
+    "CompletionBuffer",
+    "completion_args",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,9 @@ effect its argument count followed by the command and its arguments.
 An item whose claim belongs to someone else (taken over, or completed by another consumer) is
 skipped whole: no effect, no record, no XACK. A lapsed claim nobody took over still counts as
 the caller's. Returns how many items were completed."""
+
+COMPLETE_SHA = hashlib.sha1(COMPLETE_LUA.encode()).hexdigest()
+"""The script's SHA1, for an EVALSHA sent in a pipeline with other commands."""
 
 Command = Sequence[str | bytes | int | float]
 """One Redis command with its arguments, e.g. ``("HINCRBY", "totals", "eu", 5)``."""
@@ -134,6 +145,26 @@ class CompletionBuffer:
                 "delivered again after claim_idle: %s",
                 exc,
             )
+
+    def take(self) -> tuple[list[str], list[Arg]] | None:
+        """Take every buffered completion (KEYS and ARGV of :data:`COMPLETE_LUA`), for a caller
+        that sends them in a pipeline with its own command; ``None`` when there are none."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._keys:
+            return None
+        keys, args = self._keys, self._args
+        self._keys, self._args = [], []
+        return keys, args
+
+    async def send(self, keys: list[str], args: list[Arg]) -> None:
+        """Run :data:`COMPLETE_LUA` on taken completions (loading the script if needed).
+
+        Raises:
+            redis.exceptions.RedisError: Redis did not take them.
+        """
+        await self._script(keys=keys, args=args)
 
     async def flush(self) -> None:
         """Send every buffered completion now (and wait for background flushes).

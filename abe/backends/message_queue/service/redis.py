@@ -538,6 +538,30 @@ class RedisBackend:
         buffer.add(record_key, message.key, args)
         self._stats.acked += 1
 
+    def take_idempotent_completions(self) -> tuple[list[str], list[Any]] | None:
+        """Take the completions :meth:`complete_idempotent_nowait` buffered, for a caller that
+        sends them (``EVALSHA`` of ``COMPLETE_SHA`` with these KEYS and ARGV) in a pipeline
+        with a command of its own, saving their round trip.
+
+        Returns:
+            ``(keys, args)``, or ``None`` when none are buffered.
+        """
+        buffer = self._completions
+        return None if buffer is None else buffer.take()
+
+    async def send_idempotent_completions(self, keys: list[str], args: list[Any]) -> None:
+        """Send completions taken with :meth:`take_idempotent_completions` on their own.
+
+        Raises:
+            RedisBackendError: Redis did not take them; their entries stay pending and are
+                delivered again.
+        """
+        try:
+            async with self._timeout():
+                await self._complete_script(keys=keys, args=args)
+        except _FAILURES as exc:
+            self._fail("writing idempotency completions", exc)
+
     # -- operations ------------------------------------------------------------------------------
 
     async def pending(
