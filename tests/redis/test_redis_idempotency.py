@@ -153,7 +153,7 @@ async def test_sigkilled_consumers_lose_nothing_and_complete_nothing_twice(
     async def drained() -> bool:
         return await client.hlen(f"{prefix}done") >= total and await backend.pending(stream) == 0
 
-    await eventually(drained, timeout=60, what="the workers to complete every message")
+    await eventually(drained, timeout=120, what="the workers to complete every message")
     done = {int(k): int(v) for k, v in (await client.hgetall(f"{prefix}done")).items()}
     runs = {int(k): int(v) for k, v in (await client.hgetall(f"{prefix}runs")).items()}
     assert sorted(done) == list(range(total)), "no message lost"
@@ -217,11 +217,13 @@ async def test_sigkilled_consumers_write_no_duplicate_rows_with_postgres(
     async def drained() -> bool:
         return len(await table_rows()) >= total and await backend.pending(stream) == 0
 
-    await eventually(drained, timeout=60, what="the workers to complete every message")
+    await eventually(drained, timeout=120, what="the workers to complete every message")
     found = await table_rows()
     assert left_at_last_kill > 0, "every kill came while messages were still being processed"
-    assert sorted(set(found)) == list(range(total)), "no message lost"
-    assert len(found) == total, "no duplicate row"
+    missing = sorted(set(range(total)) - set(found))
+    doubled = sorted(n for n in set(found) if found.count(n) > 1)
+    assert missing == [], "no message lost"
+    assert doubled == [], "no duplicate row"
     for process in live:
         process.send_signal(signal.SIGTERM)
     for process in live:
