@@ -186,6 +186,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         """One worker: take a message, run it through the pipeline, settle it; until the source
         ends or the consumer stops."""
         now = self._now
+        clock = self.clock
         events = self.events
         task = worker.task
         take = pull.take
@@ -205,7 +206,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                     return
                 raise
             if settling:
-                delivery = new_delivery(message, now(), events, task)
+                delivery = new_delivery(message, now(), events, task, clock)
             else:
                 delivery = Delivery(message, None, now(), events)
                 delivery.task = task
