@@ -21,7 +21,7 @@ from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError
-from .events import EventBus, MessageSettled, Outcome
+from .events import EventBus, Outcome, message_settled
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
 from .types import CallNext, Gate, Handler, Middleware
@@ -242,7 +242,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 except Exception as ack_error:
                     self._ack_failed(delivery, ack_error)
                 if events.listeners:
-                    self._succeeded(delivery)
+                    self._settled(delivery, None)
                 return None
             return self._settle(delivery, exc, classifier, settling)
 
@@ -266,7 +266,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             if settling:
                 await self._ack(delivery)
             if self.events.listeners:
-                self._succeeded(delivery)
+                self._settled(delivery, None)
             return
         if isinstance(exc, asyncio.CancelledError):
             delivery.outcome = Outcome.CANCELLED
@@ -342,24 +342,24 @@ class ResilientConsumer(AsyncLoopConsumer):
                 exc,
             )
 
-    def _succeeded(self, delivery: Delivery) -> None:
-        """Report a delivery whose pipeline returned (success, or settled by a middleware)."""
-        if delivery.outcome is None:
-            delivery.outcome = (
-                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
-            )
-        self._settled(delivery, None)
-
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
-        if not self.events.listeners:
+        """Emit the delivery's :class:`MessageSettled` record (when anyone listens); a delivery
+        without an outcome returned from the pipeline: a success, or retried."""
+        events = self.events
+        if not events.listeners:
             return
-        assert delivery.outcome is not None
-        self.events.emit(
-            MessageSettled(
+        count = delivery.delivery_count
+        outcome = delivery.outcome
+        if outcome is None:
+            outcome = delivery.outcome = (
+                Outcome.RETRIED if delivery.attempt > count else Outcome.SUCCESS
+            )
+        events.emit(
+            message_settled(
                 delivery.message_id,
                 delivery.key,
-                delivery.outcome,
-                delivery.attempt - delivery.delivery_count + 1,
+                outcome,
+                delivery.attempt - count + 1,
                 self._now() - delivery.started_at,
                 delivery.reason,
                 None if exc is None else type(exc).__qualname__,
