@@ -22,7 +22,7 @@ from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError, Unsettled
-from .events import EventBus, MessageSettled, Outcome
+from .events import EventBus, Outcome, message_settled
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
 from .types import CallNext, Gate, Handler, Middleware
@@ -189,6 +189,7 @@ class ResilientConsumer(AsyncLoopConsumer):
         """One worker: take a message, run it through the pipeline, settle it; until the source
         ends or the consumer stops."""
         now = self._now
+        clock = self.clock
         events = self.events
         task = worker.task
         take = pull.take
@@ -208,7 +209,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                     return
                 raise
             if settling:
-                delivery = new_delivery(message, now(), events, task)
+                delivery = new_delivery(message, now(), events, task, clock)
             else:
                 delivery = Delivery(message, None, now(), events)
                 delivery.task = task
@@ -246,7 +247,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                     except Exception as ack_error:
                         self._ack_failed(delivery, ack_error)
                 if events.listeners:
-                    self._succeeded(delivery)
+                    self._settled(delivery, None)
                 return None
             return self._settle(delivery, exc, classifier, settling)
 
@@ -270,7 +271,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             if settling and delivery.outcome is not Outcome.DEFERRED:
                 await self._ack(delivery)
             if self.events.listeners:
-                self._succeeded(delivery)
+                self._settled(delivery, None)
             return
         if isinstance(exc, asyncio.CancelledError):
             delivery.outcome = Outcome.CANCELLED
@@ -349,25 +350,25 @@ class ResilientConsumer(AsyncLoopConsumer):
                 exc,
             )
 
-    def _succeeded(self, delivery: Delivery) -> None:
-        """Report a delivery whose pipeline returned (success, or settled by a middleware)."""
-        if delivery.outcome is None:
-            retried = delivery.attempt > delivery.delivery_count or (
+    def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
+        """Emit the delivery's :class:`MessageSettled` record (when anyone listens); a delivery
+        without an outcome returned from the pipeline: a success, or retried."""
+        events = self.events
+        if not events.listeners:
+            return
+        count = delivery.delivery_count
+        outcome = delivery.outcome
+        if outcome is None:
+            retried = delivery.attempt > count or (
                 ATTEMPT_HEADER in delivery.headers  # back from the broker tier of retries
             )
-            delivery.outcome = Outcome.RETRIED if retried else Outcome.SUCCESS
-        self._settled(delivery, None)
-
-    def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:
-        if not self.events.listeners:
-            return
-        assert delivery.outcome is not None
-        self.events.emit(
-            MessageSettled(
+            outcome = delivery.outcome = Outcome.RETRIED if retried else Outcome.SUCCESS
+        events.emit(
+            message_settled(
                 delivery.message_id,
                 delivery.key,
-                delivery.outcome,
-                delivery.attempt - delivery.delivery_count + 1,
+                outcome,
+                delivery.attempt - count + 1,
                 self._now() - delivery.started_at,
                 delivery.reason,
                 None if exc is None else type(exc).__qualname__,

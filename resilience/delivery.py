@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 
 from .events import EventBus, Outcome
+
+if TYPE_CHECKING:
+    from .clock import Clock
 
 __all__ = ["Delivery", "FailureRecord", "new_delivery"]
 
@@ -61,15 +64,24 @@ class Delivery:
         extras: Free slot for middleware of users' own (``None`` until used).
         task: The asyncio task processing the delivery, when the consumer knows it (saves
             timeouts an ``asyncio.current_task()`` call); ``None`` otherwise.
+        now: A reading of :attr:`clock` taken just before the pipeline started on this
+            delivery (the consumer's :attr:`started_at`), or ``None``. Only the ``enter`` hooks
+            of the pipeline's outermost run of hooked layers may use it instead of reading the
+            clock again (one clock read per message, shared); every other run clears it first,
+            so a layer entered after anything could have waited reads its clock itself.
+        clock: The :class:`~resilience.clock.Clock` :attr:`now` was read from (``None``: no
+            reading); a layer uses :attr:`now` only when this is its own clock.
     """
 
     __slots__ = (
         "attempt",
+        "clock",
         "deadline",
         "events",
         "extras",
         "failures",
         "message",
+        "now",
         "outcome",
         "payload",
         "reason",
@@ -118,6 +130,8 @@ class Delivery:
         self.failures: dict[str, FailureRecord] | None = None
         self.extras: dict[str, Any] | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.now: float | None = None
+        self.clock: Clock | None = None
 
     @classmethod
     def from_message(
@@ -208,9 +222,12 @@ def new_delivery(
     started_at: float,
     events: EventBus,
     task: asyncio.Task[Any] | None,
+    clock: Clock | None = None,
 ) -> Delivery:
     """``Delivery(message.payload, message, started_at, events)`` with ``task`` set, built
-    without the constructor's argument handling (the consumer's hot path)."""
+    without the constructor's argument handling (the consumer's hot path). With ``clock``,
+    ``started_at`` is that clock's reading and is shared with the layers as :attr:`Delivery.now`.
+    """
     d: Delivery = _new(Delivery)
     d.payload = message.payload
     d.message = message
@@ -219,6 +236,8 @@ def new_delivery(
     d.started_at = started_at
     d.events = events
     d.task = task
+    d.now = started_at if clock is not None else None
+    d.clock = clock
     d.deadline = None
     d.outcome = None
     d.reason = None

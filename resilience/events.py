@@ -20,6 +20,7 @@ __all__ = [
     "MessageSettled",
     "Outcome",
     "RetryScheduled",
+    "message_settled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,58 @@ class MessageSettled(Event):
     duration: float
     reason: str | None = None
     error_type: str | None = None
+
+
+_new = object.__new__
+_SETTLED_FIELDS = ("message_id", "key", "outcome", "attempts", "duration", "reason", "error_type")
+(
+    _set_message_id,
+    _set_key,
+    _set_outcome,
+    _set_attempts,
+    _set_duration,
+    _set_reason,
+    _set_error_type,
+) = (
+    getattr(MessageSettled if name in MessageSettled.__slots__ else Event, name).__set__
+    for name in _SETTLED_FIELDS
+)
+
+
+def message_settled(
+    message_id: str | None,
+    key: str | None,
+    outcome: Outcome,
+    attempts: int,
+    duration: float,
+    reason: str | None,
+    error_type: str | None,
+) -> MessageSettled:
+    """``MessageSettled(...)`` built by writing its slots directly: the same record, at about
+    half the cost of the frozen dataclass's ``__init__`` (one per settled message when a
+    listener is subscribed).
+
+    Args:
+        message_id: See :class:`MessageSettled` (every field, in order).
+        key: Source key.
+        outcome: How processing ended.
+        attempts: Attempts made in this delivery.
+        duration: Seconds from start to settlement.
+        reason: Why the message ended terminally.
+        error_type: The escaping exception's type name.
+
+    Returns:
+        The record.
+    """
+    event: MessageSettled = _new(MessageSettled)
+    _set_message_id(event, message_id)
+    _set_key(event, key)
+    _set_outcome(event, outcome)
+    _set_attempts(event, attempts)
+    _set_duration(event, duration)
+    _set_reason(event, reason)
+    _set_error_type(event, error_type)
+    return event
 
 
 Listener = Callable[[Any], object]

@@ -147,6 +147,7 @@ class HookLayer:
             delivery: The message.
             call_next: The rest of the pipeline.
         """
+        delivery.now = None  # not known to be fresh here: the layer reads its clock
         token = self.enter(delivery)
         if token is SLOW_PATH:
             await self.slow(delivery, call_next)
@@ -184,7 +185,11 @@ def has_hooks(layer: object) -> bool:
 
 
 def compile_hooks(
-    layers: Sequence[Hooks], below: CallNext, handler: Handler | None = None
+    layers: Sequence[Hooks],
+    below: CallNext,
+    handler: Handler | None = None,
+    *,
+    fresh: bool = False,
 ) -> CallNext:
     """One ``CallNext`` running ``layers`` (outermost first) in front of ``below``.
 
@@ -193,6 +198,10 @@ def compile_hooks(
         below: What the innermost layer calls (the rest of the pipeline).
         handler: When ``below`` just calls the user's handler with the payload, that handler:
             the success path then awaits it directly.
+        fresh: The run is the outermost element of the pipeline, called straight after the
+            delivery was made: its ``enter`` hooks may use the delivery's clock reading
+            (:attr:`~resilience.delivery.Delivery.now`). Any other run clears that reading
+            before its hooks run (something may have waited before calling it).
 
     Returns:
         ``async (delivery) -> None``.
@@ -200,14 +209,16 @@ def compile_hooks(
     layers = tuple(layers)
     # runs[i] is the compiled run of layers[i:]: what layers[i - 1] calls on its slow and
     # failure paths (a retry goes through the inner layers' hooks again). runs[n] is ``below``.
+    # Only runs[0], when ``fresh``, is entered straight from the consumer; the inner runs are
+    # entered again after a failure (a retry, a replay), when the reading is stale.
     runs: list[CallNext] = [below]
     for i in range(len(layers) - 1, -1, -1):
-        runs.insert(0, _run(layers[i:], tuple(runs), handler))
+        runs.insert(0, _run(layers[i:], tuple(runs), handler, fresh and i == 0))
     return runs[0]
 
 
 def _run(
-    hooks: tuple[Hooks, ...], below: tuple[CallNext, ...], handler: Handler | None
+    hooks: tuple[Hooks, ...], below: tuple[CallNext, ...], handler: Handler | None, fresh: bool
 ) -> CallNext:
     """The coroutine function for one run: straight-line code calling each hook in turn.
 
@@ -232,6 +243,8 @@ def _run(
     # One try block per hook (free in CPython 3.11 until something raises): an exception is
     # handed to exactly the layers outside the hook that raised it.
     lines = ["async def run(delivery):"]
+    if not fresh:
+        lines.append("    delivery.now = None  # the clock reading may be stale here")
     for k, hook in enumerate(hooks):
         namespace[f"e{k}"] = hook.enter
         lines += [

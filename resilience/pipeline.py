@@ -216,7 +216,9 @@ class Pipeline:
                     start -= 1
             if start < end:
                 run: list[Any] = layers[start:end]
-                call = compile_hooks(run, call, handler if innermost else None)
+                call = compile_hooks(
+                    run, call, handler if innermost else None, fresh=fuse and start == 0
+                )
                 end = start
             else:
                 end -= 1

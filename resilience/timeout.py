@@ -129,7 +129,11 @@ class Timeout(HookLayer):
             if loop is not watchdog.loop:
                 watchdog.bind(loop)
             watchdog.last_task = task
-        deadline = watchdog.now() + self.seconds  # type: ignore[operator]
+        # The reading the consumer took for this message, when it is fresh and of this clock.
+        now = delivery.now
+        if now is None or delivery.clock is not self.clock:
+            now = watchdog.now()
+        deadline = now + self.seconds  # type: ignore[operator]
         if self.total:
             if delivery.deadline is None or deadline < delivery.deadline:
                 delivery.deadline = deadline
