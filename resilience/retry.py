@@ -4,15 +4,18 @@ Backoff strategies live in :mod:`resilience.backoff` and the shared retry budget
 :mod:`resilience.budget`; both are re-exported here.
 
 The success path never enters tenacity: the first attempt is a plain ``await`` inside
-``try``. Only after a failure does the middleware build a per-message
-:class:`tenacity.AsyncRetrying` (so no retry state is ever shared between messages) whose first
-"attempt" replays that failure; tenacity then drives the waits, the stop conditions and the
-sleeping, through the injectable clock.
+``try``. After a failure the middleware drives the attempts itself, in one loop: for each failed
+attempt one method classifies the failure once, asks the tenacity wait strategy for the next
+wait (with a per-message :class:`tenacity.RetryCallState`, so no retry state is ever shared
+between messages) and decides between sleeping on the injectable clock and stopping. tenacity
+computes the waits; its ``AsyncRetrying`` loop, which re-inspects every callback on every
+attempt, is not used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 log = get_logger("resilience.retry")
+_stdlib_log = logging.getLogger("resilience.retry")
+"""The stdlib logger behind ``log``: asked whether INFO is on before an event is built."""
 
 
 class _TestingMode:
@@ -91,6 +96,9 @@ class Retry(HookLayer):
     classifier: Classifier | None = None
     budget: RetryBudget | None = None
     clock: Clock | None = None
+    _wait: wait_base | None = field(init=False, default=None, repr=False, compare=False)
+    """The tenacity wait, built once (``None``: the strategy remembers earlier waits, so each
+    message gets a fresh one)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
@@ -111,6 +119,8 @@ class Retry(HookLayer):
         object.__setattr__(
             self, "max_retry_after", seconds(self.max_retry_after, "retry max_retry_after")
         )
+        if not isinstance(self.wait, DecorrelatedJitter):
+            object.__setattr__(self, "_wait", tenacity_wait(self.wait))  # type: ignore[arg-type]
         if self.classifier is None:
             object.__setattr__(self, "classifier", default_classifier)
         if self.clock is None:
@@ -162,113 +172,102 @@ class Retry(HookLayer):
         """
         if not isinstance(exc, Exception):
             raise exc
-        await self._retry(delivery, call_next, exc)
-
-    async def _retry(self, delivery: Delivery, call_next: CallNext, first: Exception) -> None:
-        state = _RetryState(self, delivery)
-        retrying = tenacity.AsyncRetrying(
-            sleep=state.sleep,
-            stop=state.stop,
-            wait=state.wait,
-            retry=state.retry,
-            before_sleep=state.before_sleep,
-            reraise=True,
-        )
-        pending: Exception | None = first
-        async for attempt in retrying:
-            with attempt:
-                if pending is not None:
-                    exc, pending = pending, None
-                    raise exc
-                delivery.attempt += 1
+        # tenacity's per-call state, for the wait strategy (attempt number, outcome, idle time).
+        state = tenacity.RetryCallState(_RETRY_OBJECT, None, (), {})
+        wait = self._wait
+        if wait is None:
+            assert self.wait is not None
+            wait = tenacity_wait(self.wait)  # a strategy with memory: one per message
+        sleep = self.clock.sleep  # type: ignore[union-attr]
+        while True:
+            upcoming = self._next_wait(delivery, exc, state, wait)
+            if upcoming is None:
+                raise exc
+            await sleep(upcoming)
+            state.idle_for += upcoming
+            state.prepare_for_next_attempt()
+            delivery.attempt += 1
+            try:
                 await call_next(delivery)
+            except Exception as error:
+                exc = error
+            else:
+                return
+            # The next decision and the next attempt run outside the ``except`` block, so the
+            # handler's later errors do not chain onto this one.
 
+    def _next_wait(
+        self,
+        delivery: Delivery,
+        exc: Exception,
+        state: tenacity.RetryCallState,
+        wait: wait_base,
+    ) -> float | None:
+        """After attempt ``delivery.attempt`` raised ``exc``: the wait before the next attempt,
+        or ``None`` to stop (``delivery.reason`` says why, for a terminal outcome).
 
-class _RetryState:
-    """Everything one message's retries need; never shared between messages."""
-
-    __slots__ = ("base_wait", "clock", "delivery", "policy", "sleep")
-
-    def __init__(self, policy: Retry, delivery: Delivery) -> None:
-        self.policy = policy
-        self.delivery = delivery
-        clock = policy.clock
-        assert clock is not None
-        self.clock: Clock = clock
-        self.sleep = clock.sleep
-        assert policy.wait is not None
-        self.base_wait = tenacity_wait(policy.wait)
-
-    def retry(self, rs: tenacity.RetryCallState) -> bool:
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
-        if not isinstance(exc, Exception):
-            return False  # CancelledError, KeyboardInterrupt, SystemExit: never retried
-        d = self.delivery
-        classifier = self.policy.classifier
-        assert classifier is not None
-        verdict = classifier.classify(exc)
-        d.note_failure(exc, self.clock.monotonic())
-        if d.events:
-            d.events.emit(
+        Records the failure (one classification), emits :class:`AttemptFailed`, and, when the
+        message is retried, logs ``retry_scheduled`` and emits :class:`RetryScheduled`.
+        """
+        d = delivery
+        clock: Clock = self.clock  # type: ignore[assignment]
+        verdict = self.classifier.classify(exc)  # type: ignore[union-attr]
+        now = clock.monotonic()
+        d.note_failure(exc, now)
+        events = d.events
+        if events:
+            events.emit(
                 AttemptFailed(
                     d.message_id, d.key, d.attempt, type(exc).__qualname__, str(exc), verdict.value
                 )
             )
-        if verdict is Verdict.RETRYABLE:
-            return True
-        if verdict is Verdict.TERMINAL:
-            d.reason = terminal_reason(exc, verdict)
-        return False
-
-    def wait(self, rs: tenacity.RetryCallState) -> float:
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
-        policy = self.policy
+        if verdict is not Verdict.RETRYABLE:
+            if verdict is Verdict.TERMINAL:
+                d.reason = terminal_reason(exc, verdict)
+            return None
+        # The wait: a RetryAfter hint (capped), else the strategy; clamped to the deadline.
         if isinstance(exc, RetryAfter):
-            wait = min(exc.delay, float(policy.max_retry_after))  # type: ignore[arg-type]
+            upcoming = min(exc.delay, float(self.max_retry_after))  # type: ignore[arg-type]
         else:
-            wait = self.base_wait(rs)
+            state.set_exception((type(exc), exc, exc.__traceback__))
+            upcoming = wait(state)
         if testing_mode.zero_waits:
-            return 0.0
-        remaining = self.delivery.remaining(self.clock.monotonic())
-        if remaining is not None:
-            wait = min(wait, max(0.0, remaining))
-        return max(0.0, wait)
-
-    def stop(self, rs: tenacity.RetryCallState) -> bool:
-        d = self.delivery
-        policy = self.policy
-        now = self.clock.monotonic()
-        upcoming = rs.upcoming_sleep
-        if d.attempt >= policy.attempts:
+            upcoming = 0.0
+        else:
+            deadline = d.deadline
+            if deadline is not None:
+                upcoming = min(upcoming, max(0.0, deadline - now))
+            upcoming = max(0.0, upcoming)
+        state.upcoming_sleep = upcoming
+        # Stop: attempts, elapsed time, deadline, budget (spent only by a retry that happens).
+        if d.attempt >= self.attempts:
             d.reason = "retries_exhausted"
-            return True
-        if now - d.started_at + upcoming > policy.max_elapsed:  # type: ignore[operator]
+            return None
+        if now - d.started_at + upcoming > self.max_elapsed:  # type: ignore[operator]
             d.reason = "retries_exhausted"
-            return True
+            return None
         if d.deadline is not None and now + upcoming >= d.deadline:
             d.reason = "timeout"
-            return True
-        if policy.budget is not None and not policy.budget.try_spend():
+            return None
+        budget = self.budget
+        if budget is not None and not budget.try_spend():
             d.reason = "budget_exhausted"
-            return True
-        return False
-
-    def before_sleep(self, rs: tenacity.RetryCallState) -> None:
-        d = self.delivery
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
+            return None
         error_type = type(exc).__qualname__
-        log.info(
-            "retry_scheduled",
-            message_id=d.message_id,
-            key=d.key,
-            attempt=d.attempt,
-            wait=rs.upcoming_sleep,
-            error_type=error_type,
-        )  # no str(exc): exception messages may quote payload fields the policy redacts
-        if d.events:
-            d.events.emit(
-                RetryScheduled(d.message_id, d.key, d.attempt, rs.upcoming_sleep, error_type)
-            )
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            log.info(
+                "retry_scheduled",
+                message_id=d.message_id,
+                key=d.key,
+                attempt=d.attempt,
+                wait=upcoming,
+                error_type=error_type,
+            )  # no str(exc): exception messages may quote payload fields the policy redacts
+        if events:
+            events.emit(RetryScheduled(d.message_id, d.key, d.attempt, upcoming, error_type))
+        return upcoming
+
+
+_RETRY_OBJECT = tenacity.AsyncRetrying()
+"""The ``retry_object`` of the per-message tenacity state handed to wait strategies (never run:
+the middleware drives the attempts itself)."""

@@ -21,7 +21,7 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
@@ -147,7 +147,9 @@ async def _measure(messages: int, rounds: int) -> dict[str, Any]:
     from .overhead import _drain
 
     cases = [(name, share) for name in _CONSUMERS for share in FAIL_SHARES]
-    direct = [(name, share) for name in ("tenacity AsyncRetrying", "Retry") for share in FAIL_SHARES]
+    direct = [
+        (name, share) for name in ("tenacity AsyncRetrying", "Retry") for share in FAIL_SHARES
+    ]
     samples: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
     calls: dict[tuple[str, int], list[float]] = {c: [] for c in direct}
     for name, share in cases:  # warm-up
