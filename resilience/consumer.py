@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from abe.backends.message_queue.base.extensions import SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
+from ._handover import ATTEMPT_HEADER
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
@@ -56,8 +57,10 @@ class ResilientConsumer(AsyncLoopConsumer):
     :class:`~abe.backends.message_queue.base.SettlingBackend` a message is acknowledged only once
     its outcome is final (success, dead-lettered, dropped, or failed without a dead-letter
     destination); a cancelled message, or one whose dead-letter write failed, is released and
-    delivered again. With a plain backend, messages are at-most-once: the backend considers a
-    message delivered as soon as ``consume()`` yields it.
+    delivered again; a message whose retry was handed to the broker (outcome ``deferred``) was
+    settled by the backend in that step and is not settled again. With a plain backend,
+    messages are at-most-once: the backend considers a message delivered as soon as
+    ``consume()`` yields it.
 
     Args:
         backend: The backend to consume from.
@@ -236,10 +239,12 @@ class ResilientConsumer(AsyncLoopConsumer):
         def settle(delivery: Delivery, exc: BaseException | None) -> Awaitable[None] | None:
             if exc is None and ack_nowait is not None:
                 # The common case, without a coroutine: acknowledge now, report if listened to.
-                try:
-                    ack_nowait(delivery.message)
-                except Exception as ack_error:
-                    self._ack_failed(delivery, ack_error)
+                # A retry handed to the broker (deferred) was settled by the backend already.
+                if delivery.outcome is not Outcome.DEFERRED:
+                    try:
+                        ack_nowait(delivery.message)
+                    except Exception as ack_error:
+                        self._ack_failed(delivery, ack_error)
                 if events.listeners:
                     self._succeeded(delivery)
                 return None
@@ -262,7 +267,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 pipeline, after the delivery was released.
         """
         if exc is None:
-            if settling:
+            if settling and delivery.outcome is not Outcome.DEFERRED:
                 await self._ack(delivery)
             if self.events.listeners:
                 self._succeeded(delivery)
@@ -344,9 +349,10 @@ class ResilientConsumer(AsyncLoopConsumer):
     def _succeeded(self, delivery: Delivery) -> None:
         """Report a delivery whose pipeline returned (success, or settled by a middleware)."""
         if delivery.outcome is None:
-            delivery.outcome = (
-                Outcome.RETRIED if delivery.attempt > delivery.delivery_count else Outcome.SUCCESS
+            retried = delivery.attempt > delivery.delivery_count or (
+                ATTEMPT_HEADER in delivery.headers  # back from the broker tier of retries
             )
+            delivery.outcome = Outcome.RETRIED if retried else Outcome.SUCCESS
         self._settled(delivery, None)
 
     def _settled(self, delivery: Delivery, exc: BaseException | None) -> None:

@@ -42,6 +42,9 @@ class Outcome(enum.Enum):
     """Processing was cancelled (shutdown); not acknowledged, delivered again later."""
     UNSETTLED = "unsettled"
     """The dead-letter write failed; not acknowledged, delivered again later."""
+    DEFERRED = "deferred"
+    """A retry was handed to the broker, which settled this delivery and delivers the message
+    again after the backoff delay (the broker tier of retries)."""
 
 
 @dataclass(frozen=True, slots=True)

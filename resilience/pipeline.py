@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -119,8 +119,12 @@ class Pipeline:
         classifier: Classifier | None = None,
         budget: RetryBudget | None = None,
         clock: Clock | None = None,
+        in_process: int | None = None,
+        backend: Any = None,
+        scrub: Callable[[str, Delivery], str] | None = None,
     ) -> Pipeline:
-        """Append a :class:`~resilience.retry.Retry` layer (see its arguments)."""
+        """Append a :class:`~resilience.retry.Retry` layer (see its arguments; ``in_process``
+        with a ``backend`` that can delay redelivery hands later retries to the broker)."""
         return self.use(
             Retry(
                 attempts=attempts,
@@ -130,6 +134,9 @@ class Pipeline:
                 classifier=classifier,
                 budget=budget,
                 clock=clock,
+                in_process=in_process,
+                backend=backend,
+                scrub=scrub,
             )
         )
 

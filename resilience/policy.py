@@ -14,6 +14,7 @@ Example TOML::
     maximum = 10
     max_elapsed = 60
     budget = { ratio = 0.2, min_per_second = 5 }
+    in_process = 2                 # then hand retries to the broker (optional)
 
     [timeout]
     attempt = 2.5
@@ -118,6 +119,8 @@ class RetryConfig:
     max_elapsed: float | None = None
     max_retry_after: float = 60.0
     budget: BudgetConfig | None = None
+    in_process: int | None = None
+    """Attempts made in process before the broker tier (``None``: all of them)."""
 
     @classmethod
     def parse(cls, reader: Reader) -> RetryConfig:
@@ -141,8 +144,14 @@ class RetryConfig:
             max_elapsed=reader.seconds("max_elapsed", None, positive=True),
             max_retry_after=reader.seconds("max_retry_after", d.max_retry_after),
             budget=budget,
+            in_process=reader.integer("in_process", None, minimum=1),
         )
         reader.finish()
+        if config.in_process is not None and config.in_process > config.attempts:
+            raise ConfigError(
+                f"retry.in_process ({config.in_process}) must be from 1 to retry.attempts "
+                f"({config.attempts})"
+            )
         if config.maximum < config.initial:
             raise ConfigError(
                 f"retry.maximum ({config.maximum:g}) must be >= retry.initial ({config.initial:g})"
@@ -156,10 +165,15 @@ class RetryConfig:
             del data["max_elapsed"]
         if data["budget"] is None:
             del data["budget"]
+        if data["in_process"] is None:
+            del data["in_process"]
         return data
 
-    def middleware(self, context: BuildContext) -> Retry:
-        """The :class:`~resilience.retry.Retry` layer."""
+    def middleware(
+        self, context: BuildContext, scrub: Callable[[str, Delivery], str] | None = None
+    ) -> Retry:
+        """The :class:`~resilience.retry.Retry` layer (``scrub`` masks redacted values in the
+        error text carried to the broker tier)."""
         wait: Fixed | Exponential | FullJitter | DecorrelatedJitter
         if self.backoff == "fixed":
             wait = Fixed(self.initial)
@@ -182,6 +196,9 @@ class RetryConfig:
             classifier=context.classifier,
             budget=budget,
             clock=context.clock,
+            in_process=self.in_process,
+            backend=context.backend,
+            scrub=scrub,
         )
 
 
@@ -351,6 +368,17 @@ class Policy:
         """The shared failure classifier."""
         return self.classify.classifier()
 
+    def _scrub(self) -> Callable[[str, Delivery], str] | None:
+        """How error texts handed to the broker tier are redacted: as in dead-letter envelopes."""
+        if self.retry is None or self.retry.in_process is None:
+            return None
+        from .dead_letter.envelope import EnvelopeBuilder, EnvelopeOptions
+
+        config = self.sections.get("dead_letter")
+        redact = getattr(config, "redact", None)
+        options = EnvelopeOptions(redact=redact) if redact is not None else EnvelopeOptions()
+        return EnvelopeBuilder(options).scrub
+
     def layers(
         self,
         *,
@@ -375,7 +403,7 @@ class Policy:
                 (ORDER_TOTAL_TIMEOUT, Timeout(self.timeout.total, total=True, clock=context.clock))
             )
         if self.retry is not None:
-            ordered.append((ORDER_RETRY, self.retry.middleware(context)))
+            ordered.append((ORDER_RETRY, self.retry.middleware(context, self._scrub())))
         if self.timeout.attempt is not None:
             ordered.append(
                 (ORDER_ATTEMPT_TIMEOUT, Timeout(self.timeout.attempt, clock=context.clock))

@@ -7,14 +7,15 @@ The success path never enters tenacity: the first attempt is a plain ``await`` i
 ``try``. After a failure the middleware drives the attempts itself, in one loop: for each failed
 attempt one method classifies the failure once, asks the tenacity wait strategy for the next
 wait (with a per-message :class:`tenacity.RetryCallState`, so no retry state is ever shared
-between messages) and decides between sleeping on the injectable clock and stopping. tenacity
-computes the waits; its ``AsyncRetrying`` loop, which re-inspects every callback on every
-attempt, is not used.
+between messages) and decides between waiting (on the injectable clock, or handed to the broker
+in the broker tier) and stopping. tenacity computes the waits; its ``AsyncRetrying`` loop, which
+re-inspects every callback on every attempt, is not used.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 from tenacity.wait import wait_base
 
+from abe.backends.message_queue.base.extensions import DelayingBackend
+
+from ._handover import AttemptLog, carried_attempts, carried_elapsed, handover_headers
 from ._log import get_logger
 from ._units import seconds
 from .backoff import (
@@ -36,7 +40,7 @@ from .budget import RetryBudget
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock
 from .errors import ConfigError, DeliveryLimitExceeded, RetryAfter
-from .events import AttemptFailed, RetryScheduled
+from .events import AttemptFailed, Outcome, RetryScheduled
 from .hooks import SLOW_PATH, HookLayer
 
 if TYPE_CHECKING:
@@ -84,6 +88,14 @@ class Retry(HookLayer):
         classifier: Which failures are retryable (shared with breaker and dead-letter).
         budget: Optional :class:`RetryBudget` shared by every message.
         clock: Time source for waits and elapsed time.
+        in_process: Attempts made in process before a retryable failure is handed to the
+            broker to come back after the next backoff delay (the broker tier); ``None`` (the
+            default) keeps every attempt in process. Needs a ``backend`` implementing
+            :class:`~abe.backends.message_queue.base.DelayingBackend`; without one, waits stay
+            in process and one warning is logged when the layer is built.
+        backend: The backend the consumer reads from, for the broker tier.
+        scrub: Masks redacted values in an error text (``scrub(text, delivery)``) before it is
+            carried in the ``x-retry-error`` header; ``None`` carries the error type only.
 
     Raises:
         ConfigError: a value is out of range.
@@ -96,6 +108,10 @@ class Retry(HookLayer):
     classifier: Classifier | None = None
     budget: RetryBudget | None = None
     clock: Clock | None = None
+    in_process: int | None = None
+    backend: Any = None
+    scrub: Callable[[str, Delivery], str] | None = None
+    _delaying: DelayingBackend | None = field(default=None, init=False, repr=False, compare=False)
     _wait: wait_base | None = field(init=False, default=None, repr=False, compare=False)
     """The tenacity wait, built once (``None``: the strategy remembers earlier waits, so each
     message gets a fresh one)."""
@@ -125,6 +141,32 @@ class Retry(HookLayer):
             object.__setattr__(self, "classifier", default_classifier)
         if self.clock is None:
             object.__setattr__(self, "clock", default_clock)
+        self._check_tiers()
+
+    def _check_tiers(self) -> None:
+        in_process = self.in_process
+        if in_process is None:
+            return
+        if isinstance(in_process, bool) or not isinstance(in_process, int):
+            raise ConfigError(
+                f"retry in_process must be an integer from 1 to attempts ({self.attempts}), "
+                f"got {in_process!r}"
+            )
+        if not 1 <= in_process <= self.attempts:
+            raise ConfigError(
+                f"retry in_process must be from 1 to attempts ({self.attempts}), got {in_process}"
+            )
+        if in_process == self.attempts:
+            return  # no attempt is left for the broker tier
+        if isinstance(self.backend, DelayingBackend):
+            object.__setattr__(self, "_delaying", self.backend)
+        else:
+            log.warning(
+                "retry_broker_tier_unavailable",
+                backend=type(self.backend).__name__,
+                in_process=in_process,
+                detail="the backend cannot redeliver after a delay: every retry waits in process",
+            )
 
     def enter(self, delivery: Delivery) -> Any:
         """Count the attempt with the budget; :data:`~resilience.hooks.SLOW_PATH` past the limit.
@@ -172,20 +214,23 @@ class Retry(HookLayer):
         """
         if not isinstance(exc, Exception):
             raise exc
-        # tenacity's per-call state, for the wait strategy (attempt number, outcome, idle time).
-        state = tenacity.RetryCallState(_RETRY_OBJECT, None, (), {})
-        wait = self._wait
-        if wait is None:
-            assert self.wait is not None
-            wait = tenacity_wait(self.wait)  # a strategy with memory: one per message
+        state = _RetryState(self, delivery)
         sleep = self.clock.sleep  # type: ignore[union-attr]
+        in_process = self.in_process
         while True:
-            upcoming = self._next_wait(delivery, exc, state, wait)
+            upcoming = self._next_wait(state, exc)
             if upcoming is None:
                 raise exc
+            if (
+                state.log is not None
+                and delivery.attempt >= in_process  # type: ignore[operator]
+                and await self._hand_over(state, upcoming)
+            ):
+                return  # the broker holds the next attempt
             await sleep(upcoming)
-            state.idle_for += upcoming
-            state.prepare_for_next_attempt()
+            rs = state.rs
+            rs.idle_for += upcoming
+            rs.prepare_for_next_attempt()
             delivery.attempt += 1
             try:
                 await call_next(delivery)
@@ -196,24 +241,22 @@ class Retry(HookLayer):
             # The next decision and the next attempt run outside the ``except`` block, so the
             # handler's later errors do not chain onto this one.
 
-    def _next_wait(
-        self,
-        delivery: Delivery,
-        exc: Exception,
-        state: tenacity.RetryCallState,
-        wait: wait_base,
-    ) -> float | None:
+    def _next_wait(self, state: _RetryState, exc: Exception) -> float | None:
         """After attempt ``delivery.attempt`` raised ``exc``: the wait before the next attempt,
         or ``None`` to stop (``delivery.reason`` says why, for a terminal outcome).
 
         Records the failure (one classification), emits :class:`AttemptFailed`, and, when the
         message is retried, logs ``retry_scheduled`` and emits :class:`RetryScheduled`.
         """
-        d = delivery
-        clock: Clock = self.clock  # type: ignore[assignment]
+        d = state.delivery
         verdict = self.classifier.classify(exc)  # type: ignore[union-attr]
-        now = clock.monotonic()
+        now = self.clock.monotonic()  # type: ignore[union-attr]
         d.note_failure(exc, now)
+        attempts_log = state.log
+        if attempts_log is not None:
+            state.last = exc
+            tier = "in_process" if d.attempt <= self.in_process else "broker"  # type: ignore[operator]
+            attempts_log.add(d.attempt, tier, type(exc).__qualname__)
         events = d.events
         if events:
             events.emit(
@@ -229,8 +272,18 @@ class Retry(HookLayer):
         if isinstance(exc, RetryAfter):
             upcoming = min(exc.delay, float(self.max_retry_after))  # type: ignore[arg-type]
         else:
-            state.set_exception((type(exc), exc, exc.__traceback__))
-            upcoming = wait(state)
+            rs = state.rs
+            rs.set_exception((type(exc), exc, exc.__traceback__))
+            offset = state.offset
+            if offset:
+                # The backoff goes on from the attempts made before this delivery.
+                rs.attempt_number += offset
+                try:
+                    upcoming = state.wait(rs)
+                finally:
+                    rs.attempt_number -= offset
+            else:
+                upcoming = state.wait(rs)
         if testing_mode.zero_waits:
             upcoming = 0.0
         else:
@@ -238,12 +291,12 @@ class Retry(HookLayer):
             if deadline is not None:
                 upcoming = min(upcoming, max(0.0, deadline - now))
             upcoming = max(0.0, upcoming)
-        state.upcoming_sleep = upcoming
+        state.rs.upcoming_sleep = upcoming
         # Stop: attempts, elapsed time, deadline, budget (spent only by a retry that happens).
         if d.attempt >= self.attempts:
             d.reason = "retries_exhausted"
             return None
-        if now - d.started_at + upcoming > self.max_elapsed:  # type: ignore[operator]
+        if now - d.started_at + state.carried + upcoming > self.max_elapsed:  # type: ignore[operator]
             d.reason = "retries_exhausted"
             return None
         if d.deadline is not None and now + upcoming >= d.deadline:
@@ -266,6 +319,70 @@ class Retry(HookLayer):
         if events:
             events.emit(RetryScheduled(d.message_id, d.key, d.attempt, upcoming, error_type))
         return upcoming
+
+    async def _hand_over(self, state: _RetryState, wait: float) -> bool:
+        """Give the message to the broker to come back after ``wait`` seconds (the broker tier).
+
+        Returns:
+            Whether the backend took it; if not, the caller waits in process instead.
+        """
+        d = state.delivery
+        message = d.message
+        delaying = self._delaying
+        if message is None or delaying is None or state.last is None:
+            return False
+        elapsed = state.carried + (self.clock.monotonic() - d.started_at) + wait  # type: ignore[union-attr]
+        assert state.log is not None
+        scrub = self.scrub
+        previous = message.headers
+        message.headers = handover_headers(
+            previous,
+            attempt=d.attempt,
+            elapsed=elapsed,
+            error=state.last,
+            log=state.log,
+            scrub=None if scrub is None else (lambda text: scrub(text, d)),
+        )
+        try:
+            await delaying.release_later(message, wait)
+        except Exception as exc:
+            message.headers = previous
+            log.warning(
+                "retry_handover_failed",
+                message_id=d.message_id,
+                key=d.key,
+                attempt=d.attempt,
+                error_type=type(exc).__qualname__,
+                detail="waiting in process instead",
+            )
+            return False
+        d.outcome = Outcome.DEFERRED
+        log.info("retry_handed_over", message_id=d.message_id, key=d.key, attempt=d.attempt)
+        return True
+
+
+class _RetryState:
+    """Everything one message's retries need; never shared between messages."""
+
+    __slots__ = ("carried", "delivery", "last", "log", "offset", "rs", "wait")
+
+    def __init__(self, policy: Retry, delivery: Delivery) -> None:
+        self.delivery = delivery
+        # tenacity's per-call state, for the wait strategy (attempt number, outcome, idle time).
+        self.rs = tenacity.RetryCallState(_RETRY_OBJECT, None, (), {})
+        wait = policy._wait
+        if wait is None:
+            assert policy.wait is not None
+            wait = tenacity_wait(policy.wait)  # a strategy with memory: one per message
+        self.wait: wait_base = wait
+        # A message back from the broker tier goes on counting where it left off.
+        headers = delivery.headers
+        self.carried = carried_elapsed(headers) if headers else 0.0
+        self.offset = carried_attempts(headers) if headers else 0
+        if self.offset >= delivery.attempt:
+            delivery.attempt = self.offset + 1
+        self.last: Exception | None = None
+        self.log: AttemptLog | None = AttemptLog() if policy._delaying is not None else None
 
 
 _RETRY_OBJECT = tenacity.AsyncRetrying()

@@ -17,7 +17,7 @@ def test_dashboard_queries_use_documented_metric_names() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     docs = (ROOT / "docs" / "operations.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", docs, flags=re.MULTILINE))
-    queried = set()
+    queried: set[str] = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             names = re.findall(r"\b([a-z][a-z_]+)\s*[{\[(]", target["expr"])

@@ -68,6 +68,27 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ),
 )
 
+_TIERED_BUILTINS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    (
+        "retry-long-in-process",
+        "12 attempts over about an hour, exponential 1 s doubling to 600 s, all waits in process",
+        {"retry": {"attempts": 12, "backoff": "exponential", "initial": 1.0, "maximum": 600}},
+    ),
+    (
+        "retry-tiered",
+        "the same 12 attempts: 2 in process, then each wait held by the broker (slot freed)",
+        {
+            "retry": {
+                "attempts": 12,
+                "in_process": 2,
+                "backoff": "exponential",
+                "initial": 1.0,
+                "maximum": 600,
+            },
+        },
+    ),
+)
+
 _BREAKER_BUILTINS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "breaker-retry",
@@ -156,7 +177,7 @@ def builtin_policies() -> dict[str, NamedPolicy]:
     breaker is installed) are left out; every built-in dead-letters when dead-letter routing is
     available.
     """
-    specs = list(_BUILTINS)
+    specs = list(_BUILTINS) + list(_TIERED_BUILTINS)
     if has_section("circuit_breaker"):
         specs.extend(_BREAKER_BUILTINS)
     result = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .policies import NamedPolicy
-from .scenarios import Scenario, scenario_name
+from .scenarios import PartialOutage, Scenario, scenario_name
 from .simulate import RunResult, Workload
 
 __all__ = [
@@ -148,6 +148,21 @@ def format_comparison(
             f"\n{name}: {scenario.summary} ({_params(scenario)}); {wall:.1f}s wall for "
             f"{len(rows)} runs\n" + format_table(_HEADERS, rows)
         )
+        if isinstance(scenario, PartialOutage):
+            healthy = [
+                [
+                    r.policy,
+                    format_seconds(r.healthy_p50),
+                    format_seconds(r.healthy_p99),
+                    str(r.flagged_calls),
+                ]
+                for r in results
+                if r.scenario == name
+            ]
+            blocks.append(
+                "healthy messages (90%) and calls to the failing dependency:\n"
+                + format_table(("policy", "healthy p50", "healthy p99", "failing calls"), healthy)
+            )
     blocks.append(
         "\nok: succeeded (retried: after a retry) · dlq: records in the dead-letter stream · "
         "lost: neither succeeded, dead-lettered, dropped nor pending (acked and gone: a terminal "

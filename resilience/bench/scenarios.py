@@ -29,6 +29,7 @@ __all__ = [
     "InvalidPayload",
     "LatencySpikes",
     "Outage",
+    "PartialOutage",
     "Poison",
     "RateLimited",
     "RateLimitedError",
@@ -178,6 +179,37 @@ class Outage(Scenario):
 
 
 @dataclass(slots=True)
+class PartialOutage(Scenario):
+    """A share of the messages needs a second dependency, which is down for ``duration``
+    seconds from ``start``; the other messages only need the healthy one.
+
+    The messages flagged by ``poison_rate`` (10% by default) are the ones routed to the failing
+    dependency: inside the window their calls fail after ``error_latency``; outside it, and for
+    every other message, calls answer normally. The report then shows the latency of the other
+    (healthy) messages and the calls made to the failing dependency.
+    """
+
+    name: ClassVar[str] = "partial_outage"
+    summary: ClassVar[str] = "10% of messages need a dependency that is down for an hour"
+
+    poison_rate: float = 0.1
+    start: float = 300.0
+    duration: float = 3600.0
+    error_latency: float = 0.005
+
+    @property
+    def recovery_at(self) -> float | None:
+        """The end of the outage."""
+        return self.start + self.duration
+
+    def reply(self, now: float, poison: bool) -> Reply:
+        """Fail the flagged messages' calls inside the outage window."""
+        if poison and self.start <= now < self.start + self.duration:
+            return Reply(self.error_latency, DependencyDown("dependency is down"))
+        return Reply(self.healthy())
+
+
+@dataclass(slots=True)
 class Poison(Scenario):
     """A fraction of messages is poison; the dependency is otherwise healthy."""
 
@@ -257,7 +289,8 @@ class RateLimited(Scenario):
 
 
 SCENARIOS: dict[str, type[Scenario]] = {
-    cls.name: cls for cls in (Scenario, Transient, Outage, Poison, LatencySpikes, RateLimited)
+    cls.name: cls
+    for cls in (Scenario, Transient, Outage, PartialOutage, Poison, LatencySpikes, RateLimited)
 }
 """The built-in scenarios by name."""
 

@@ -114,6 +114,12 @@ class RunResult:
         latency_p50: Median publish-to-settlement time of settled messages.
         latency_p95: 95th percentile of the same.
         latency_p99: 99th percentile of the same.
+        healthy_p50: Median latency of the messages the scenario did not flag (its
+            ``poison_rate``): in ``partial_outage``, those that never call the failing
+            dependency.
+        healthy_p99: 99th percentile of the same.
+        flagged_calls: Calls made for flagged messages (in ``partial_outage``: calls to the
+            failing dependency).
         drain_time: From the dependency's recovery until the last message published before it
             settled (``None``: the scenario has no recovery, or the backlog never drained).
         breaker_open: Time the circuit breaker spent open (``None``: no breaker).
@@ -136,6 +142,9 @@ class RunResult:
     latency_p50: float | None
     latency_p95: float | None
     latency_p99: float | None
+    healthy_p50: float | None
+    healthy_p99: float | None
+    flagged_calls: int
     drain_time: float | None
     breaker_open: float | None
     simulated: float
@@ -166,8 +175,11 @@ class _Stats:
         self.outcomes: Counter[Outcome] = Counter()
         self.reasons: Counter[str] = Counter()
         self.latencies: list[float] = []
+        self.healthy_latencies: list[float] = []
+        self.flagged: set[str | None] = set()
         self.settled = 0
         self.calls = 0
+        self.flagged_calls = 0
         self.accepted: set[int] = set()
         self.dropped: list[str | None] = []
         self.last_backlog_settled: float | None = None
@@ -204,6 +216,8 @@ class _Stats:
         if event.reason and event.outcome is not Outcome.SUCCESS:
             self.reasons[event.reason] += 1
         self.latencies.append(now - published)
+        if event.message_id not in self.flagged:
+            self.healthy_latencies.append(now - published)
         if self.recovery is not None and published < self.recovery:
             self.last_backlog_settled = now
         self.settled += 1
@@ -244,6 +258,8 @@ async def _run(
 
     async def handler(payload: dict[str, Any]) -> None:
         stats.calls += 1
+        if payload["poison"]:
+            stats.flagged_calls += 1
         answer = reply(loop.time(), payload["poison"])
         if answer.latency > 0:
             await clock.sleep(answer.latency)
@@ -261,6 +277,8 @@ async def _run(
         poison = arrivals.random() < scenario.poison_rate
         message_id = await backend.publish_message(WORK_KEY, {"n": n, "poison": poison})
         stats.published[message_id] = loop.time()
+        if poison:
+            stats.flagged.add(message_id)
         numbers[message_id] = n
         if run_task.done():
             break
@@ -279,6 +297,7 @@ async def _run(
 
     tally = _tally(backend, numbers, stats)
     latencies = sorted(stats.latencies)
+    healthy = sorted(stats.healthy_latencies)
     drain: float | None = None
     recovery = scenario.recovery_at
     if recovery is not None and not stats.published:
@@ -299,6 +318,9 @@ async def _run(
         latency_p50=percentile(latencies, 0.50),
         latency_p95=percentile(latencies, 0.95),
         latency_p99=percentile(latencies, 0.99),
+        healthy_p50=percentile(healthy, 0.50),
+        healthy_p99=percentile(healthy, 0.99),
+        flagged_calls=stats.flagged_calls,
         drain_time=drain,
         breaker_open=stats.breaker_open(end) if named.has_breaker else None,
         simulated=end,
@@ -338,7 +360,8 @@ def _tally(backend: MemoryBackend, numbers: dict[str | None, int], stats: _Stats
         if isinstance(n, int):
             dead_lettered.add(n)
     dead_lettered -= succeeded
-    held = [m for m in (*backend.peek(WORK_KEY), *backend.unacked()) if m.key == WORK_KEY]
+    waiting = (*backend.peek(WORK_KEY), *backend.unacked(), *backend.delayed())
+    held = [m for m in waiting if m.key == WORK_KEY]
     pending = {numbers[m.message_id] for m in held if m.message_id in numbers}
     pending -= succeeded | dead_lettered
     dropped = {numbers[i] for i in stats.dropped if i in numbers}

@@ -12,8 +12,9 @@ An envelope is a plain JSON-serialisable ``dict``::
       "raw": null,                         # undecodable body: {"encoding": "utf-8"|"base64", ...}
       "source": {"system", "key", "group", "message_id", "enqueued_at"},
       "error": {"reason", "stage", "type", "cause_type", "message", "traceback"},
-      "attempts": {"in_process", "delivery_count",
-                   "history": [{"type", "count", "first", "last"}]},
+      "attempts": {"in_process", "delivery_count", "total",
+                   "history": [{"type", "count", "first", "last"}],
+                   "earlier": [{"attempt", "tier", "type", "at", "host", "pid"}]},
       "origin": {"handler", "service", "host", "pid"},
       "trace": {"original": {"traceparent", "tracestate", "trace_id"} | null,
                 "processing": {"traceparent", "trace_id", "span_id"} | null},
@@ -37,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._handover import carried_attempts, earlier_attempts
 from ..errors import ConfigError
 from ._limits import bounded_traceback, envelope_size, fit
 from .redaction import DEFAULT_REDACT, MASK, Redactor
@@ -252,6 +254,7 @@ class EnvelopeBuilder:
             for name, record in (delivery.failures or {}).items()
         ]
         ran = stage == "handle" and reason != "delivery_limit"
+        before = max(delivery.delivery_count - 1, carried_attempts(delivery.headers))
         envelope: dict[str, Any] = {
             "schema": SCHEMA,
             "id": uuid.uuid4().hex,
@@ -275,9 +278,13 @@ class EnvelopeBuilder:
                 "traceback": tb,
             },
             "attempts": {
-                "in_process": delivery.attempt - delivery.delivery_count + 1 if ran else 0,
+                "in_process": delivery.attempt - before if ran else 0,
                 "delivery_count": delivery.delivery_count,
+                "total": delivery.attempt if ran else before,
                 "history": history,
+                # Attempts of earlier deliveries, one record each, with the process that made it
+                # (carried in headers by the broker tier of retries).
+                "earlier": earlier_attempts(delivery.headers),
             },
             "origin": {
                 "handler": self.handler_name,

@@ -40,7 +40,8 @@ def test_success_ends_the_outage_and_the_next_one_warns_at_once() -> None:
     """After a success the status is connected; the next failure starts a new, warned outage."""
     clock = Ticks()
     status = ConnectionStatus(clock)
-    assert status.connected is None
+    initially = status.connected  # a local, so the check does not narrow status.connected
+    assert initially is None
     status.failed(OSError("down"))
     clock.now += 3.0
     assert status.down_for == 3.0

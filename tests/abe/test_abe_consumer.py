@@ -19,6 +19,16 @@ LOGGER = "abe.backends.message_queue.consumer"
 GUARD = 5.0
 
 
+def assert_stopped(consumer: AsyncLoopConsumer) -> None:
+    """Assert that ``consumer`` holds no task and is not running.
+
+    A function of its own, so the checks read the attributes afresh after the caller's earlier
+    assertions about them (a type checker would otherwise keep those narrowed).
+    """
+    assert consumer._task is None
+    assert consumer._running is False
+
+
 class FakeBackend:
     """A backend that yields predetermined payloads, then waits (``endless``) or stops."""
 
@@ -133,8 +143,7 @@ async def test_cancelled_error_from_handler_propagates_out_of_run() -> None:
     assert consumer._task is not None
     assert consumer._task.cancelled()
     await consumer.shutdown()
-    assert consumer._task is None
-    assert consumer._running is False
+    assert_stopped(consumer)
 
 
 async def test_group_is_forwarded_to_backend_consume() -> None:
@@ -181,8 +190,7 @@ async def test_shutdown_cancels_the_task_and_resets_state() -> None:
     await consumer.shutdown()
 
     assert task.cancelled()
-    assert consumer._task is None
-    assert consumer._running is False
+    assert_stopped(consumer)
     with pytest.raises(asyncio.CancelledError):
         await runner
 
@@ -393,5 +401,4 @@ async def test_shutdown_keeps_track_of_a_consumer_restarted_while_it_stopped() -
             if task is not None:
                 task.cancel()
 
-    assert consumer._task is None
-    assert consumer._running is False
+    assert_stopped(consumer)

@@ -16,6 +16,7 @@ from abe.backends.message_queue.base import (
 )
 from abe.backends.message_queue.service.memory import MemoryBackend, MemoryChannel
 from abe.types import MessageQueueBackendProtocol
+from tests.consume_stream import closable
 
 T = TypeVar("T")
 
@@ -57,7 +58,7 @@ async def test_consume_preserves_publish_order(backend: MemoryBackend) -> None:
     """consume() yields payloads in the order they were published."""
     for n in range(10):
         await backend.publish("orders", {"n": n})
-    async with aclosing(backend.consume()) as stream:
+    async with aclosing(closable(backend.consume())) as stream:
         assert await take(stream, 10) == [{"n": n} for n in range(10)]
 
 
@@ -66,13 +67,13 @@ async def test_consume_preserves_publish_order_across_keys(backend: MemoryBacken
     keys = ["a", "b", "a", "c", "b"]
     for n, key in enumerate(keys):
         await backend.publish(key, {"n": n})
-    async with aclosing(backend.consume()) as stream:
+    async with aclosing(closable(backend.consume())) as stream:
         assert [p["n"] for p in await take(stream, len(keys))] == list(range(len(keys)))
 
 
 async def test_consume_waits_for_a_later_publish(backend: MemoryBackend) -> None:
     """A consumer parked on an empty queue receives a message published afterwards."""
-    async with aclosing(backend.consume()) as stream:
+    async with aclosing(closable(backend.consume())) as stream:
         reader = asyncio.create_task(take(stream))
         await until_waiting(backend.channel)
         await backend.publish("k", {"late": True})
@@ -93,7 +94,7 @@ async def test_cancelled_consumer_leaves_no_waiter_and_next_consumer_gets_messag
     assert backend.channel._waiters == []
     await backend.publish("k", {"n": 1})
     assert backend.size() == 1
-    async with aclosing(backend.consume()) as stream:
+    async with aclosing(closable(backend.consume())) as stream:
         assert await take(stream) == [{"n": 1}]
 
 
@@ -110,7 +111,7 @@ async def test_consumer_cancelled_after_being_woken_loses_no_message(
         await reader
 
     assert backend.size("k") == 1
-    async with aclosing(backend.consume()) as stream:
+    async with aclosing(closable(backend.consume())) as stream:
         assert await take(stream) == [{"n": 1}]
 
 
@@ -160,7 +161,7 @@ async def test_default_instances_share_one_queue() -> None:
     writer, reader = MemoryBackend(), MemoryBackend()
     await writer.publish("k", {"shared": True})
     assert reader.size() == 1
-    async with aclosing(reader.consume()) as stream:
+    async with aclosing(closable(reader.consume())) as stream:
         assert await take(stream) == [{"shared": True}]
 
 
@@ -197,7 +198,7 @@ async def test_keys_restrict_what_is_consumed(backend: MemoryBackend) -> None:
     await backend.publish("orders.dlq", {"n": 2})
     await backend.publish("audit", {"n": 3})
     orders = backend.view(keys=["orders", "audit"])
-    async with aclosing(orders.consume()) as stream:
+    async with aclosing(closable(orders.consume())) as stream:
         assert await take(stream, 2) == [{"n": 1}, {"n": 3}]
     assert backend.size() == 1
     assert [m.payload for m in backend.peek("orders.dlq")] == [{"n": 2}]

@@ -22,6 +22,7 @@ from abe.backends.message_queue.base import MessageQueueBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.service.memory import MemoryBackend
 from abe.types import MessageQueueBackendProtocol
+from tests.consume_stream import closable
 
 LOGGER = "abe.backends.message_queue.consumer"
 
@@ -403,7 +404,7 @@ async def test_consume_protocol_body_is_a_yield_placeholder() -> None:
 
     assert MessageQueueBackend is MessageQueueBackendProtocol
     assert inspect.isasyncgenfunction(MessageQueueBackend.consume)
-    async with aclosing(Inheriting().consume()) as messages:
+    async with aclosing(closable(Inheriting().consume())) as messages:
         assert [message async for message in messages] == [{}]
 
 
@@ -431,7 +432,7 @@ async def test_memory_queue_size_counts_published_not_consumed_messages() -> Non
     for n in range(3):
         await backend.publish(f"key-{n}", {"n": n})
     assert backend._queue.qsize() == 3
-    async with aclosing(backend.consume()) as messages:
+    async with aclosing(closable(backend.consume())) as messages:
         async with asyncio.timeout(GUARD):
             assert await anext(messages) == {"n": 0}
     assert backend._queue.qsize() == 2
@@ -454,7 +455,7 @@ async def test_memory_consume_calls_task_done_once_per_message(
     monkeypatch.setattr(backend._queue, "task_done", counting_task_done)
     for n in range(3):
         await backend.publish("orders", {"n": n})
-    async with aclosing(backend.consume()) as messages, asyncio.timeout(GUARD):
+    async with aclosing(closable(backend.consume())) as messages, asyncio.timeout(GUARD):
         for n in range(3):
             assert await anext(messages) == {"n": n}
             assert done == n + 1
@@ -469,6 +470,6 @@ async def test_memory_queue_can_be_replaced_like_the_published_tests_do(
     backend = MemoryBackend()
     await backend.publish("orders", {"n": 1})
     assert MemoryBackend._queue.qsize() == 1
-    async with aclosing(backend.consume()) as messages, asyncio.timeout(GUARD):
+    async with aclosing(closable(backend.consume())) as messages, asyncio.timeout(GUARD):
         assert await anext(messages) == {"n": 1}
     assert MemoryBackend._queue.qsize() == 0

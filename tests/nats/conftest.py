@@ -9,8 +9,8 @@ them afterwards; a test that restarts a server starts a private one (``nats_serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,8 @@ from urllib.parse import urlsplit
 import nats
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
-
-import contextlib
-
-from nats_support import Names, NATSServer
-
 from abe.backends.message_queue.service.nats import NATSBackend
+from tests.nats.nats_support import Names, NATSServer
 
 NATS_URL = os.environ.get("NATS_TEST_URL", "nats://127.0.0.1:4222")
 

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nats_support import Names
 
 from abe.backends.message_queue.service.nats import NATSBackend
 from abe.testing import BackendContract
+from tests.nats.nats_support import Names
 
 pytestmark = pytest.mark.broker
 

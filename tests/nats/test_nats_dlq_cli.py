@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from broker_dlq_cli import round_trip
-from nats_support import Names
 
 from abe.backends.message_queue.service.nats import NATSBackend
+from tests.broker_dlq_cli import round_trip
+from tests.nats.nats_support import Names
 
 pytestmark = pytest.mark.broker
 

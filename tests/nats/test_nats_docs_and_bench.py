@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from broker_docs import python_blocks, run_block
-from nats_support import Names
 
 from resilience.bench.broker_throughput import format_brokers, measure_brokers
+from tests.broker_docs import python_blocks, run_block
+from tests.nats.nats_support import Names
 
 pytestmark = pytest.mark.broker
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import nats
 import pytest
-from broker_processes import recorded, start_worker, stop_all, wait_ready
-from nats_support import Names, NATSServer, eventually
 
 from abe.backends.message_queue.base import DeadLetteringBackend, DelayingBackend
 from abe.backends.message_queue.service.nats import NATSBackend
 from resilience.consumer import ResilientConsumer
+from tests.broker_processes import recorded, start_worker, stop_all, wait_ready
+from tests.nats.nats_support import Names, NATSServer, eventually
 
 pytestmark = pytest.mark.broker
 

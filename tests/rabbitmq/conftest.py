@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))  # broker_processes, broker_worker
-
-from rabbitmq_support import Queues
-
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
+from tests.rabbitmq.rabbitmq_support import Queues
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from rabbitmq_support import Queues
 
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 from abe.testing import BackendContract
+from tests.rabbitmq.rabbitmq_support import Queues
 
 pytestmark = pytest.mark.broker
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from broker_dlq_cli import round_trip
-from rabbitmq_support import Queues
 
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 from resilience.cli import main
+from tests.broker_dlq_cli import round_trip
+from tests.rabbitmq.rabbitmq_support import Queues
 
 pytestmark = pytest.mark.broker
 

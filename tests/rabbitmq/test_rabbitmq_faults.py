@@ -15,13 +15,14 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from broker_processes import recorded, start_worker, stop_all, wait_ready
-from rabbitmq_support import Queues
-from tcp_proxy import TCPProxy
 
 from abe.backends.message_queue.base import DeadLetteringBackend, DelayingBackend
 from abe.backends.message_queue.service.rabbitmq import RabbitMQBackend
 from resilience.consumer import ResilientConsumer
+from tests.broker_processes import recorded, start_worker, stop_all, wait_ready
+from tests.consume_stream import closable
+from tests.rabbitmq.rabbitmq_support import Queues
+from tests.rabbitmq.tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.broker
 
@@ -262,7 +263,7 @@ async def test_undecodable_body_is_moved_to_the_dead_letter_queue_by_consume(
     await channel.default_exchange.publish(aio_pika.Message(b"not json"), routing_key=queue)
     await connection.close()
     await backend.publish(queue, {"n": 2})
-    stream = backend.consume()
+    stream = closable(backend.consume())
     got = [await asyncio.wait_for(anext(stream), 5) for _ in range(2)]
     await stream.aclose()
     assert got == [{"n": 0}, {"n": 2}]

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from abe.backends.message_queue.service.redis import RedisBackend
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
+from tests.redis.redis_support import read_reply
 
 URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 FULL = Policy.from_dict({"dead_letter": {"destination": "backend"}, "circuit_breaker": {}})
@@ -51,7 +52,7 @@ async def hand_written(client: aioredis.Redis, key: str, group: str, total: int)
     start = time.perf_counter()
     while seen < total:
         reply = await client.xreadgroup(group, "c", {key: ">"}, count=500, block=1000)
-        for _stream, entries in reply:
+        for _stream, entries in read_reply(reply):
             ids = []
             for entry_id, fields in entries:
                 json.loads(fields[b"data"])
@@ -68,7 +69,7 @@ async def abe_redis(client: aioredis.Redis, key: str, group: str, total: int) ->
     start = time.perf_counter()
     while seen < total:
         reply = await client.xreadgroup(group, "c", {key: ">"}, count=10, block=1000)
-        for stream, entries in reply:
+        for stream, entries in read_reply(reply):
             for entry_id, fields in entries:
                 json.loads(fields.get(b"data", b"{}").decode("utf-8"))
                 await client.xack(stream, group, entry_id)

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis_support import MakeBackend, RedisServer
 
 from abe.backends.message_queue.service.redis import RedisBackend
+from tests.redis.redis_support import MakeBackend, RedisServer
 
 REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
 

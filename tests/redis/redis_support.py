@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -20,6 +21,31 @@ WORKER = Path(__file__).with_name("redis_worker.py")
 
 MakeBackend = Callable[..., RedisBackend]
 """The ``make_backend`` fixture: keyword arguments of :class:`RedisBackend`, test defaults."""
+
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+"""One stream entry as a client without ``decode_responses`` returns it: id and fields."""
+
+
+def stream_entries(reply: object) -> list[StreamEntry]:
+    """An XRANGE / XREVRANGE reply of a client without ``decode_responses``, typed as such.
+
+    redis-py annotates these replies with one union for every client configuration (decoded
+    or not, sync or async), so the shape a test's client really returns is stated here once.
+    """
+    return cast(list[StreamEntry], reply)
+
+
+def read_reply(reply: object) -> list[tuple[bytes, list[StreamEntry]]]:
+    """An XREAD / XREADGROUP reply (RESP2, no ``decode_responses``): per stream, its entries.
+
+    redis-py annotates it as ``Any | int | str`` for every client configuration.
+    """
+    return cast(list[tuple[bytes, list[StreamEntry]]], reply)
+
+
+def list_values(reply: object) -> list[bytes]:
+    """An LRANGE reply of a client without ``decode_responses``, typed as such."""
+    return cast(list[bytes], reply)
 
 
 async def eventually(

@@ -14,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis_support import MakeBackend, RedisServer, eventually, free_port
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.redis import (
@@ -22,6 +21,14 @@ from abe.backends.message_queue.service.redis import (
     RedisBackendError,
     RedisSettings,
     RedisUnavailableError,
+)
+from tests.consume_stream import closable
+from tests.redis.redis_support import (
+    MakeBackend,
+    RedisServer,
+    eventually,
+    free_port,
+    stream_entries,
 )
 
 pytestmark = pytest.mark.broker
@@ -43,7 +50,7 @@ async def test_publish_writes_the_abe_redis_wire_format(
     entry_id = await backend.publish_message(
         f"{prefix}s", {"n": 1, "text": "héllo"}, headers={"traceparent": "00-aa-bb-01"}
     )
-    ((stored_id, fields),) = await client.xrange(f"{prefix}s")
+    ((stored_id, fields),) = stream_entries(await client.xrange(f"{prefix}s"))
     assert stored_id.decode() == entry_id
     assert json.loads(fields[b"data"]) == {"n": 1, "text": "héllo"}
     assert fields[b"h:traceparent"] == b"00-aa-bb-01"
@@ -114,7 +121,7 @@ async def test_deliveries_carry_headers_group_and_publish_time(
     stream = backend.deliveries()
     (m,) = await _take(stream)
     await backend.ack(m)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert (m.payload, dict(m.headers), m.group, m.delivery_count) == (
         {"n": 1},
         {"traceparent": "00-x"},
@@ -134,7 +141,7 @@ async def test_poison_entries_are_yielded_with_the_raw_bytes(
     stream = backend.deliveries()
     (m,) = await _take(stream)
     await backend.ack(m)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert m.decode_error is not None
     assert m.raw == b"\x00not json"
     assert backend.stats.poison == 1
@@ -151,10 +158,12 @@ async def test_consume_acks_an_entry_once_the_next_one_is_asked_for(
     first = await anext(stream)
     assert await backend.pending() == 2
     second = await anext(stream)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert (first, second) == ({"n": 1}, {"n": 2})
     pending = await client.xpending_range(f"{prefix}s", "g", "-", "+", 10)
-    assert [p["message_id"] for p in pending] == [(await client.xrange(f"{prefix}s"))[1][0]]
+    assert [p["message_id"] for p in pending] == [
+        stream_entries(await client.xrange(f"{prefix}s"))[1][0]
+    ]
 
 
 async def test_consume_skips_and_acks_poison(
@@ -166,7 +175,7 @@ async def test_consume_skips_and_acks_poison(
     await backend.publish(f"{prefix}s", {"n": 2})
     stream = backend.consume()
     assert await _take(stream) == [{"n": 2}]
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert backend.stats.acked == 1  # the poison entry, sent when the iterator closed
 
 
@@ -177,7 +186,7 @@ async def test_each_group_gets_every_entry(make_backend: MakeBackend, prefix: st
     for group in ("one", "two"):
         stream = backend.consume(group=group)
         assert await _take(stream, 3) == [{"n": n} for n in range(3)]
-        await stream.aclose()  # type: ignore[attr-defined]
+        await closable(stream).aclose()
 
 
 # -- batched acknowledgements ---------------------------------------------------------------------
@@ -198,7 +207,7 @@ async def test_acks_ride_along_with_the_next_read_as_one_xack(
     assert await backend.pending() == 1
     assert (backend.stats.acked, backend.stats.ack_round_trips) == (5, 1)
     await backend.ack(sixth)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert await backend.pending() == 0
 
 
@@ -216,7 +225,7 @@ async def test_buffered_acks_are_flushed_after_ack_delay(
         return await backend.pending() == 0
 
     await eventually(flushed, what="the delayed ack flush")
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_full_ack_buffer_is_flushed_at_once(make_backend: MakeBackend, prefix: str) -> None:
@@ -228,7 +237,7 @@ async def test_a_full_ack_buffer_is_flushed_at_once(make_backend: MakeBackend, p
     for m in batch[:3]:
         await backend.ack(m)
     assert await backend.pending() == 2
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_ack_nowait_buffers_like_ack_and_rides_along_with_the_next_read(
@@ -246,7 +255,7 @@ async def test_ack_nowait_buffers_like_ack_and_rides_along_with_the_next_read(
     assert await backend.pending() == 1
     assert (backend.stats.acked, backend.stats.ack_round_trips) == (5, 1)
     backend.ack_nowait(sixth)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert await backend.pending() == 0
 
 
@@ -291,7 +300,7 @@ async def test_a_failed_background_ack_is_logged_and_the_entry_stays_pending(
         m.message_id in r.getMessage() and "delivered again" in r.getMessage()
         for r in caplog.records
     )
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert await make_backend().pending() == 1
 
 
@@ -308,7 +317,7 @@ async def test_ack_twice_or_after_dead_letter_is_a_no_op(
     await backend.dead_letter(second, f"{prefix}dlq", {"why": "test"})
     await backend.ack(second)
     await backend.flush()
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert backend.stats.acked == 1
     assert backend.stats.ack_round_trips == 1
 
@@ -330,7 +339,7 @@ async def test_closing_flushes_acks_and_hands_back_unread_entries(
     rest = await _take(stream, 4)
     for r in rest:
         await second.ack(r)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert [r.payload["n"] for r in rest] == [1, 2, 3, 4]
     assert {r.delivery_count for r in rest} == {2}
     assert second.stats.reclaimed == 4
@@ -349,12 +358,12 @@ async def test_released_entry_goes_back_to_the_whole_group(
     stream = holder.deliveries()
     (m,) = await _take(stream)
     await holder.release(m)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     other = make_backend(claim_idle=60)
     stream = other.deliveries()
     (again,) = await _take(stream)
     await other.ack(again)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert (again.message_id, again.delivery_count) == (m.message_id, 2)
     assert holder.stats.released == 1
 
@@ -369,14 +378,19 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_counted(
     await client.xgroup_create(f"{prefix}s", "g", id="0")
     await client.xreadgroup("g", "ghost", {f"{prefix}s": ">"}, count=3)
     await client.xclaim(
-        f"{prefix}s", "g", "ghost", 0, [(await client.xrange(f"{prefix}s"))[0][0]], retrycount=4
+        f"{prefix}s",
+        "g",
+        "ghost",
+        0,
+        [stream_entries(await client.xrange(f"{prefix}s"))[0][0]],
+        retrycount=4,
     )
     await asyncio.sleep(0.06)  # Redis measures idle time on its own clock
     stream = backend.deliveries()
     got = await _take(stream, 3)
     for m in got:
         await backend.ack(m)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert [m.payload["n"] for m in got] == [0, 1, 2]
     assert [m.delivery_count for m in got] == [5, 2, 2]
     assert backend.stats.reclaimed == 3
@@ -391,13 +405,13 @@ async def test_entries_deleted_while_pending_are_counted_not_delivered(
     await backend.publish_many(f"{prefix}s", [{"n": 1}, {"n": 2}])
     await client.xgroup_create(f"{prefix}s", "g", id="0")
     await client.xreadgroup("g", "ghost", {f"{prefix}s": ">"}, count=2)
-    first_id = (await client.xrange(f"{prefix}s"))[0][0]
+    first_id = stream_entries(await client.xrange(f"{prefix}s"))[0][0]
     await client.xdel(f"{prefix}s", first_id)
     await asyncio.sleep(0.06)
     stream = backend.deliveries()
     (m,) = await _take(stream)
     await backend.ack(m)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert m.payload == {"n": 2}
     assert backend.stats.deleted_while_pending == 1
     assert await backend.pending() == 0
@@ -418,8 +432,8 @@ async def test_held_entries_are_kept_alive_and_not_reclaimed(
     with pytest.raises(TimeoutError):
         await _take(other_stream, timeout=0.3)
     await holder.ack(m)
-    await stream.aclose()  # type: ignore[attr-defined]
-    await other_stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
+    await closable(other_stream).aclose()
     assert other.stats.reclaimed == 0
 
 
@@ -436,13 +450,13 @@ async def test_dead_letter_writes_the_record_and_acks_in_one_step(
     stream = backend.deliveries()
     (m,) = await _take(stream)
     record_id = await backend.dead_letter(m, f"{prefix}s.dlq", {"reason": "boom", "n": 1})
-    ((stored_id, fields),) = await client.xrange(f"{prefix}s.dlq")
+    ((stored_id, fields),) = stream_entries(await client.xrange(f"{prefix}s.dlq"))
     assert stored_id.decode() == record_id
     assert json.loads(fields[b"data"]) == {"reason": "boom", "n": 1}
     assert fields[b"h:traceparent"] == b"00-t"
     assert await backend.pending() == 0
     assert backend.stats.dead_lettered == 1
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_failed_dead_letter_writes_nothing_and_acks_nothing(
@@ -461,7 +475,7 @@ async def test_a_failed_dead_letter_writes_nothing_and_acks_nothing(
     await backend.release(m)
     (again,) = await _take(stream)
     await backend.ack(again)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert again.message_id == m.message_id
 
 
@@ -483,7 +497,7 @@ async def test_reading_survives_a_deleted_stream_and_group(
     await client.xadd(f"{prefix}s", {"data": b'{"n": 2}'})
     (again,) = await _take(stream)
     await backend.ack(again)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert again.payload == {"n": 2}
 
 
@@ -501,7 +515,11 @@ async def test_reading_backs_off_exponentially_while_redis_is_down() -> None:
         url=url, streams=("s",), consumer="c", reconnect_initial=0.1, reconnect_max=0.8
     )
     backend = RedisBackend(settings=settings, client=quick, sleep=fake_sleep)
-    reader = asyncio.create_task(anext(backend.deliveries()))
+
+    async def first_delivery() -> InboundMessage:
+        return await anext(backend.deliveries())
+
+    reader = asyncio.create_task(first_delivery())
 
     async def enough() -> bool:
         return len(sleeps) >= 6
@@ -582,7 +600,7 @@ async def test_from_env_with_a_password_publishes_and_consumes(
         stream = backend.deliveries()
         (message,) = await _take(stream)
         await backend.ack(message)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await closable(stream).aclose()
     assert message.payload == {"n": 1}
     assert PASSWORD not in repr(backend)
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
 
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.service._redis_recovery import (
@@ -25,6 +24,7 @@ from abe.backends.message_queue.service._redis_recovery import (
 from abe.backends.message_queue.service._redis_settings import RedisSettings
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
+from tests.redis.redis_support import MakeBackend
 
 
 async def _lose_a_cancellation() -> None:
@@ -159,7 +159,9 @@ CLIENTS: dict[str, ClientFactory] = {
 
 
 async def _stop_right_after_a_message(
-    backend: Any, start: Callable[[Any], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+    backend: Any,
+    start: Callable[[Any], Coroutine[Any, Any, None]],
+    stop: Callable[[], Awaitable[None]],
 ) -> float:
     handled = asyncio.Event()
 

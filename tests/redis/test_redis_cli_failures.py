@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from redis_support import RedisServer, free_port
+
+from tests.redis.redis_support import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from cli_process import CliProcess, http, poll
 from prometheus_client.parser import text_string_to_metric_families
-from redis_support import RedisServer
+
+from tests.cli_process import CliProcess, http, poll
+from tests.redis.redis_support import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 import redis.asyncio as aioredis
 
+from tests.redis.redis_support import stream_entries
+
 pytestmark = pytest.mark.broker
 
 
@@ -38,7 +40,7 @@ async def test_publish_appends_to_the_stream_with_headers(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    entries = await client.xrange(stream)
+    entries = stream_entries(await client.xrange(stream))
     assert [json.loads(fields[b"data"]) for _, fields in entries] == [{"order": 1}, {"order": 2}]
     assert all(fields[b"h:traceparent"] == b"00-abc-def-01" for _, fields in entries)
     ids = ", ".join(entry_id.decode() for entry_id, _ in entries)

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis_support import eventually
 
 from abe.backends.message_queue.service.redis import RedisBackend
 from abe.testing import BackendContract
+from tests.redis.redis_support import eventually
 
 pytestmark = pytest.mark.broker
 

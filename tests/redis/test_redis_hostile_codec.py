@@ -23,6 +23,7 @@ from abe.backends.message_queue.service._redis_codec import (
     decode_entry,
 )
 from abe.backends.message_queue.service.redis import RedisBackend
+from tests.consume_stream import closable
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -235,7 +236,7 @@ async def _round_trip(url: str, entries: list[dict[bytes, bytes]]) -> None:
                     if len(got) == len(entries):
                         break
         finally:
-            await deliveries.aclose()  # type: ignore[attr-defined]
+            await closable(deliveries).aclose()
         assert [m.message_id for m in got] == [bytes(i).decode() for i in ids]  # type: ignore[arg-type]
         for message, fields in zip(got, stored, strict=True):
             check_message(message, fields)

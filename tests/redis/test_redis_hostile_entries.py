@@ -26,11 +26,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.util._once import Once
-from redis_support import MakeBackend, eventually
 
 from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import SQLiteStore
 from resilience.policy import Policy
+from tests.redis.redis_support import MakeBackend, eventually
 
 pytestmark = pytest.mark.broker
 

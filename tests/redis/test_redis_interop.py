@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
+
+from tests.consume_stream import closable
+from tests.redis.redis_support import MakeBackend, read_reply
 
 pytestmark = pytest.mark.broker
 
@@ -33,7 +35,7 @@ async def abe_redis_read(
     out: list[dict[str, Any]] = []
     while len(out) < count:
         reply = await client.xreadgroup(group, "abe-redis", {key: ">"}, count=10, block=1000)
-        for stream, messages in reply:
+        for stream, messages in read_reply(reply):
             for message_id, fields in messages:
                 out.append(json.loads(fields.get(b"data", b"{}").decode("utf-8")))
                 await client.xack(stream, group, message_id)
@@ -53,7 +55,7 @@ async def test_entries_written_by_abe_redis_are_consumed(
         got = [await anext(stream) for _ in payloads]
     for message in got:
         await backend.ack(message)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
     assert [m.payload for m in got] == payloads
     assert all(m.decode_error is None and not m.headers for m in got)
 
@@ -82,4 +84,4 @@ async def test_both_share_one_stream_in_separate_groups(
     stream = backend.consume(group="ours")
     async with asyncio.timeout(5):
         assert [await anext(stream), await anext(stream)] == expected
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()

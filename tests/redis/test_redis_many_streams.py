@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis_support import MakeBackend, eventually
 
 from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
+from tests.consume_stream import closable
+from tests.redis.redis_support import MakeBackend, eventually
 
 pytestmark = pytest.mark.broker
 
@@ -32,7 +33,8 @@ class RoundTrips:
 
         async def counted_command(client: Any, *args: Any, **options: Any) -> Any:
             self.commands.append(str(args[0]).upper())
-            return await command(client, *args, **options)
+            # redis-py leaves Redis.execute_command unannotated.
+            return await command(client, *args, **options)  # type: ignore[no-untyped-call]
 
         async def counted_execute(pipe: Any, raise_on_error: bool = True) -> Any:
             self.pipelines.append([str(c[0][0]).upper() for c in pipe.command_stack])
@@ -63,7 +65,7 @@ async def test_startup_with_many_streams_takes_a_few_round_trips(
     assert [len(p) for p in creates] == [60]
     claims = [p for p in trips.pipelines if p and p[0] == "XAUTOCLAIM"]
     assert [len(p) for p in claims] == [60]
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ack(
@@ -94,7 +96,7 @@ async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ac
     assert await backend.pending() == 0
     assert backend.stats.acked == 2000
     assert backend.stats.ack_round_trips == 1
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_busy_stream_does_not_starve_the_others(
@@ -116,7 +118,7 @@ async def test_a_busy_stream_does_not_starve_the_others(
     assert {m.key for m in delivered if m.key != hot} == set(quiet)
     for message in delivered:
         await backend.ack(message)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_stream_created_after_start_is_read_without_a_restart(
@@ -147,7 +149,7 @@ async def test_a_stream_created_after_start_is_read_without_a_restart(
     assert await client.xlen(f"{prefix}other") == 1
     groups = await client.xinfo_groups(f"{prefix}other")
     assert groups == []
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_pattern_matching_nothing_yet_waits_quietly(
@@ -165,7 +167,7 @@ async def test_a_pattern_matching_nothing_yet_waits_quietly(
     (message,) = await reader
     assert message.payload == {"n": 1}
     await backend.ack(message)
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_a_discovered_stream_that_is_deleted_is_dropped_not_recreated(
@@ -192,7 +194,7 @@ async def test_a_discovered_stream_that_is_deleted_is_dropped_not_recreated(
     await eventually(gone_stays_gone, what="the deleted stream to stay deleted")
     await asyncio.sleep(0.2)  # a few look-ups and reads later
     assert not await client.exists(f"{prefix}t:gone")
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 async def test_pending_counts_the_streams_matching_a_pattern(
@@ -209,7 +211,7 @@ async def test_pending_counts_the_streams_matching_a_pattern(
         await backend.ack(message)
     await backend.flush()
     assert await backend.pending() == 0
-    await stream.aclose()  # type: ignore[attr-defined]
+    await closable(stream).aclose()
 
 
 @pytest.mark.parametrize(

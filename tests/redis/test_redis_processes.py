@@ -11,12 +11,18 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import RedisServer, eventually, start_worker
 
 from abe.backends.message_queue.service._redis_settings import RedisSettings
 from abe.backends.message_queue.service.redis import RedisBackend
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
+from tests.redis.redis_support import (
+    RedisServer,
+    eventually,
+    list_values,
+    start_worker,
+    stream_entries,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -41,13 +47,13 @@ def _wait_ready(process: subprocess.Popen[str]) -> None:
 
 
 async def _records(client: aioredis.Redis, key: str) -> list[str]:
-    return [r.decode() for r in await client.lrange(key, 0, -1)]
+    return [r.decode() for r in list_values(await client.lrange(key, 0, -1))]
 
 
 async def _dead_lettered(client: aioredis.Redis, stream: str) -> list[int]:
     import json
 
-    entries = await client.xrange(f"{stream}.dlq")
+    entries = stream_entries(await client.xrange(f"{stream}.dlq"))
     return [json.loads(fields[b"data"])["payload"]["n"] for _, fields in entries]
 
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis_support import MakeBackend
 
 from resilience.consumer import ResilientConsumer
 from resilience.events import Outcome
 from resilience.policy import Policy
 from resilience.testing import run_until_settled, zero_waits
+from tests.redis.redis_support import MakeBackend, stream_entries
 
 pytestmark = pytest.mark.broker
 
@@ -25,7 +25,7 @@ POLICY = {
 
 
 async def _dead_letters(client: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
-    return [json.loads(f[b"data"]) for _, f in await client.xrange(f"{stream}.dlq")]
+    return [json.loads(f[b"data"]) for _, f in stream_entries(await client.xrange(f"{stream}.dlq"))]
 
 
 async def test_failures_are_retried_or_dead_lettered_and_every_entry_is_settled(
@@ -93,7 +93,7 @@ async def test_delivery_counts_from_redis_feed_the_attempt_limit(
     await backend.publish(stream, {"n": 1})
     await client.xgroup_create(stream, "g", id="0")
     await client.xreadgroup("g", "crashed", {stream: ">"}, count=1)
-    entry_id = (await client.xrange(stream))[0][0]
+    entry_id = stream_entries(await client.xrange(stream))[0][0]
     await client.xclaim(stream, "g", "crashed", 0, [entry_id], retrycount=2)
     await asyncio.sleep(0.06)  # idle on Redis's clock: reclaimable, delivered a 3rd time
     calls: list[int] = []

@@ -151,7 +151,11 @@ def test_invalid_settings_raise_naming_the_setting(
 
 def test_durations_accept_timedelta() -> None:
     """block and claim_idle accept a timedelta and are kept as float seconds."""
-    s = RedisSettings(block=timedelta(milliseconds=250), claim_idle=timedelta(minutes=2))
+    # RedisSettings converts a timedelta, but its fields are annotated float only.
+    s = RedisSettings(
+        block=timedelta(milliseconds=250),  # type: ignore[arg-type]
+        claim_idle=timedelta(minutes=2),  # type: ignore[arg-type]
+    )
     assert (s.block, s.claim_idle) == (0.25, 120.0)
 
 
@@ -215,7 +219,9 @@ def test_the_redis_py_default_socket_timeout_is_read_from_its_connections() -> N
     from abe.backends.message_queue.service._redis_common import socket_timeout_of
 
     default = aioredis.Redis.from_url("redis://localhost:6379/0")
-    assert socket_timeout_of(default) == default.connection_pool.make_connection().socket_timeout
+    # redis-py leaves ConnectionPool.make_connection unannotated.
+    connection = default.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    assert socket_timeout_of(default) == connection.socket_timeout
     assert socket_timeout_of(aioredis.Redis(socket_timeout=None)) is None
     assert socket_timeout_of(aioredis.Redis(socket_timeout=3)) == 3.0
 

@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
-from redis_support import MakeBackend
 
 from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
 from resilience.telemetry import publish_with_context
 from resilience.testing import run_until_settled
+from tests.redis.redis_support import MakeBackend, stream_entries
 
 pytestmark = pytest.mark.broker
 
@@ -61,7 +61,8 @@ async def test_trace_context_travels_through_redis_and_survives_dead_lettering(
         if s.kind is SpanKind.PRODUCER
     }
     assert set(sends) == {ok_id, bad_id}
-    ((_, fields),) = await client.xrange(stream, min=bad_id, max=bad_id)
+    assert bad_id is not None
+    ((_, fields),) = stream_entries(await client.xrange(stream, min=bad_id, max=bad_id))
     assert fields[b"h:traceparent"].decode() == _traceparent(sends[bad_id])
 
     async def handler(payload: dict[str, Any]) -> None:
@@ -94,7 +95,7 @@ async def test_trace_context_travels_through_redis_and_survives_dead_lettering(
     assert processed[ok_id].status.status_code is StatusCode.UNSET
     assert processed[bad_id].status.status_code is StatusCode.ERROR
 
-    ((_, dead),) = await client.xrange(f"{stream}.dlq")
+    ((_, dead),) = stream_entries(await client.xrange(f"{stream}.dlq"))
     assert dead[b"h:traceparent"].decode() == _traceparent(sends[bad_id])
     envelope = json.loads(dead[b"data"])
     assert envelope["trace"]["original"]["traceparent"] == _traceparent(sends[bad_id])

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_process import CliProcess, http
+
+from tests.cli_process import CliProcess, http
 
 pytestmark = pytest.mark.slow
 

@@ -166,7 +166,9 @@ async def test_delivery_limit_envelope() -> None:
     assert env["attempts"] == {
         "in_process": 0,
         "delivery_count": 4,
+        "total": 3,
         "history": [env["attempts"]["history"][0]],
+        "earlier": [],
     }
     assert env["attempts"]["history"][0]["type"] == "DeliveryLimitExceeded"
 

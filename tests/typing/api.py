@@ -88,6 +88,10 @@ async def usage() -> None:
     assert linked is not None
     waits = (Fixed(1), Exponential(0.1, 10))
     assert waits
+    tiered_backend = MemoryBackend.isolated(clock=FakeClock())
+    tiered = Pipeline().retry(attempts=8, in_process=2, backend=tiered_backend)
+    assert tiered is not None
+    await tiered_backend.release_later(InboundMessage({}, "k"), 1.5)
     policy = Policy.from_dict({"retry": {"attempts": 4}})
     try:
         Policy.load("policy.toml", environ={})

@@ -7,6 +7,7 @@ An entry is a flat field map. Field ``data`` holds the payload as a JSON object 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import json.scanner
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -34,6 +35,10 @@ HEADER_PREFIX = b"h:"
 
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 """The shared, read-only headers of an entry that has none (saves one dict per entry)."""
+
+DELIVERIES_HEADER = "x-abe-deliveries"
+"""Header of an entry re-added after a delayed redelivery: deliveries of the message before
+this entry existed (added to the entry's own delivery count)."""
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
@@ -166,6 +171,10 @@ def _decode_entry(
                     f"{type(payload).__name__}, not an object"
                 )
     headers = _headers(fields)
+    earlier = headers.get(DELIVERIES_HEADER)
+    if earlier is not None:  # re-added after a delayed redelivery: count the deliveries before
+        with contextlib.suppress(ValueError):
+            delivery_count += min(max(0, int(earlier)), 2**31)
     if error is not None:
         raw: bytes | None = data
         if raw is None:

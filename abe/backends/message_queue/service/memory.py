@@ -10,7 +10,10 @@ Besides the plain protocol the backend implements the at-least-once extensions
 :class:`~abe.backends.message_queue.base.DeadLetteringBackend`,
 :class:`~abe.backends.message_queue.base.HeaderPublishingBackend`): deliveries stay *unacked*
 until settled, a released delivery comes back with its delivery count raised, and
-:meth:`MemoryBackend.recover` hands back what a crashed consumer left unacked.
+:meth:`MemoryBackend.recover` hands back what a crashed consumer left unacked. It also implements
+:class:`~abe.backends.message_queue.base.DelayingBackend`: :meth:`MemoryBackend.release_later`
+settles a delivery and queues it again once a timer of the backend's ``clock`` fires (the event
+loop's by default; a virtual clock makes the waits virtual too).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import time
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterable, Mapping
-from typing import Any, ClassVar, overload
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from typing import Any, ClassVar, Protocol, overload
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
@@ -35,13 +39,20 @@ logger = logging.getLogger(__name__)
 
 
 class _Entry:
-    """One queued message: ``live`` turns false when a reader of named keys takes it."""
+    """One queued message: ``live`` turns false when a reader of named keys takes it.
 
-    __slots__ = ("live", "message", "seq")
+    ``rank`` is the entry's place in the one queue order: rising for messages queued at the
+    back, falling (below every earlier one) for redeliveries queued at the front, so a reader of
+    several named keys that takes the head with the lowest rank takes what a reader of every key
+    would. ``seq`` is the message's own number, kept across redeliveries.
+    """
 
-    def __init__(self, seq: int, message: InboundMessage) -> None:
+    __slots__ = ("live", "message", "rank", "seq")
+
+    def __init__(self, seq: int, message: InboundMessage, rank: int) -> None:
         self.seq = seq
         self.message = message
+        self.rank = rank
         self.live = True
 
 
@@ -80,6 +91,21 @@ _COMPACT_AT = 64
 """Taken entries the publish-order queue may hold before it is compacted (see ``_taken``)."""
 
 
+class TimerClock(Protocol):
+    """What :meth:`MemoryBackend.release_later` needs of a clock: timers."""
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> object:
+        """Run ``callback`` after ``seconds``."""
+        ...
+
+
+class _LoopTimers:
+    """Timers on the running event loop (the default :class:`TimerClock`)."""
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> object:
+        return asyncio.get_running_loop().call_later(seconds, callback)
+
+
 class MemoryChannel:
     """The store behind one or more :class:`MemoryBackend` instances.
 
@@ -104,6 +130,8 @@ class MemoryChannel:
         """Entries in ``_order`` already taken through their key's queue."""
         self._size = 0
         self._seq = itertools.count(1)
+        self._back = itertools.count(1)
+        self._front = itertools.count(-1, -1)
         self._waiters: list[asyncio.Future[None]] = []
         self._unacked: dict[str, tuple[int, InboundMessage]] = {}
         self._handed_out = 0
@@ -135,7 +163,8 @@ class MemoryChannel:
         if not isinstance(item, InboundMessage):
             self.put_nowait(item)
             return _DONE
-        entry = _Entry(next(self._seq) if seq is None else seq, item)
+        rank = next(self._front) if front else next(self._back)
+        entry = _Entry(next(self._seq) if seq is None else seq, item, rank)
         queue = self._queues.get(item.key)
         if queue is None:
             queue = self._queues[item.key] = deque()
@@ -182,7 +211,7 @@ class MemoryChannel:
         else:
             for key in keys:
                 candidate = queues.get(key)
-                if candidate is not None and (queue is None or candidate[0].seq < queue[0].seq):
+                if candidate is not None and (queue is None or candidate[0].rank < queue[0].rank):
                     queue = candidate
         if not queue:
             return None
@@ -429,6 +458,9 @@ class MemoryBackend:
         keys: Keys that :meth:`consume` and :meth:`deliveries` read. ``None`` (the default) reads
             every key, as the published backend does; naming keys keeps, for example, a
             ``<key>.dlq`` destination away from the consumer that dead-letters into it.
+        clock: Timers for :meth:`release_later` (anything with ``call_later(seconds,
+            callback)``, such as :class:`resilience.clock.FakeClock`); the running event loop's
+            by default.
 
     Raises:
         TypeError: ``keys`` is a single string, or ``MemoryBackend._queue`` was replaced by
@@ -447,7 +479,10 @@ class MemoryBackend:
         channel: MemoryChannel | None = None,
         *,
         keys: Iterable[MessageQueueKey] | None = None,
+        clock: TimerClock | None = None,
     ) -> None:
+        self.clock: TimerClock = clock if clock is not None else _LoopTimers()
+        self._delayed: dict[int, InboundMessage] = {}
         if channel is None:
             channel = type(self)._shared_channel()
         self.channel = channel
@@ -480,9 +515,11 @@ class MemoryBackend:
         return cls()
 
     @classmethod
-    def isolated(cls, *, keys: Iterable[MessageQueueKey] | None = None) -> MemoryBackend:
+    def isolated(
+        cls, *, keys: Iterable[MessageQueueKey] | None = None, clock: TimerClock | None = None
+    ) -> MemoryBackend:
         """Return a backend with a private queue of its own."""
-        return cls(MemoryChannel(), keys=keys)
+        return cls(MemoryChannel(), keys=keys, clock=clock)
 
     @classmethod
     def reset_shared(cls) -> None:
@@ -490,8 +527,8 @@ class MemoryBackend:
         MemoryBackend._queue = MemoryChannel()
 
     def view(self, *, keys: Iterable[MessageQueueKey] | None = None) -> MemoryBackend:
-        """Another backend on the same store that reads ``keys``."""
-        return MemoryBackend(self.channel, keys=keys)
+        """Another backend on the same store that reads ``keys`` (same clock)."""
+        return MemoryBackend(self.channel, keys=keys, clock=self.clock)
 
     # -- plain protocol ------------------------------------------------------------------------
 
@@ -562,6 +599,41 @@ class MemoryBackend:
             message, delivery_count=message.delivery_count + 1, group=None
         )
         self.channel.put(redelivery, seq, front=True)
+
+    async def release_later(self, message: InboundMessage, delay: float) -> None:
+        """Settle ``message`` and queue it again, delivery count raised, after ``delay`` seconds
+        on the backend's clock (at the back of its key's queue, like a new message).
+
+        Waiting messages live in this process only (see :meth:`delayed`): like every message of
+        this backend they are lost if the process exits.
+
+        Raises:
+            ValueError: ``delay`` is negative or not finite.
+        """
+        if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
+            raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
+        tracked = self.channel.settle(message, finished=False)
+        if tracked is None and message.message_id is not None:
+            return  # already settled: another release_later or ack got there first
+        seq = self.channel.next_id()
+        redelivery = dataclasses.replace(
+            message,
+            delivery_count=message.delivery_count + 1,
+            group=None,
+            headers=dict(message.headers),
+        )
+        self._delayed[seq] = redelivery
+
+        def due() -> None:
+            ready = self._delayed.pop(seq, None)
+            if ready is not None:
+                self.channel.put(ready, seq)
+
+        self.clock.call_later(float(delay), due)
+
+    def delayed(self) -> list[InboundMessage]:
+        """Messages :meth:`release_later` holds until their delay is over."""
+        return list(self._delayed.values())
 
     async def dead_letter(
         self,

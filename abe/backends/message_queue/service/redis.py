@@ -22,6 +22,9 @@ Guarantees (see ``docs/redis.md``):
   attempt limit.
 * Dead-lettering writes the record and acknowledges the source entry in one Lua script: both
   happen or neither does.
+* Delayed redelivery (:meth:`RedisBackend.release_later`) moves the entry into a sorted set
+  per stream and acknowledges it in one Lua script; every consumer moves due entries back into
+  the stream, each exactly once (see ``_redis_delay``).
 * A lost connection or a Redis restart is retried with backoff; reading resumes by itself.
 """
 
@@ -60,6 +63,14 @@ from ._redis_common import (
     make_client,
     socket_timeout_of,
     text,
+)
+from ._redis_delay import (
+    DELIVERIES_HEADER,
+    HAND_OVER_LUA,
+    DelayScheduler,
+    delay_key,
+    delay_ms,
+    member_of,
 )
 from ._redis_reader import RedisDeliveries, StreamReader
 from ._redis_settings import (
@@ -192,6 +203,8 @@ class RedisBackend:
             self._guard_reads = socket_timeout is not None and sys.version_info < (3, 12)
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
+        self._hand_over_script = client.register_script(HAND_OVER_LUA)
+        self._scheduler: DelayScheduler | None = None
         self._sleep = sleep
         self._stats = RedisStats()
         self._connection = ConnectionStatus()
@@ -359,7 +372,31 @@ class RedisBackend:
         ``group=None`` uses the configured group. Entries that cannot be decoded are yielded
         with ``decode_error`` set and the raw ``data`` bytes in ``raw``.
         """
-        return RedisDeliveries(self._reader(group))
+        deliveries = RedisDeliveries(self._reader(group))
+        self._start_scheduler()
+        return deliveries
+
+    def _start_scheduler(self) -> None:
+        # Every consumer moves due delayed entries back (the scripts make that safe).
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by the first release_later or deliveries() inside a loop
+        if self._scheduler is None:
+            settings = self._settings
+            self._scheduler = DelayScheduler(
+                self._client,
+                [key for key in settings.streams if not is_pattern(key)],
+                patterns=[key for key in settings.streams if is_pattern(key)],
+                discover_interval=settings.discover_interval,
+            )
+        self._scheduler.start()
+
+    @property
+    def delay_scheduler(self) -> DelayScheduler | None:
+        """The task moving due delayed entries back into the streams (``None`` before
+        :meth:`deliveries` or :meth:`release_later` ran in an event loop)."""
+        return self._scheduler
 
     def _reader(self, group: ConsumerGroup) -> StreamReader:
         if self._closed:
@@ -465,6 +502,66 @@ class RedisBackend:
         except _FAILURES as exc:
             self._fail(f"releasing entry {message.message_id}", exc)
         self._stats.released += 1
+
+    async def release_later(self, message: InboundMessage, delay: float | timedelta) -> None:
+        """Acknowledge ``message`` and have it delivered again after ``delay``, atomically.
+
+        One Lua script XACKs the entry and adds it, with its fields and current headers, to the
+        sorted set ``abe:delayed:<stream>`` scored by its due time on the Redis server's clock
+        (``delay`` is rounded up to whole milliseconds). The scheduler of any consumer of the
+        stream then appends it to the stream again as a new entry (new id), with its delivery
+        count raised. A crash can neither lose nor duplicate it: the move is one script, and
+        the delay set persists like the stream does.
+
+        Raises:
+            ValueError: ``delay`` is negative or not finite, or ``message`` has no id.
+            RedisUnavailableError: Redis could not be reached; ``message`` is not settled.
+            RedisBackendError: the script failed; ``message`` is not settled.
+        """
+        ms = delay_ms(delay)
+        entry_id = _id_of(message)
+        headers = dict(message.headers)
+        headers[DELIVERIES_HEADER] = str(max(1, message.delivery_count))
+        fields = encode_entry(message.payload, headers)
+        member = member_of(entry_id, fields)
+        handle = message.handle
+        reader = handle if type(handle) is StreamReader else None
+        held = reader.settle(message) if reader is not None else None
+        try:
+            async with self._timeout():
+                await self._hand_over_script(
+                    keys=[message.key, delay_key(message.key)],
+                    args=[self._group_of(message), entry_id, ms, member],
+                )
+        except _FAILURES as exc:
+            if held is not None and reader is not None:
+                reader.hold(message, held)
+            self._fail(f"delaying entry {entry_id} of {message.key!r}", exc)
+        self._start_scheduler()
+        if self._scheduler is not None:
+            self._scheduler.add(message.key)
+            self._scheduler.wake()
+
+    async def delayed(self, key: MessageQueueKey | None = None) -> int:
+        """Entries waiting in the delay set of ``key`` (or of every stream read so far).
+
+        Raises:
+            RedisBackendError: Redis could not be asked.
+        """
+        total = 0
+        if key is not None:
+            streams: Iterable[str] = (key,)
+        elif self._scheduler is not None:
+            streams = tuple(self._scheduler.streams)  # with the streams of patterns found
+        else:
+            streams = [s for s in self._settings.streams if not is_pattern(s)]
+        for stream in streams:
+            try:
+                async with self._timeout():
+                    total += int(await self._client.zcard(delay_key(stream)))
+            except _FAILURES as exc:
+                self._fail(f"counting delayed entries of {stream!r}", exc)
+        return total
 
     async def dead_letter(
         self,
@@ -588,6 +685,8 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
+        if self._scheduler is not None:
+            await self._scheduler.stop()
         if self._settling:
             await asyncio.wait(set(self._settling))
         for reader in list(self._readers):

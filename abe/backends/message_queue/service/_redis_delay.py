@@ -1,0 +1,232 @@
+"""Delayed redelivery on Redis: a sorted set per stream, scored by due time.
+
+:meth:`RedisBackend.release_later <abe.backends.message_queue.service.redis.RedisBackend.
+release_later>` moves an entry into the stream's delay set and acknowledges it in one Lua script
+(:data:`HAND_OVER_LUA`): both happen or neither does. Every consumer runs a
+:class:`DelayScheduler` that moves due entries back into their stream with another script
+(:data:`MOVE_DUE_LUA`): the ZRANGEBYSCORE, the XADD and the ZREM of one entry happen in one
+atomic step, so with any number of consumers each due entry is re-added exactly once. Due times
+are the Redis server's clock (``TIME``), so consumers on hosts whose clocks differ agree.
+
+The delay set is ordinary data: it survives a restart of a Redis that persists (append-only file
+or snapshots) like the streams do. A member is the entry as JSON (``{"id", "f"}``: the original
+entry id and its fields, the ``h:<name>`` header fields updated); the entry comes back with a new
+id (so a new ``message_id`` and ``enqueued_at``) and the header :data:`DELIVERIES_HEADER`
+carrying how many times it was delivered before, which the reader adds to its delivery count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ._redis_codec import DELIVERIES_HEADER
+from ._redis_common import REFUSED_ERRORS, TRANSIENT_ERRORS
+
+_CONNECTION_ERRORS = (*TRANSIENT_ERRORS, *REFUSED_ERRORS)
+
+__all__ = [
+    "DELAY_KEY_PREFIX",
+    "DELIVERIES_HEADER",
+    "HAND_OVER_LUA",
+    "MOVE_DUE_LUA",
+    "DelayScheduler",
+    "delay_key",
+    "delay_ms",
+    "member_of",
+]
+
+logger = logging.getLogger(__name__)
+
+DELAY_KEY_PREFIX = "abe:delayed:"
+"""The delay set of stream ``S`` is ``abe:delayed:S`` (a prefix no stream pattern of
+``S``'s own name can match by accident)."""
+
+
+HAND_OVER_LUA = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+"""XACK entry ARGV[2] of stream KEYS[1] in group ARGV[1]; if it was pending, add member ARGV[4]
+to the delay set KEYS[2], due ARGV[3] ms from the server's now. Returns 1, or 0 when the entry
+was not pending (settled already: nothing is added)."""
+
+MOVE_DUE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local ok, entry = pcall(cjson.decode, member)
+  if ok and type(entry) == 'table' and type(entry.f) == 'table' and #entry.f >= 2 then
+    redis.call('XADD', KEYS[2], '*', unpack(entry.f))
+  else
+    redis.call('HSET', KEYS[1] .. ':unreadable', member, now)
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = -1
+if first[2] then
+  wait = math.max(0, tonumber(first[2]) - now)
+end
+return {#due, wait}
+"""
+"""Move up to ARGV[1] due members of delay set KEYS[1] back into stream KEYS[2], atomically.
+Returns ``{moved, ms until the next is due or -1}``. A member that is not a readable entry is
+kept in the hash ``KEYS[1]:unreadable`` instead of being lost or retried forever."""
+
+
+def delay_key(stream: str) -> str:
+    """The delay set of ``stream``."""
+    return DELAY_KEY_PREFIX + stream
+
+
+def delay_ms(delay: float | timedelta) -> int:
+    """``delay`` in whole milliseconds, rounded up (never sooner than asked).
+
+    Raises:
+        ValueError: ``delay`` is negative or not finite.
+    """
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
+    return math.ceil(seconds * 1000)
+
+
+def member_of(entry_id: str, fields: Mapping[str | bytes, str | bytes]) -> str:
+    """The delay-set member for an entry with ``fields`` (unique per stream by ``entry_id``)."""
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat.append(name.decode() if isinstance(name, bytes) else name)
+        flat.append(value.decode() if isinstance(value, bytes) else value)
+    return json.dumps({"id": entry_id, "f": flat}, separators=(",", ":"), ensure_ascii=False)
+
+
+class DelayScheduler:
+    """Moves due entries of the delay sets of ``streams`` back into their streams.
+
+    One runs in every consumer; the scripts make that safe. It sleeps until the next entry is due
+    (as Redis reports it), at most ``poll`` seconds, and sooner when :meth:`wake` is called
+    (after this process delayed an entry).
+
+    Args:
+        client: The backend's Redis client.
+        streams: The stream keys whose delay sets to serve.
+        poll: Longest sleep between two checks, for entries other consumers delay.
+        batch: Most entries moved per script run.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        streams: Iterable[str],
+        *,
+        poll: float = 0.25,
+        batch: int = 100,
+        patterns: Iterable[str] = (),
+        discover_interval: float = 10.0,
+    ) -> None:
+        self._client = client
+        self._script = client.register_script(MOVE_DUE_LUA)
+        self.streams: list[str] = list(streams)
+        """Streams whose delay sets are served (those of :meth:`add` and of the patterns too)."""
+        self.patterns = tuple(patterns)
+        """Stream patterns (``tenant:*``): their streams' delay sets are looked up with SCAN."""
+        self.discover_interval = discover_interval
+        self._next_discovery = 0.0
+        self.poll = poll
+        self.batch = batch
+        self.moved = 0
+        """Entries this scheduler re-added to their streams."""
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run in a task of the running loop (once; later calls do nothing)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def wake(self) -> None:
+        """Check again now (an entry was just delayed)."""
+        self._wake.set()
+
+    def add(self, stream: str) -> None:
+        """Serve the delay set of ``stream`` too (a stream found through a pattern)."""
+        if stream not in self.streams:
+            self.streams.append(stream)
+
+    async def _discover(self) -> None:
+        """Find the delay sets of streams matching the patterns (after a restart, say)."""
+        loop = asyncio.get_running_loop()
+        if not self.patterns or loop.time() < self._next_discovery:
+            return
+        self._next_discovery = loop.time() + self.discover_interval
+        for pattern in self.patterns:
+            async for key in self._client.scan_iter(
+                match=DELAY_KEY_PREFIX + pattern, count=1000, _type="zset"
+            ):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                self.add(name[len(DELAY_KEY_PREFIX) :])
+
+    async def move_due(self) -> float:
+        """Move every due entry now.
+
+        Returns:
+            Seconds until the next entry is due (``inf`` when none waits).
+        """
+        wait = math.inf
+        await self._discover()
+        for stream in list(self.streams):
+            while True:
+                reply: Any = await self._script(keys=[delay_key(stream), stream], args=[self.batch])
+                moved, next_ms = int(reply[0]), int(reply[1])
+                self.moved += moved
+                if moved < self.batch:
+                    break
+            if next_ms >= 0:
+                wait = min(wait, next_ms / 1000)
+        return wait
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                wait = await self.move_due()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # RedisError, connection loss: never end the task
+                failures += 1
+                # An outage or a refused login is the reader's to report (once, and loudly):
+                # the scheduler only retries. Anything else is worth a warning of its own.
+                level = logging.DEBUG if isinstance(exc, _CONNECTION_ERRORS) else logging.WARNING
+                if failures == 1:
+                    logger.log(level, "Moving due delayed entries failed; retrying: %s", exc)
+                wait = min(self.poll * 2**failures, 5.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait if failures else min(wait, self.poll)):
+                    await self._wake.wait()
+
+    async def stop(self) -> None:
+        """Stop the task (entries stay in the delay sets for the next consumer)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

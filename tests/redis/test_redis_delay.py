@@ -1,0 +1,322 @@
+"""Delayed redelivery on real Redis: the atomic hand-over, exactly-once re-adds with several
+schedulers, tiered retry at volume, a SIGKILLed consumer and a Redis killed and restarted from
+its append-only file while entries wait in the delay set.
+
+Waits are scaled down from the production example (1 s) to 0.05 s so the suite stays short;
+the mechanism does not depend on the length of the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from abe.backends.message_queue.base.extensions import DelayingBackend
+from abe.backends.message_queue.service._redis_delay import DelayScheduler, delay_key
+from abe.backends.message_queue.service.redis import RedisBackend
+from resilience.consumer import ResilientConsumer
+from resilience.events import MessageSettled, Outcome
+from resilience.policy import Policy
+from resilience.testing import capture_events
+from tests.redis.redis_support import (
+    MakeBackend,
+    RedisServer,
+    eventually,
+    list_values,
+    stream_entries,
+)
+
+pytestmark = [pytest.mark.broker]
+
+WORKER = Path(__file__).with_name("redis_delay_worker.py")
+WAIT = 0.05
+"""The retry wait, scaled down from 1 s."""
+
+
+def start(url: str, stream: str, name: str, record: str, *args: str) -> subprocess.Popen[str]:
+    """Start tests/redis/redis_delay_worker.py and wait for its ``ready`` line."""
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), url, stream, name, record, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.strip() == "ready", process.stderr.read() if process.stderr else line
+    return process
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen[str]]]:
+    """Worker processes started by the test; any still running are killed afterwards."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+async def test_release_later_acks_and_delays_in_one_step(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """After release_later the entry is neither pending nor in the stream's reach until due,
+    then comes back with its headers, a new id and its delivery count raised."""
+    backend = make_backend(block=0.1)
+    assert isinstance(backend, DelayingBackend)  # the extension, checked at run time
+    stream = f"{prefix}s"
+    await backend.publish_message(stream, {"n": 1}, headers={"traceparent": "00-ab-cd-01"})
+    deliveries = backend.deliveries()
+    first = await anext(deliveries)
+    await backend.release_later(first, 0.3)
+    assert await backend.pending(stream) == 0
+    assert await client.zcard(delay_key(stream)) == 1
+    again = await anext(deliveries)
+    assert again.payload == {"n": 1}
+    assert again.delivery_count == 2
+    assert again.headers["traceparent"] == "00-ab-cd-01"
+    assert again.message_id != first.message_id
+    assert await client.zcard(delay_key(stream)) == 0
+    await backend.ack(again)
+    await backend.flush()
+    assert await backend.pending(stream) == 0
+
+
+async def test_release_later_of_a_settled_entry_adds_nothing(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """An entry already acknowledged is not put in the delay set (no duplicate)."""
+    backend = make_backend(block=0.1)
+    stream = f"{prefix}s"
+    await backend.publish(stream, {"n": 1})
+    message = await anext(backend.deliveries())
+    await client.xack(stream, "g", message.message_id or "")
+    await backend.release_later(message, 0)
+    assert await client.zcard(delay_key(stream)) == 0
+
+
+async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """Entries delayed from a stream found through a pattern come back to a consumer started
+    later on the same pattern (it looks up the delay sets with SCAN)."""
+    stream = f"{prefix}t:1"
+    first = make_backend(streams=[f"{prefix}t:*"], block=0.1)
+    await first.publish(stream, {"n": 1})
+    message = await anext(first.deliveries())
+    await first.release_later(message, 3600)
+    assert await first.delayed() == 1
+    await first.aclose()
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
+    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # due now
+    second = make_backend(streams=[f"{prefix}t:*"], block=0.1, consumer="later")
+    again = await asyncio.wait_for(anext(second.deliveries()), 10)
+    assert again.payload == {"n": 1}
+    assert again.key == stream
+    assert again.delivery_count == 2
+
+
+@pytest.mark.parametrize("delay", [-0.5, float("nan"), float("inf")])
+async def test_release_later_refuses_bad_delays(make_backend: MakeBackend, delay: float) -> None:
+    """A negative or non-finite delay is a ValueError; the entry stays pending."""
+    backend = make_backend(block=0.1)
+    await backend.publish(f"{backend.settings.streams[0]}", {"n": 1})
+    message = await anext(backend.deliveries())
+    with pytest.raises(ValueError, match="delay"):
+        await backend.release_later(message, delay)
+    assert await backend.pending() == 1
+
+
+async def test_two_schedulers_re_add_each_due_entry_exactly_once(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str, redis_url: str
+) -> None:
+    """Two consumers' schedulers racing over one delay set re-add every entry exactly once."""
+    stream = f"{prefix}s"
+    backend = make_backend(block=0.1, batch_size=500)
+    await backend.publish_many(stream, [{"n": n} for n in range(400)])
+    deliveries = backend.deliveries()
+    messages = [await anext(deliveries) for _ in range(400)]
+    for message in messages:
+        await backend.release_later(message, 3600)
+    assert backend.delay_scheduler is not None
+    await backend.delay_scheduler.stop()  # only the two racing schedulers below move entries
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
+    assert len(members) == 400
+    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    schedulers = [DelayScheduler(c, [stream], batch=7) for c in clients]
+    try:
+        await asyncio.gather(*(s.move_due() for s in schedulers for _ in range(3)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert sum(s.moved for s in schedulers) == 400
+    assert all(s.moved > 0 for s in schedulers)
+    assert await client.zcard(delay_key(stream)) == 0
+    entries = stream_entries(await client.xrange(stream))
+    again = [e for e in entries if b"h:x-abe-deliveries" in e[1]]
+    numbers = sorted(int(fields[b"data"].split(b":")[1].rstrip(b"}")) for _, fields in again)
+    assert numbers == list(range(400))
+
+
+async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_consumer(
+    make_backend: MakeBackend, prefix: str
+) -> None:
+    """1,000 messages failing 5 times (in_process = 1, 0.05 s waits, concurrency 4) all finish
+    once, every retry is handed to Redis (no wait holds a slot), and healthy messages are handled
+    while more failing messages wait in the delay set than the consumer could ever hold."""
+    stream = f"{prefix}s"
+    backend = make_backend(block=0.1, batch_size=50)
+    publisher = make_backend()
+    attempts: dict[int, int] = {}
+    done: list[int] = []
+    healthy_latency: list[float] = []
+    in_flight_seen: list[int] = []
+    delayed_while_healthy: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        in_flight_seen.append(consumer.in_flight)
+        if "healthy" in payload:
+            healthy_latency.append(time.time() - payload["t"])
+            delayed_while_healthy.append(len(attempts) - len(done))
+            return
+        n = payload["n"]
+        attempts[n] = attempts.get(n, 0) + 1
+        if attempts[n] <= 5:
+            raise ConnectionError("dependency blip")
+        done.append(n)
+
+    policy = Policy.from_dict(
+        {
+            "retry": {
+                "attempts": 8,
+                "in_process": 1,
+                "backoff": "fixed",
+                "initial": WAIT,
+                "maximum": WAIT,
+            }
+        }
+    )
+    consumer = ResilientConsumer(backend, policy=policy, concurrency=4)
+    await publisher.publish_many(stream, [{"n": n} for n in range(1000)])
+    with capture_events(consumer.events, MessageSettled) as settled:
+        task = asyncio.create_task(consumer.run(handler))
+
+        async def healthy_traffic() -> None:
+            for i in range(40):
+                await publisher.publish(stream, {"healthy": i, "t": time.time()})
+                await asyncio.sleep(0.05)
+
+        traffic = asyncio.create_task(healthy_traffic())
+
+        async def finished() -> bool:
+            return len(done) == 1000 and traffic.done() and len(healthy_latency) == 40
+
+        try:
+            await eventually(finished, timeout=120, what="1,000 messages and 40 healthy ones")
+        finally:
+            await consumer.shutdown()
+            await task
+    assert sorted(done) == list(range(1000))  # none lost, none twice
+    assert set(attempts.values()) == {6}
+    deferred = [e for e in settled if e.outcome is Outcome.DEFERRED]
+    assert len(deferred) == 5000
+    assert max(in_flight_seen) <= 4
+    assert await backend.pending(stream) == 0
+    assert await backend.delayed(stream) == 0
+    # Healthy messages ran while failing ones waited in Redis, not in front of them.
+    assert max(delayed_while_healthy) > 4
+    # Latency figures are measured by benchmarks/tiered_redis.py, never asserted here.
+
+
+@pytest.mark.slow
+async def test_sigkill_while_entries_wait_then_restart_loses_nothing(
+    redis_url: str, prefix: str, client: aioredis.Redis, workers: list[subprocess.Popen[str]]
+) -> None:
+    """A consumer SIGKILLed while entries wait in the delay set; its successor finishes all."""
+    stream, record = f"{prefix}s", f"{prefix}record"
+    publisher = RedisBackend(redis_url, streams=[stream], group="workers")
+    try:
+        await publisher.publish_many(stream, [{"n": n} for n in range(100)])
+        first = start(redis_url, stream, "first", record, "--fail", "2", "--wait", "1.5")
+        workers.append(first)
+
+        async def all_waiting() -> bool:
+            return int(await client.zcard(delay_key(stream))) == 100
+
+        await eventually(all_waiting, timeout=30, what="all 100 entries in the delay set")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        assert await client.llen(record) == 0
+        second = start(redis_url, stream, "second", record, "--fail", "2", "--wait", "0.05")
+        workers.append(second)
+
+        async def finished() -> bool:
+            return int(await client.llen(record)) >= 100
+
+        await eventually(finished, timeout=60, what="all 100 messages after the restart")
+        done = [int(x) for x in await client.lrange(record, 0, -1)]
+        assert sorted(set(done)) == list(range(100))
+        assert len(done) == 100  # nothing was in process when the kill came: no duplicates
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+        assert await publisher.pending(stream) == 0
+        assert await client.zcard(delay_key(stream)) == 0
+    finally:
+        await publisher.aclose()
+
+
+@pytest.mark.slow
+async def test_redis_kill_and_append_only_restart_keeps_the_delay_set(
+    redis_server: RedisServer, workers: list[subprocess.Popen[str]]
+) -> None:
+    """Redis SIGKILLed while entries wait in the delay set and restarted from its append-only
+    file: the entries come back due and every message finishes."""
+    url, stream, record = redis_server.url, "delay:orders", "delay:record"
+    client = aioredis.Redis.from_url(url)
+    publisher = RedisBackend(url, streams=[stream], group="workers")
+    try:
+        await publisher.publish_many(stream, [{"n": n} for n in range(100)])
+        first = start(url, stream, "first", record, "--fail", "1", "--wait", "1.0")
+        workers.append(first)
+
+        async def all_waiting() -> bool:
+            return int(await client.zcard(delay_key(stream))) == 100
+
+        await eventually(all_waiting, timeout=30, what="all 100 entries in the delay set")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        redis_server.kill()
+        redis_server.start()
+        await client.aclose()
+        client = aioredis.Redis.from_url(url)
+        assert await client.zcard(delay_key(stream)) == 100
+        second = start(url, stream, "second", record, "--fail", "1", "--wait", "0.05")
+        workers.append(second)
+
+        async def finished() -> bool:
+            return int(await client.llen(record)) >= 100
+
+        await eventually(finished, timeout=60, what="all 100 messages after the Redis restart")
+        done = [int(x) for x in await client.lrange(record, 0, -1)]
+        assert sorted(done) == list(range(100))
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+    finally:
+        await publisher.aclose()
+        await client.aclose()
