@@ -21,7 +21,7 @@ from ._handover import ATTEMPT_HEADER
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
-from .errors import ConfigError, DeadLetterWriteError
+from .errors import ConfigError, DeadLetterWriteError, Unsettled
 from .events import EventBus, MessageSettled, Outcome
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
@@ -280,13 +280,16 @@ class ResilientConsumer(AsyncLoopConsumer):
             raise exc
         if not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt, SystemExit: the process is going down
-        if isinstance(exc, DeadLetterWriteError):
+        if isinstance(exc, Unsettled):
             delivery.outcome = Outcome.UNSETTLED
-            logger.error(
-                "Dead-letter write failed; message %s left unacknowledged for redelivery: %s",
+            failed_write = isinstance(exc, DeadLetterWriteError)
+            logger.log(
+                logging.ERROR if failed_write else logging.INFO,
+                "%s; message %s left unacknowledged for redelivery: %s",
+                "Dead-letter write failed" if failed_write else "Message not settled now",
                 delivery.message_id,
                 exc,
-                exc_info=exc,
+                exc_info=exc if failed_write else None,
                 extra={"message_id": delivery.message_id, "key": delivery.key},
             )
             if settling:

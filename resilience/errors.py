@@ -15,6 +15,7 @@ __all__ = [
     "ResilienceError",
     "RetryAfter",
     "TotalTimeout",
+    "Unsettled",
 ]
 
 
@@ -101,7 +102,15 @@ class CircuitOpen(ResilienceError):
         super().__init__(f"circuit {name!r} is open{hint}")
 
 
-class DeadLetterWriteError(ResilienceError):
+class Unsettled(ResilienceError):
+    """The delivery must go back to the broker unacknowledged, to be delivered again later.
+
+    Raised by middleware that cannot settle a message now (a dead-letter write failed, another
+    consumer is processing the same message); no layer retries, dead-letters or drops it.
+    """
+
+
+class DeadLetterWriteError(Unsettled):
     """Writing a dead-letter record failed; the delivery is not acknowledged and comes back."""
 
 

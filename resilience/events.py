@@ -41,10 +41,14 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"
     """Processing was cancelled (shutdown); not acknowledged, delivered again later."""
     UNSETTLED = "unsettled"
-    """The dead-letter write failed; not acknowledged, delivered again later."""
+    """The dead-letter write failed, or another consumer is processing the same message; not
+    acknowledged, delivered again later."""
     DEFERRED = "deferred"
     """A retry was handed to the broker, which settled this delivery and delivers the message
     again after the backoff delay (the broker tier of retries)."""
+    DUPLICATE = "duplicate"
+    """The message was processed before (an idempotency record says so); acknowledged without
+    running the handler."""
 
 
 @dataclass(frozen=True, slots=True)

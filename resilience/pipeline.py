@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .breaker import CircuitBreaker
 from .dead_letter import DeadLetterRouter
 from .hooks import compile_hooks, has_hooks
+from .idempotency import Idempotency
 from .retry import Retry
 from .timeout import Timeout
 from .types import CallNext, Handler, Middleware
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .clock import Clock
     from .dead_letter import DeadLetterSink
     from .delivery import Delivery
+    from .idempotency import IdempotencyStore
     from .retry import Backoff, RetryBudget
 
 __all__ = ["CallNext", "Handler", "Middleware", "Pipeline"]
@@ -170,6 +172,14 @@ class Pipeline:
     def total_timeout(self, seconds: float | timedelta, *, clock: Clock | None = None) -> Pipeline:
         """Append a whole-message :class:`~resilience.timeout.Timeout` (put it outside retry)."""
         return self.use(Timeout(seconds, total=True, clock=clock))
+
+    def idempotent(self, store: IdempotencyStore, **options: Any) -> Pipeline:
+        """Append an :class:`~resilience.idempotency.Idempotency` layer on ``store``.
+
+        List it after dead-letter routing and before retry; ``options`` are the layer's keyword
+        arguments (``header``, ``key``, ``lease``, ``ttl``, ``wait``, ...).
+        """
+        return self.use(Idempotency(store, **options))
 
     def build(self, handler: Handler, *, fuse: bool = True) -> CallNext:
         """Freeze the pipeline and compose it around ``handler``.

@@ -82,6 +82,7 @@ SECTION_MODULES: dict[str, str] = {
     "telemetry": "resilience.telemetry",
     "dead_letter": "resilience.dead_letter",
     "circuit_breaker": "resilience.breaker",
+    "idempotency": "resilience.idempotency",
 }
 """Policy sections implemented by other modules; each exposes ``policy_section``."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .._log import get_logger
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
-from ..errors import DeadLetterWriteError, ResilienceError
+from ..errors import DeadLetterWriteError, ResilienceError, Unsettled
 from ..events import Event, Outcome
 from ..hooks import SLOW_PATH, HookLayer
 from ..types import GATES_EXTRA
@@ -281,11 +281,12 @@ class DeadLetterRouter(HookLayer):
             call_next: The rest of the pipeline (run again after a hold).
 
         Raises:
-            BaseException: ``exc`` when it is not an ``Exception``, a failed dead-letter write
-                of an inner router, or ignored by the classifier; ``DeadLetterWriteError``
-                when this router's write fails.
+            BaseException: ``exc`` when it is not an ``Exception``, an
+                :class:`~resilience.errors.Unsettled` (a failed dead-letter write of an inner
+                router, a message another consumer holds), or ignored by the classifier;
+                ``DeadLetterWriteError`` when this router's write fails.
         """
-        if not isinstance(exc, Exception) or isinstance(exc, DeadLetterWriteError):
+        if not isinstance(exc, Exception) or isinstance(exc, Unsettled):
             raise exc
         await self._failed_call(delivery, call_next, exc)
 
@@ -311,7 +312,7 @@ class DeadLetterRouter(HookLayer):
             try:
                 await call_next(delivery)
                 return
-            except DeadLetterWriteError:
+            except Unsettled:
                 raise
             except Exception as again:
                 exc = again

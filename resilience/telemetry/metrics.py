@@ -87,6 +87,11 @@ class Instruments:
             unit="{message}",
             description="Messages dead-lettered, by reason.",
         )
+        self.duplicates = meter.create_counter(
+            "resilience.duplicates",
+            unit="{message}",
+            description="Duplicate deliveries acknowledged without running the handler.",
+        )
         self.breaker_transitions = meter.create_counter(
             "resilience.breaker.transitions",
             unit="{transition}",

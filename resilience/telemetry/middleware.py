@@ -336,7 +336,9 @@ class Telemetry(HookLayer):
                 else:
                     attrs = {**destination.outcome_attrs[outcome], ERROR_TYPE: error_type}
                 instruments.duration.record(self._monotonic() - start, attrs)
-                if outcome is Outcome.DEAD_LETTERED:
+                if outcome is Outcome.DUPLICATE:
+                    instruments.duplicates.add(1, destination.metric_attrs)
+                elif outcome is Outcome.DEAD_LETTERED:
                     instruments.dead_letters.add(
                         1,
                         {

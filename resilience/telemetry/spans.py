@@ -12,7 +12,7 @@ from opentelemetry.trace import Link, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..classify import Classifier, Verdict
-from ..errors import DeadLetterWriteError
+from ..errors import Unsettled
 from ..events import Outcome
 from .events import (
     ATTEMPT,
@@ -157,7 +157,7 @@ def settled_outcome(
         return outcome, None
     if isinstance(exc, asyncio.CancelledError):
         return Outcome.CANCELLED, None
-    if isinstance(exc, DeadLetterWriteError):
+    if isinstance(exc, Unsettled):
         return Outcome.UNSETTLED, type(exc).__qualname__
     if isinstance(exc, Exception) and classifier.classify(exc) is Verdict.IGNORED:
         return Outcome.DROPPED, None

@@ -24,6 +24,7 @@ from resilience.policy import Policy, resilient
 from resilience.retry import DecorrelatedJitter, Exponential, Fixed, FullJitter, Retry, RetryBudget
 from resilience.testing import Outcomes, capture_events, run_until_settled, set_testing
 from resilience.timeout import Timeout
+from resilience.types import Handler
 
 
 async def handler(payload: dict[str, Any]) -> None:
@@ -124,3 +125,35 @@ def everyday_names_from_the_package() -> None:
     assert policy is not None
     assert pipeline is not None
     assert breaker is not None
+
+
+async def idempotency_api(handler: Handler) -> None:
+    """The idempotency layer, its stores and the transaction accessor, as users write them."""
+    from datetime import timedelta
+
+    from resilience.idempotency import (
+        ClaimState,
+        Idempotency,
+        IdempotencyStore,
+        MemoryStore,
+        PostgresStore,
+        RedisEffects,
+        RedisStore,
+        SQLiteStore,
+        current_transaction,
+    )
+
+    memory_store: IdempotencyStore = MemoryStore()
+    sqlite_store: IdempotencyStore = SQLiteStore("idem.sqlite3")
+    postgres_store: IdempotencyStore = PostgresStore("postgresql://localhost/test", table="t")
+    layer = Idempotency(memory_store, header="idempotency-key", lease=30, ttl=timedelta(hours=1))
+    pipeline = Pipeline().idempotent(sqlite_store, key=lambda d: d.message_id, wait=2.0)
+    pipeline.use(layer)
+    state: ClaimState = await postgres_store.claim("k", "owner", 10.0)
+    assert state is not None
+    effects = current_transaction()
+    if isinstance(effects, RedisEffects):
+        effects.call("INCR", "counter")
+    redis_store: type[RedisStore] = RedisStore
+    assert redis_store is not None
+    assert pipeline.build(handler) is not None

@@ -31,6 +31,7 @@ Guarantees (see ``docs/redis.md``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -72,6 +73,7 @@ from ._redis_delay import (
     delay_ms,
     member_of,
 )
+from ._redis_idempotency import COMPLETE_LUA, Command, CompletionBuffer, completion_args
 from ._redis_reader import RedisDeliveries, StreamReader
 from ._redis_settings import (
     DEFAULT_GROUP,
@@ -205,6 +207,8 @@ class RedisBackend:
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._hand_over_script = client.register_script(HAND_OVER_LUA)
         self._scheduler: DelayScheduler | None = None
+        self._complete_script = client.register_script(COMPLETE_LUA)
+        self._completions: CompletionBuffer | None = None
         self._sleep = sleep
         self._stats = RedisStats()
         self._connection = ConnectionStatus()
@@ -609,6 +613,70 @@ class RedisBackend:
         self._stats.dead_lettered += 1
         return text(record_id)
 
+    def complete_idempotent_nowait(
+        self,
+        message: InboundMessage,
+        record_key: str,
+        owner: str,
+        ttl: float,
+        effects: Iterable[Command] = (),
+    ) -> None:
+        """Buffer an idempotency completion that replaces the acknowledgement of ``message``.
+
+        Buffered completions are sent like acknowledgements (after ``ack_delay``, or at once
+        when ``ack_batch`` of them wait), all in one Lua script that, for each message whose
+        claim ``owner`` still holds, runs ``effects``, writes the completion record (kept ``ttl``
+        seconds) and XACKs the entry; a message whose claim was taken over is left pending.
+        If Redis does not take them, the entries stay pending and are delivered again.
+
+        Args:
+            message: A delivery from this backend.
+            record_key: The claim key; it becomes the completion record.
+            owner: The claim's owner token.
+            ttl: Seconds the completion record is kept.
+            effects: Redis commands of the handler's, run just before the record is written.
+
+        Raises:
+            ValueError: ``message`` has no id.
+        """
+        entry_id = _id_of(message)
+        handle = message.handle
+        if type(handle) is StreamReader:
+            handle.settle(message)  # the completion acknowledges it; a later ack is a no-op
+        buffer = self._completions
+        if buffer is None:
+            s = self._settings
+            buffer = self._completions = CompletionBuffer(
+                self._complete_script, s.ack_limit, s.ack_delay
+            )
+        args = completion_args(owner, ttl, self._group_of(message), entry_id, effects)
+        buffer.add(record_key, message.key, args)
+        self._stats.acked += 1
+
+    def take_idempotent_completions(self) -> tuple[list[str], list[Any]] | None:
+        """Take the completions :meth:`complete_idempotent_nowait` buffered, for a caller that
+        sends them (``EVALSHA`` of ``COMPLETE_SHA`` with these KEYS and ARGV) in a pipeline
+        with a command of its own, saving their round trip.
+
+        Returns:
+            ``(keys, args)``, or ``None`` when none are buffered.
+        """
+        buffer = self._completions
+        return None if buffer is None else buffer.take()
+
+    async def send_idempotent_completions(self, keys: list[str], args: list[Any]) -> None:
+        """Send completions taken with :meth:`take_idempotent_completions` on their own.
+
+        Raises:
+            RedisBackendError: Redis did not take them; their entries stay pending and are
+                delivered again.
+        """
+        try:
+            async with self._timeout():
+                await self._complete_script(keys=keys, args=args)
+        except _FAILURES as exc:
+            self._fail("writing idempotency completions", exc)
+
     # -- operations ------------------------------------------------------------------------------
 
     async def pending(
@@ -676,6 +744,11 @@ class RedisBackend:
                 await reader.flush()
             except _FAILURES as exc:
                 self._fail("flushing acknowledgements", exc)
+        if self._completions is not None:
+            try:
+                await self._completions.flush()
+            except _FAILURES as exc:
+                self._fail("writing idempotency completions", exc)
 
     async def aclose(self) -> None:
         """Flush acknowledgements, stop every reader and close the connection pool.
@@ -689,6 +762,9 @@ class RedisBackend:
             await self._scheduler.stop()
         if self._settling:
             await asyncio.wait(set(self._settling))
+        if self._completions is not None:
+            with contextlib.suppress(*_FAILURES):
+                await self._completions.flush()  # left pending on failure: delivered again
         for reader in list(self._readers):
             await reader.close()
         if self._owns_client:
