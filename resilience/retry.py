@@ -4,14 +4,17 @@ Backoff strategies live in :mod:`resilience.backoff` and the shared retry budget
 :mod:`resilience.budget`; both are re-exported here.
 
 The success path never enters tenacity: the first attempt is a plain ``await`` inside
-``try``. Only after a failure does the middleware build a per-message
-:class:`tenacity.AsyncRetrying` (so no retry state is ever shared between messages) whose first
-"attempt" replays that failure; tenacity then drives the waits, the stop conditions and the
-sleeping, through the injectable clock.
+``try``. After a failure the middleware drives the attempts itself, in one loop: for each failed
+attempt one method classifies the failure once, asks the tenacity wait strategy for the next
+wait (with a per-message :class:`tenacity.RetryCallState`, so no retry state is ever shared
+between messages) and decides between waiting (on the injectable clock, or handed to the broker
+in the broker tier) and stopping. tenacity computes the waits; its ``AsyncRetrying`` loop, which
+re-inspects every callback on every attempt, is not used.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,6 +59,8 @@ __all__ = [
 ]
 
 log = get_logger("resilience.retry")
+_stdlib_log = logging.getLogger("resilience.retry")
+"""The stdlib logger behind ``log``: asked whether INFO is on before an event is built."""
 
 
 class _TestingMode:
@@ -107,6 +112,9 @@ class Retry(HookLayer):
     backend: Any = None
     scrub: Callable[[str, Delivery], str] | None = None
     _delaying: DelayingBackend | None = field(default=None, init=False, repr=False, compare=False)
+    _wait: wait_base | None = field(init=False, default=None, repr=False, compare=False)
+    """The tenacity wait, built once (``None``: the strategy remembers earlier waits, so each
+    message gets a fresh one)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
@@ -127,6 +135,8 @@ class Retry(HookLayer):
         object.__setattr__(
             self, "max_retry_after", seconds(self.max_retry_after, "retry max_retry_after")
         )
+        if not isinstance(self.wait, DecorrelatedJitter):
+            object.__setattr__(self, "_wait", tenacity_wait(self.wait))  # type: ignore[arg-type]
         if self.classifier is None:
             object.__setattr__(self, "classifier", default_classifier)
         if self.clock is None:
@@ -204,29 +214,111 @@ class Retry(HookLayer):
         """
         if not isinstance(exc, Exception):
             raise exc
-        await self._retry(delivery, call_next, exc)
-
-    async def _retry(self, delivery: Delivery, call_next: CallNext, first: Exception) -> None:
         state = _RetryState(self, delivery)
-        retrying = tenacity.AsyncRetrying(
-            sleep=state.sleep,
-            stop=state.stop,
-            wait=state.wait,
-            retry=state.retry,
-            before_sleep=state.before_sleep,
-            reraise=True,
-        )
-        pending: Exception | None = first
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if pending is not None:
-                        exc, pending = pending, None
-                        raise exc
-                    delivery.attempt += 1
-                    await call_next(delivery)
-        except _HandedOver:
-            return
+        sleep = self.clock.sleep  # type: ignore[union-attr]
+        in_process = self.in_process
+        while True:
+            upcoming = self._next_wait(state, exc)
+            if upcoming is None:
+                raise exc
+            if (
+                state.log is not None
+                and delivery.attempt >= in_process  # type: ignore[operator]
+                and await self._hand_over(state, upcoming)
+            ):
+                return  # the broker holds the next attempt
+            await sleep(upcoming)
+            rs = state.rs
+            rs.idle_for += upcoming
+            rs.prepare_for_next_attempt()
+            delivery.attempt += 1
+            try:
+                await call_next(delivery)
+            except Exception as error:
+                exc = error
+            else:
+                return
+            # The next decision and the next attempt run outside the ``except`` block, so the
+            # handler's later errors do not chain onto this one.
+
+    def _next_wait(self, state: _RetryState, exc: Exception) -> float | None:
+        """After attempt ``delivery.attempt`` raised ``exc``: the wait before the next attempt,
+        or ``None`` to stop (``delivery.reason`` says why, for a terminal outcome).
+
+        Records the failure (one classification), emits :class:`AttemptFailed`, and, when the
+        message is retried, logs ``retry_scheduled`` and emits :class:`RetryScheduled`.
+        """
+        d = state.delivery
+        verdict = self.classifier.classify(exc)  # type: ignore[union-attr]
+        now = self.clock.monotonic()  # type: ignore[union-attr]
+        d.note_failure(exc, now)
+        attempts_log = state.log
+        if attempts_log is not None:
+            state.last = exc
+            tier = "in_process" if d.attempt <= self.in_process else "broker"  # type: ignore[operator]
+            attempts_log.add(d.attempt, tier, type(exc).__qualname__)
+        events = d.events
+        if events:
+            events.emit(
+                AttemptFailed(
+                    d.message_id, d.key, d.attempt, type(exc).__qualname__, str(exc), verdict.value
+                )
+            )
+        if verdict is not Verdict.RETRYABLE:
+            if verdict is Verdict.TERMINAL:
+                d.reason = terminal_reason(exc, verdict)
+            return None
+        # The wait: a RetryAfter hint (capped), else the strategy; clamped to the deadline.
+        if isinstance(exc, RetryAfter):
+            upcoming = min(exc.delay, float(self.max_retry_after))  # type: ignore[arg-type]
+        else:
+            rs = state.rs
+            rs.set_exception((type(exc), exc, exc.__traceback__))
+            offset = state.offset
+            if offset:
+                # The backoff goes on from the attempts made before this delivery.
+                rs.attempt_number += offset
+                try:
+                    upcoming = state.wait(rs)
+                finally:
+                    rs.attempt_number -= offset
+            else:
+                upcoming = state.wait(rs)
+        if testing_mode.zero_waits:
+            upcoming = 0.0
+        else:
+            deadline = d.deadline
+            if deadline is not None:
+                upcoming = min(upcoming, max(0.0, deadline - now))
+            upcoming = max(0.0, upcoming)
+        state.rs.upcoming_sleep = upcoming
+        # Stop: attempts, elapsed time, deadline, budget (spent only by a retry that happens).
+        if d.attempt >= self.attempts:
+            d.reason = "retries_exhausted"
+            return None
+        if now - d.started_at + state.carried + upcoming > self.max_elapsed:  # type: ignore[operator]
+            d.reason = "retries_exhausted"
+            return None
+        if d.deadline is not None and now + upcoming >= d.deadline:
+            d.reason = "timeout"
+            return None
+        budget = self.budget
+        if budget is not None and not budget.try_spend():
+            d.reason = "budget_exhausted"
+            return None
+        error_type = type(exc).__qualname__
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            log.info(
+                "retry_scheduled",
+                message_id=d.message_id,
+                key=d.key,
+                attempt=d.attempt,
+                wait=upcoming,
+                error_type=error_type,
+            )  # no str(exc): exception messages may quote payload fields the policy redacts
+        if events:
+            events.emit(RetryScheduled(d.message_id, d.key, d.attempt, upcoming, error_type))
+        return upcoming
 
     async def _hand_over(self, state: _RetryState, wait: float) -> bool:
         """Give the message to the broker to come back after ``wait`` seconds (the broker tier).
@@ -239,7 +331,7 @@ class Retry(HookLayer):
         delaying = self._delaying
         if message is None or delaying is None or state.last is None:
             return False
-        elapsed = state.carried + (state.clock.monotonic() - d.started_at) + wait
+        elapsed = state.carried + (self.clock.monotonic() - d.started_at) + wait  # type: ignore[union-attr]
         assert state.log is not None
         scrub = self.scrub
         previous = message.headers
@@ -269,34 +361,20 @@ class Retry(HookLayer):
         return True
 
 
-class _HandedOver(Exception):
-    """Ends a message's retry loop once the broker holds its next attempt."""
-
-
 class _RetryState:
     """Everything one message's retries need; never shared between messages."""
 
-    __slots__ = (
-        "base_wait",
-        "carried",
-        "clock",
-        "delivery",
-        "last",
-        "log",
-        "offset",
-        "policy",
-        "sleep",
-    )
+    __slots__ = ("carried", "delivery", "last", "log", "offset", "rs", "wait")
 
     def __init__(self, policy: Retry, delivery: Delivery) -> None:
-        self.policy = policy
         self.delivery = delivery
-        clock = policy.clock
-        assert clock is not None
-        self.clock: Clock = clock
-        self.sleep: Callable[[float], Any] = clock.sleep
-        assert policy.wait is not None
-        self.base_wait = tenacity_wait(policy.wait)
+        # tenacity's per-call state, for the wait strategy (attempt number, outcome, idle time).
+        self.rs = tenacity.RetryCallState(_RETRY_OBJECT, None, (), {})
+        wait = policy._wait
+        if wait is None:
+            assert policy.wait is not None
+            wait = tenacity_wait(policy.wait)  # a strategy with memory: one per message
+        self.wait: wait_base = wait
         # A message back from the broker tier goes on counting where it left off.
         headers = delivery.headers
         self.carried = carried_elapsed(headers) if headers else 0.0
@@ -304,103 +382,9 @@ class _RetryState:
         if self.offset >= delivery.attempt:
             delivery.attempt = self.offset + 1
         self.last: Exception | None = None
-        self.log: AttemptLog | None = None
-        if policy._delaying is not None:
-            self.log = AttemptLog()
-            self.sleep = self.sleep_or_hand_over
+        self.log: AttemptLog | None = AttemptLog() if policy._delaying is not None else None
 
-    async def sleep_or_hand_over(self, seconds: float) -> None:
-        """Wait ``seconds`` in process, or hand the message to the broker once the in-process
-        attempts are used up."""
-        policy = self.policy
-        assert policy.in_process is not None
-        if self.delivery.attempt >= policy.in_process and await policy._hand_over(self, seconds):
-            raise _HandedOver
-        await self.clock.sleep(seconds)
 
-    def retry(self, rs: tenacity.RetryCallState) -> bool:
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
-        if not isinstance(exc, Exception):
-            return False  # CancelledError, KeyboardInterrupt, SystemExit: never retried
-        d = self.delivery
-        classifier = self.policy.classifier
-        assert classifier is not None
-        verdict = classifier.classify(exc)
-        d.note_failure(exc, self.clock.monotonic())
-        if self.log is not None:
-            self.last = exc
-            in_process = self.policy.in_process
-            assert in_process is not None
-            tier = "in_process" if d.attempt <= in_process else "broker"
-            self.log.add(d.attempt, tier, type(exc).__qualname__)
-        if d.events:
-            d.events.emit(
-                AttemptFailed(
-                    d.message_id, d.key, d.attempt, type(exc).__qualname__, str(exc), verdict.value
-                )
-            )
-        if verdict is Verdict.RETRYABLE:
-            return True
-        if verdict is Verdict.TERMINAL:
-            d.reason = terminal_reason(exc, verdict)
-        return False
-
-    def wait(self, rs: tenacity.RetryCallState) -> float:
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
-        policy = self.policy
-        if isinstance(exc, RetryAfter):
-            wait = min(exc.delay, float(policy.max_retry_after))  # type: ignore[arg-type]
-        elif self.offset:
-            # The backoff goes on from the attempts made before this delivery.
-            rs.attempt_number += self.offset
-            try:
-                wait = self.base_wait(rs)
-            finally:
-                rs.attempt_number -= self.offset
-        else:
-            wait = self.base_wait(rs)
-        if testing_mode.zero_waits:
-            return 0.0
-        remaining = self.delivery.remaining(self.clock.monotonic())
-        if remaining is not None:
-            wait = min(wait, max(0.0, remaining))
-        return max(0.0, wait)
-
-    def stop(self, rs: tenacity.RetryCallState) -> bool:
-        d = self.delivery
-        policy = self.policy
-        now = self.clock.monotonic()
-        upcoming = rs.upcoming_sleep
-        if d.attempt >= policy.attempts:
-            d.reason = "retries_exhausted"
-            return True
-        if now - d.started_at + self.carried + upcoming > policy.max_elapsed:  # type: ignore[operator]
-            d.reason = "retries_exhausted"
-            return True
-        if d.deadline is not None and now + upcoming >= d.deadline:
-            d.reason = "timeout"
-            return True
-        if policy.budget is not None and not policy.budget.try_spend():
-            d.reason = "budget_exhausted"
-            return True
-        return False
-
-    def before_sleep(self, rs: tenacity.RetryCallState) -> None:
-        d = self.delivery
-        assert rs.outcome is not None
-        exc = rs.outcome.exception()
-        error_type = type(exc).__qualname__
-        log.info(
-            "retry_scheduled",
-            message_id=d.message_id,
-            key=d.key,
-            attempt=d.attempt,
-            wait=rs.upcoming_sleep,
-            error_type=error_type,
-        )  # no str(exc): exception messages may quote payload fields the policy redacts
-        if d.events:
-            d.events.emit(
-                RetryScheduled(d.message_id, d.key, d.attempt, rs.upcoming_sleep, error_type)
-            )
+_RETRY_OBJECT = tenacity.AsyncRetrying()
+"""The ``retry_object`` of the per-message tenacity state handed to wait strategies (never run:
+the middleware drives the attempts itself)."""

@@ -357,7 +357,8 @@ def measure_overhead(
         progress: Called with (steps done, steps in all, label, fraction).
         scaling: Also measure the cost against the number of keys and the dead letters per
             second into SQLite (:mod:`resilience.bench.scaling`; under ``keys`` and
-            ``dead_letters``).
+            ``dead_letters``), and the failure path against tenacity's own retry
+            (:mod:`resilience.bench.failures`; under ``failures``).
 
     Returns:
         ``per_message_us`` (median round, CPU microseconds per message; the fastest is in
@@ -374,6 +375,9 @@ def measure_overhead(
         report = asyncio.run(_measure(messages, rounds, progress))
         if scaling:
             report.update(measure_scaling(messages, rounds))
+            from .failures import measure_failures
+
+            report["failures"] = measure_failures(messages, rounds)
         return report
 
 
@@ -417,6 +421,10 @@ def format_overhead(report: dict[str, Any]) -> str:
     lines.extend(_missing_note(report["not_available"]))
     if report.get("keys") or report.get("dead_letters"):
         lines += ["", format_scaling(report.get("keys"), report.get("dead_letters"))]
+    if report.get("failures"):
+        from .failures import format_failures
+
+        lines += ["", format_failures(report["failures"])]
     return "\n".join(lines)
 
 

@@ -375,3 +375,95 @@ async def test_retry_logs_are_silent_by_default(capsys: pytest.CaptureFixture[st
     clock = FakeClock()
     await Pipeline(Retry(attempts=3, wait=Fixed(1), clock=clock)).build(Flaky(2))(delivery(clock))
     assert capsys.readouterr().out == ""
+
+
+async def test_failure_path_never_builds_async_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried message is retried without constructing tenacity's AsyncRetrying."""
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("AsyncRetrying built on the failure path")
+
+    clock = FakeClock()
+    call = Pipeline(Retry(attempts=3, wait=Fixed(0.5), clock=clock)).build(handler := Flaky(2))
+    monkeypatch.setattr(tenacity, "AsyncRetrying", explode)
+    await call(delivery(clock))
+    assert handler.calls == 3
+    assert clock.sleeps == [0.5, 0.5]
+
+
+async def test_each_failure_is_classified_once() -> None:
+    """Every failed attempt goes through the classifier exactly once."""
+    seen: list[BaseException] = []
+
+    def count(exc: BaseException) -> None:
+        seen.append(exc)
+
+    clock = FakeClock()
+    retry = Retry(
+        attempts=4, wait=Fixed(0), clock=clock, classifier=Classifier(predicates=(count,))
+    )
+    handler = Flaky(3)
+    await Pipeline(retry).build(handler)(delivery(clock))
+    assert len(seen) == 3
+    assert all(isinstance(exc, ConnectionError) for exc in seen)
+
+
+async def test_tenacity_waits_see_attempt_number_and_outcome() -> None:
+    """A tenacity wait gets each message's own attempt number (from 1) and the failure; it is
+    asked after every failure, the last included (the stop rules weigh the next wait)."""
+    seen: list[tuple[int, str]] = []
+
+    class Recording(tenacity.wait.wait_base):
+        def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+            assert retry_state.outcome is not None
+            seen.append((retry_state.attempt_number, str(retry_state.outcome.exception())))
+            return float(retry_state.attempt_number)
+
+    clock = FakeClock()
+    call = Pipeline(Retry(attempts=3, wait=Recording(), clock=clock)).build(Flaky(99))
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await call(delivery(clock))
+    assert seen == [(1, "boom"), (2, "boom"), (3, "boom")] * 2
+    assert clock.sleeps == [1.0, 2.0] * 2
+
+
+async def test_retry_log_event_is_not_built_when_info_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With INFO off for resilience.retry, a retry does not call the structlog logger at all."""
+    import logging
+
+    from resilience import retry as retry_module
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("retry_scheduled built although INFO is off")
+
+    monkeypatch.setattr(retry_module.log, "info", explode)
+    stdlib = logging.getLogger("resilience.retry")
+    level = stdlib.level
+    stdlib.setLevel(logging.WARNING)
+    clock = FakeClock()
+    handler = Flaky(1)
+    try:
+        await Pipeline(Retry(attempts=2, wait=Fixed(0), clock=clock)).build(handler)(
+            delivery(clock)
+        )
+    finally:
+        stdlib.setLevel(level)
+    assert handler.calls == 2
+
+
+async def test_retried_errors_do_not_chain_onto_earlier_ones() -> None:
+    """The exception a message finally fails with carries no earlier attempt as its context."""
+    errors = [ConnectionError("first"), ConnectionError("second")]
+
+    async def handler(payload: dict[str, Any]) -> None:
+        raise errors.pop(0)
+
+    clock = FakeClock()
+    with pytest.raises(ConnectionError, match="second") as info:
+        await Pipeline(Retry(attempts=2, wait=Fixed(0), clock=clock)).build(handler)(
+            delivery(clock)
+        )
+    assert info.value.__context__ is None
