@@ -78,6 +78,7 @@ class PostgresStore:
             f"expires_at = EXCLUDED.expires_at WHERE {t}.expires_at <= clock_timestamp() "
             "RETURNING owner"
         )
+        self._create_lock = "SELECT pg_advisory_xact_lock(hashtext(%s))"
         self._holder_sql = f"SELECT owner FROM {t} WHERE key = %s"
         self._complete_sql = (
             f"INSERT INTO {t} (key, owner, expires_at) "
@@ -96,7 +97,12 @@ class PostgresStore:
             async with self._lock:
                 if not self._opened:
                     await self._pool.open(wait=True)
-                    async with self._pool.connection() as conn:
+                    # CREATE TABLE IF NOT EXISTS is not safe against itself: two consumers
+                    # creating the table at once can fail with a unique violation in the
+                    # catalog. A transaction-scoped advisory lock on the table's name makes
+                    # them take turns; the second then finds the table there.
+                    async with self._pool.connection() as conn, conn.transaction():
+                        await conn.execute(self._create_lock, (f"resilience:{self.table}",))
                         await conn.execute(self._create)
                     self._opened = True
         return self._pool

@@ -3,6 +3,7 @@ committed in the same transaction as the completion record."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -87,3 +88,25 @@ async def test_handler_statements_commit_with_the_completion_record(
         assert await rows(store, table) == [7]
     finally:
         await store.close()
+
+
+async def test_consumers_starting_at_once_create_the_table_without_error(
+    postgres_table: tuple[str, str],
+) -> None:
+    """Several stores whose first claims arrive at the same moment all create-or-find the
+    missing table and claim their keys (no catalog unique violation from a concurrent
+    CREATE TABLE IF NOT EXISTS)."""
+    import psycopg
+
+    dsn, table = postgres_table
+    for _ in range(5):
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}_idem")
+        stores = [PostgresStore(dsn, table=f"{table}_idem", max_connections=1) for _ in range(4)]
+        try:
+            states = await asyncio.gather(
+                *(store.claim(f"k{i}", "a", 30) for i, store in enumerate(stores))
+            )
+        finally:
+            await asyncio.gather(*(store.close() for store in stores))
+        assert states == [ClaimState.CLAIMED] * 4
