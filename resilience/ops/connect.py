@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from abe.backends.message_queue.base.connection import ConnectionStatus, ReportsConnection
+from abe.backends.message_queue.service._settings_common import redact
 
 __all__ = ["BrokerUnreachable", "await_broker", "broker_address", "connection_of"]
 
@@ -39,10 +40,6 @@ def broker_address(backend: object) -> str:
     settings = getattr(backend, "settings", None)
     url = getattr(settings, "url", None)
     if not isinstance(url, str):
-        return ""
-    try:
-        from abe.backends.message_queue.service._redis_settings import redact
-    except ImportError:  # pragma: no cover - the redis extra is missing
         return ""
     return redact(url)
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ._redis_settings import _env_int, _name, _positive_int, _seconds, redact
+from ._settings_common import (
+    check_name,
+    check_positive_int,
+    check_seconds,
+    env_int,
+    env_text,
+    redact,
+)
 
 __all__ = ["DEFAULT_DURABLE", "DEFAULT_STREAM", "DEFAULT_SUBJECTS", "DEFAULT_URL", "NATSSettings"]
 
@@ -32,7 +39,7 @@ _STREAM_NAME = re.compile(r"^[^.*>\s/\\]+$")
 
 
 def _stream_name(value: str, name: str) -> str:
-    value = _name(value, name)
+    value = check_name(value, name)
     if not _STREAM_NAME.match(value):
         raise ValueError(
             f"{name} must be a JetStream name without '.', '*', '>', '/', '\\' or spaces, "
@@ -84,16 +91,16 @@ class NATSSettings:
         subjects: object = self.subjects
         if isinstance(subjects, str):
             raise TypeError("subjects must be an iterable of subjects, not a single string")
-        names = tuple(dict.fromkeys(_name(s, "each subject") for s in subjects))  # type: ignore[attr-defined]
+        names = tuple(dict.fromkeys(check_name(s, "each subject") for s in subjects))  # type: ignore[attr-defined]
         if not names:
             raise ValueError("subjects must name at least one subject")
         set_(self, "subjects", names)
         set_(self, "durable", _stream_name(self.durable, "durable"))
-        _positive_int(self.batch_size, "batch_size")
-        set_(self, "block", _seconds(self.block, "block"))
-        set_(self, "ack_wait", _seconds(self.ack_wait, "ack_wait"))
+        check_positive_int(self.batch_size, "batch_size")
+        set_(self, "block", check_seconds(self.block, "block"))
+        set_(self, "ack_wait", check_seconds(self.ack_wait, "ack_wait"))
         if self.max_deliver is not None:
-            _positive_int(self.max_deliver, "max_deliver")
+            check_positive_int(self.max_deliver, "max_deliver")
         set_(
             self,
             "dead_letter_stream",
@@ -101,7 +108,7 @@ class NATSSettings:
         )
         if self.dead_letter_stream == self.stream:
             raise ValueError("dead_letter_stream must differ from stream")
-        set_(self, "command_timeout", _seconds(self.command_timeout, "command_timeout"))
+        set_(self, "command_timeout", check_seconds(self.command_timeout, "command_timeout"))
 
     @classmethod
     def from_environ(
@@ -127,11 +134,7 @@ class NATSSettings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
 
-        def text(name: str) -> str | None:
-            raw = env.get(name, "").strip()
-            return raw or None
-
-        url = text("NATS_URL")
+        url = env_text(env, "NATS_URL")
         if url is not None:
             if not all(urlsplit(u.strip()).scheme in _SCHEMES for u in url.split(",")):
                 raise ValueError(
@@ -144,7 +147,7 @@ class NATSSettings:
             ("NATS_DURABLE", "durable"),
             ("NATS_DEAD_LETTER_STREAM", "dead_letter_stream"),
         ):
-            value = text(name)
+            value = env_text(env, name)
             if value is not None:
                 if not _STREAM_NAME.match(value):
                     raise ValueError(
@@ -152,7 +155,7 @@ class NATSSettings:
                         "'>', '/', '\\' or spaces"
                     )
                 values[attr] = value
-        subjects = text("NATS_SUBJECTS")
+        subjects = env_text(env, "NATS_SUBJECTS")
         if subjects is not None:
             names = [s.strip() for s in subjects.split(",")]
             if not all(names):
@@ -166,8 +169,8 @@ class NATSSettings:
             ("NATS_MAX_DELIVER", "max_deliver", "an integer >= 1 (deliveries)"),
             ("NATS_ACK_WAIT", "ack_wait", "an integer >= 1 (seconds)"),
         ):
-            value = text(name)
+            value = env_text(env, name)
             if value is not None:
-                values[attr] = _env_int(name, value, 1, allowed)
+                values[attr] = env_int(name, value, 1, allowed)
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ._redis_settings import _env_int, _name, _positive_int, _seconds, redact
+from ._settings_common import (
+    check_name,
+    check_positive_int,
+    check_seconds,
+    env_int,
+    env_text,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_DELAY_TIERS",
@@ -79,29 +86,35 @@ class RabbitMQSettings:
         queues: object = self.queues
         if isinstance(queues, str):
             raise TypeError("queues must be an iterable of queue names, not a single string")
-        names = tuple(dict.fromkeys(_name(q, "each queue name") for q in queues))  # type: ignore[attr-defined]
+        names = tuple(dict.fromkeys(check_name(q, "each queue name") for q in queues))  # type: ignore[attr-defined]
         if not names:
             raise ValueError("queues must name at least one queue")
         set_(self, "queues", names)
-        _positive_int(self.prefetch, "prefetch")
+        check_positive_int(self.prefetch, "prefetch")
         if self.queue_type not in QUEUE_TYPES:
             raise ValueError(
                 f"queue_type must be one of {', '.join(QUEUE_TYPES)}, got {self.queue_type!r}"
             )
         if self.delivery_limit is not None:
-            _positive_int(self.delivery_limit, "delivery_limit")
+            check_positive_int(self.delivery_limit, "delivery_limit")
             if self.queue_type != "quorum":
                 raise ValueError("delivery_limit needs queue_type='quorum'")
-        set_(self, "dead_letter_exchange", _name(self.dead_letter_exchange, "dead_letter_exchange"))
+        set_(
+            self,
+            "dead_letter_exchange",
+            check_name(self.dead_letter_exchange, "dead_letter_exchange"),
+        )
         tiers: object = self.delay_tiers
         if isinstance(tiers, str) or not hasattr(tiers, "__iter__"):
             raise TypeError("delay_tiers must be an iterable of seconds")
-        values = sorted({_seconds(t, "each delay tier") for t in tiers})
+        values = sorted({check_seconds(t, "each delay tier") for t in tiers})
         if not values:
             raise ValueError("delay_tiers must hold at least one delay")
         set_(self, "delay_tiers", tuple(values))
-        set_(self, "command_timeout", _seconds(self.command_timeout, "command_timeout"))
-        set_(self, "reconnect_interval", _seconds(self.reconnect_interval, "reconnect_interval"))
+        set_(self, "command_timeout", check_seconds(self.command_timeout, "command_timeout"))
+        set_(
+            self, "reconnect_interval", check_seconds(self.reconnect_interval, "reconnect_interval")
+        )
 
     def tier_for(self, delay: float) -> float:
         """The delay tier ``delay`` seconds is rounded up to (the longest tier at most)."""
@@ -135,11 +148,7 @@ class RabbitMQSettings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
 
-        def text(name: str) -> str | None:
-            raw = env.get(name, "").strip()
-            return raw or None
-
-        url = text("RABBITMQ_URL")
+        url = env_text(env, "RABBITMQ_URL")
         if url is not None:
             if urlsplit(url).scheme not in _SCHEMES:
                 raise ValueError(
@@ -147,7 +156,7 @@ class RabbitMQSettings:
                     "amqp://user:password@host:port/vhost (amqps:// for TLS)"
                 )
             values["url"] = url
-        queues = text("RABBITMQ_QUEUES")
+        queues = env_text(env, "RABBITMQ_QUEUES")
         if queues is not None:
             names = [q.strip() for q in queues.split(",")]
             if not all(names):
@@ -156,12 +165,12 @@ class RabbitMQSettings:
                     "names, for example 'orders,payments'"
                 )
             values["queues"] = tuple(names)
-        prefetch = text("RABBITMQ_PREFETCH")
+        prefetch = env_text(env, "RABBITMQ_PREFETCH")
         if prefetch is not None:
-            values["prefetch"] = _env_int(
+            values["prefetch"] = env_int(
                 "RABBITMQ_PREFETCH", prefetch, 1, "an integer >= 1 (unacked deliveries)"
             )
-        queue_type = text("RABBITMQ_QUEUE_TYPE")
+        queue_type = env_text(env, "RABBITMQ_QUEUE_TYPE")
         if queue_type is not None:
             if queue_type not in QUEUE_TYPES:
                 raise ValueError(
@@ -169,15 +178,15 @@ class RabbitMQSettings:
                     f"{', '.join(QUEUE_TYPES)}"
                 )
             values["queue_type"] = queue_type
-        limit = text("RABBITMQ_DELIVERY_LIMIT")
+        limit = env_text(env, "RABBITMQ_DELIVERY_LIMIT")
         if limit is not None:
-            values["delivery_limit"] = _env_int(
+            values["delivery_limit"] = env_int(
                 "RABBITMQ_DELIVERY_LIMIT", limit, 1, "an integer >= 1 (deliveries)"
             )
-        exchange = text("RABBITMQ_DEAD_LETTER_EXCHANGE")
+        exchange = env_text(env, "RABBITMQ_DEAD_LETTER_EXCHANGE")
         if exchange is not None:
             values["dead_letter_exchange"] = exchange
-        tiers = text("RABBITMQ_DELAY_TIERS")
+        tiers = env_text(env, "RABBITMQ_DELAY_TIERS")
         if tiers is not None:
             try:
                 parsed = tuple(float(t) for t in tiers.split(","))

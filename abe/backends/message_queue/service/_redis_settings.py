@@ -6,13 +6,20 @@ Kept apart from :mod:`.redis` so that settings can be built and checked without 
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from ._settings_common import (
+    check_name,
+    check_positive_int,
+    check_seconds,
+    env_int,
+    env_text,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -21,6 +28,7 @@ __all__ = [
     "RedisSettings",
     "default_consumer",
     "is_pattern",
+    "redact",
 ]
 
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -40,29 +48,6 @@ def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _seconds(value: float | timedelta, name: str, *, allow_zero: bool = False) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"{name} must be seconds (a number or timedelta), got {value!r}")
-    seconds = float(seconds)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return seconds
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _name(value: str, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
 def is_pattern(key: str) -> bool:
     """Whether stream ``key`` is a glob pattern (an unescaped ``*``, ``?`` or ``[``), read as
     every stream whose name matches it (Redis ``SCAN MATCH`` syntax)."""
@@ -75,18 +60,6 @@ def is_pattern(key: str) -> bool:
         elif char in "*?[":
             return True
     return False
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,24 +122,24 @@ class RedisSettings:
         streams: object = self.streams
         if isinstance(streams, str):
             raise TypeError("streams must be an iterable of stream keys, not a single string")
-        names = tuple(dict.fromkeys(_name(s, "each stream key") for s in streams))  # type: ignore[attr-defined]
+        names = tuple(dict.fromkeys(check_name(s, "each stream key") for s in streams))  # type: ignore[attr-defined]
         if not names:
             raise ValueError("streams must name at least one stream key")
         set_(self, "streams", names)
-        set_(self, "group", _name(self.group, "group"))
-        set_(self, "consumer", _name(self.consumer, "consumer"))
-        _positive_int(self.batch_size, "batch_size")
-        set_(self, "block", _seconds(self.block, "block", allow_zero=True))
-        set_(self, "claim_idle", _seconds(self.claim_idle, "claim_idle"))
+        set_(self, "group", check_name(self.group, "group"))
+        set_(self, "consumer", check_name(self.consumer, "consumer"))
+        check_positive_int(self.batch_size, "batch_size")
+        set_(self, "block", check_seconds(self.block, "block", allow_zero=True))
+        set_(self, "claim_idle", check_seconds(self.claim_idle, "claim_idle"))
         if self.maxlen is not None:
-            _positive_int(self.maxlen, "maxlen")
+            check_positive_int(self.maxlen, "maxlen")
         if self.ack_batch != 0:
-            _positive_int(self.ack_batch, "ack_batch (0 = twice batch_size)")
-        set_(self, "ack_delay", _seconds(self.ack_delay, "ack_delay", allow_zero=True))
-        set_(self, "reconnect_initial", _seconds(self.reconnect_initial, "reconnect_initial"))
-        set_(self, "reconnect_max", _seconds(self.reconnect_max, "reconnect_max"))
-        set_(self, "command_timeout", _seconds(self.command_timeout, "command_timeout"))
-        set_(self, "discover_interval", _seconds(self.discover_interval, "discover_interval"))
+            check_positive_int(self.ack_batch, "ack_batch (0 = twice batch_size)")
+        set_(self, "ack_delay", check_seconds(self.ack_delay, "ack_delay", allow_zero=True))
+        set_(self, "reconnect_initial", check_seconds(self.reconnect_initial, "reconnect_initial"))
+        set_(self, "reconnect_max", check_seconds(self.reconnect_max, "reconnect_max"))
+        set_(self, "command_timeout", check_seconds(self.command_timeout, "command_timeout"))
+        set_(self, "discover_interval", check_seconds(self.discover_interval, "discover_interval"))
         if self.reconnect_max < self.reconnect_initial:
             raise ValueError(
                 f"reconnect_max ({self.reconnect_max:g}s) must be >= reconnect_initial "
@@ -214,11 +187,7 @@ class RedisSettings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
 
-        def text(name: str) -> str | None:
-            raw = env.get(name, "").strip()
-            return raw or None
-
-        url = text("REDIS_URL")
+        url = env_text(env, "REDIS_URL")
         password = env.get("REDIS_PASSWORD") or None  # a secret: taken as it is, not stripped
         if url is not None or password is not None:
             url = url or DEFAULT_URL
@@ -234,7 +203,7 @@ class RedisSettings:
                 netloc = f"{user}:{secret}@{parts.netloc.rpartition('@')[2]}"
                 url = urlunsplit(parts._replace(netloc=netloc))
             values["url"] = url
-        streams = text("REDIS_STREAMS")
+        streams = env_text(env, "REDIS_STREAMS")
         if streams is not None:
             keys = [s.strip() for s in streams.split(",")]
             if not all(keys):
@@ -244,7 +213,7 @@ class RedisSettings:
                 )
             values["streams"] = tuple(keys)
         for name, attr in (("REDIS_GROUP", "group"), ("REDIS_CONSUMER", "consumer")):
-            value = text(name)
+            value = env_text(env, name)
             if value is not None:
                 values[attr] = value
         integers = (
@@ -252,9 +221,9 @@ class RedisSettings:
             ("REDIS_MAXLEN", "maxlen", 1, "an integer >= 1 (approximate entries kept)"),
         )
         for name, attr, minimum, allowed in integers:
-            value = text(name)
+            value = env_text(env, name)
             if value is not None:
-                values[attr] = _env_int(name, value, minimum, allowed)
+                values[attr] = env_int(name, value, minimum, allowed)
         millis = (
             ("REDIS_BLOCK_MS", "block", 0, "an integer >= 0 (milliseconds)"),
             ("REDIS_CLAIM_IDLE_MS", "claim_idle", 1, "an integer >= 1 (milliseconds)"),
@@ -266,18 +235,8 @@ class RedisSettings:
             ),
         )
         for name, attr, minimum, allowed in millis:
-            value = text(name)
+            value = env_text(env, name)
             if value is not None:
-                values[attr] = _env_int(name, value, minimum, allowed) / 1000
+                values[attr] = env_int(name, value, minimum, allowed) / 1000
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
-
-
-def _env_int(name: str, raw: str, minimum: int, allowed: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not valid: expected {allowed}") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} is not valid: expected {allowed}")
-    return value

@@ -60,7 +60,7 @@ from ._nats_settings import (
     DEFAULT_URL,
     NATSSettings,
 )
-from ._redis_settings import redact
+from ._settings_common import redact
 
 __all__ = [
     "DEFAULT_DURABLE",

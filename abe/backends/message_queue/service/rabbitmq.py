@@ -58,7 +58,7 @@ from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, Messa
 
 from ._rabbitmq_reader import COUNT_HEADER, LOGGER_NAME, QueueReader, RabbitMQDeliveries
 from ._rabbitmq_settings import DEFAULT_QUEUES, DEFAULT_URL, RabbitMQSettings
-from ._redis_settings import redact
+from ._settings_common import redact
 
 __all__ = [
     "DEFAULT_QUEUES",
