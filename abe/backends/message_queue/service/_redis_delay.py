@@ -191,15 +191,25 @@ class DelayScheduler:
         """
         wait = math.inf
         await self._discover()
-        for stream in list(self.streams):
-            while True:
-                reply: Any = await self._script(keys=[delay_key(stream), stream], args=[self.batch])
+        streams = list(self.streams)
+        while streams:
+            # One round trip for every stream (the scripts are atomic one by one), then again
+            # only for the streams that had a full batch due.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    await self._script(
+                        keys=[delay_key(stream), stream], args=[self.batch], client=pipe
+                    )
+                replies: list[Any] = await pipe.execute()
+            full = []
+            for stream, reply in zip(streams, replies, strict=True):
                 moved, next_ms = int(reply[0]), int(reply[1])
                 self.moved += moved
-                if moved < self.batch:
-                    break
-            if next_ms >= 0:
-                wait = min(wait, next_ms / 1000)
+                if moved >= self.batch:
+                    full.append(stream)
+                elif next_ms >= 0:
+                    wait = min(wait, next_ms / 1000)
+            streams = full
         return wait
 
     async def _run(self) -> None:
