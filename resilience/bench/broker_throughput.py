@@ -31,7 +31,7 @@ from typing import Any
 
 from resilience.consumer import ResilientConsumer
 
-from .overhead import full_pipeline_policy
+from ._contenders import full_pipeline_policy
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["BROKERS", "BrokerUnavailable", "format_brokers", "measure_brokers"]

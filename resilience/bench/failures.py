@@ -33,6 +33,7 @@ from resilience.policy import Policy
 from resilience.retry import Fixed, Retry
 
 from ._contenders import Consumer, Handler, Wrap
+from ._drain import _drain
 
 __all__ = ["FAIL_SHARES", "PER_RETRY_TARGET", "format_failures", "measure_failures"]
 
@@ -144,8 +145,6 @@ async def _noop(payload: dict[str, Any]) -> None:
 
 
 async def _measure(messages: int, rounds: int) -> dict[str, Any]:
-    from .overhead import _drain
-
     cases = [(name, share) for name in _CONSUMERS for share in FAIL_SHARES]
     direct = [
         (name, share) for name in ("tenacity AsyncRetrying", "Retry") for share in FAIL_SHARES

@@ -19,7 +19,7 @@ from typing import Any
 from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.consumer import ResilientConsumer
 
-from .overhead import full_pipeline_policy
+from ._contenders import full_pipeline_policy
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["format_memory", "measure_memory", "rss_bytes"]

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._contenders import full_pipeline_policy
 from .report import format_table
 
 __all__ = ["STREAM_COUNTS", "STREAM_TARGET", "format_streams", "measure_streams"]
@@ -87,8 +88,6 @@ async def _hand_written(client: Any, url: str, keys: list[str], messages: int) -
 async def _resilient(client: Any, url: str, keys: list[str], messages: int) -> float:
     from abe.backends.message_queue.service.redis import RedisBackend
     from resilience.consumer import ResilientConsumer
-
-    from .overhead import full_pipeline_policy
 
     backend = RedisBackend(url, streams=keys, group=GROUP, consumer="resilient", batch_size=BATCH)
     consumer = ResilientConsumer(backend, GROUP, policy=full_pipeline_policy(), drain_timeout=5)

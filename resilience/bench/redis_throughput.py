@@ -34,7 +34,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.pipeline import Pipeline
 from resilience.policy import Policy
 
-from .overhead import full_pipeline_policy
+from ._contenders import full_pipeline_policy
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["RedisUnavailable", "format_throughput", "measure_throughput", "redis_server"]

@@ -11,6 +11,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from abe.backends.message_queue.base.extensions import HeaderPublishingBackend
+
 from .._version import __version__
 from .events import (
     DESTINATION,
@@ -71,8 +73,6 @@ async def publish_with_context(
     Raises:
         Exception: whatever the backend's publish raises.
     """
-    from abe.backends.message_queue.base.extensions import HeaderPublishingBackend
-
     can_carry = isinstance(backend, HeaderPublishingBackend)
     span: Span | None = None
     token: object = None
