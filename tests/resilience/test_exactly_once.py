@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from abe.backends.message_queue.service.memory import MemoryBackend
@@ -37,13 +37,33 @@ BEHAVIOURS = st.one_of(
 )
 
 
+# Every failure kind, and the shutdown cancelling a message in the middle of them: run for each
+# policy at each concurrency besides the random plans.
+EVERY_KIND: list[tuple[str, int]] = [
+    ("ok", 0),
+    ("transient", 1),
+    ("terminal", 0),
+    ("transient", 4),
+    ("drop", 0),
+    ("ok", 0),
+    ("transient", 2),
+    ("terminal", 0),
+    ("ok", 0),
+    ("transient", 3),
+    ("drop", 0),
+    ("ok", 0),
+]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("concurrency", [1, 8, 64])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    name=st.sampled_from(sorted(POLICIES)),
     plan=st.lists(BEHAVIOURS, min_size=1, max_size=40),
     stop_at=st.none() | st.integers(0, 39),
 )
+@example(plan=EVERY_KIND, stop_at=None)
+@example(plan=EVERY_KIND, stop_at=6)
 def test_every_message_ends_exactly_once(
     concurrency: int, name: str, plan: list[tuple[str, int]], stop_at: int | None
 ) -> None:
@@ -101,6 +121,10 @@ def test_every_message_ends_exactly_once(
             assert plan[i][0] in ("terminal", "transient")
         if stop_at is not None:
             assert stop_at in queued  # cancelled mid-handler: released, never acked
+        if reached.is_set():
+            assert consumer.drain_timed_out  # the shutdown cancelled it in the handler
+        if plan is EVERY_KIND and stop_at is not None:
+            assert reached.is_set()  # the explicit example does shut down mid-handler
 
     with zero_waits():
         asyncio.run(scenario())
