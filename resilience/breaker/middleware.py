@@ -68,6 +68,7 @@ MODES: tuple[Mode, ...] = ("pause", "fail_fast")
 
 _CLOSED = BreakerState.CLOSED
 _NEVER_PAUSED = Flow()
+_ALWAYS_ASK = Flow(steady=False)
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
@@ -126,8 +127,10 @@ class CircuitBreaker(HookLayer):
         self.mode: Mode = mode
         self._pause = mode == "pause"
         # The consumer's per-message check: the breaker's own flag in pause mode; a fail-fast
-        # breaker never pauses the consumer.
+        # breaker never pauses the consumer; a subclass with its own ``paused`` is asked.
         self.flow: Flow = self.breaker.flow if self._pause else _NEVER_PAUSED
+        if type(self).paused is not CircuitBreaker.paused:
+            self.flow = _ALWAYS_ASK
         self.classifier = default_classifier if classifier is None else classifier
         self.events = events
         if events is not None:

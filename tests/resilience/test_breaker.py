@@ -655,6 +655,21 @@ async def test_flow_is_steady_exactly_while_the_gate_cannot_be_paused(
     assert (cb.flow.steady, cb.paused) == (True, False)
 
 
+async def test_a_subclass_with_its_own_paused_is_asked_every_time(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """The breaker's flag describes the breaker's own ``paused``; a subclass that answers
+    differently gets a flag that is never steady, so the consumer keeps asking it."""
+
+    class Drained(CircuitBreaker):
+        @property
+        def paused(self) -> bool:
+            return True
+
+    gate = Drained(make(clock, registry).breaker)
+    assert (gate.flow.steady, gate.paused) == (False, True)
+
+
 class LoopBoundFakeClock(FakeClock):
     """Virtual time whose timers die with the event loop that armed them, as loop timers do."""
 
