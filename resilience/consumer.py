@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from abe.backends.message_queue.base.extensions import SettlingBackend
+from abe.backends.message_queue.base.extensions import InboundMessage, SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from ._handover import ATTEMPT_HEADER
@@ -25,7 +25,7 @@ from .errors import ConfigError, DeadLetterWriteError, Unsettled
 from .events import EventBus, Outcome, message_settled
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
-from .types import CallNext, Gate, Handler, Middleware
+from .types import CallNext, Flow, Gate, Handler, Middleware
 
 if TYPE_CHECKING:
     from abe.backends.message_queue.base import MessageQueueBackend
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 __all__ = ["Gate", "ResilientConsumer"]
 
 logger = logging.getLogger(__name__)
+
+# Read once: an ``Enum`` class attribute goes through ``EnumType``'s attribute hook on every
+# access, which costs more than the rest of a settlement check.
+_DEFERRED = Outcome.DEFERRED
+_RETRIED = Outcome.RETRIED
+_SUCCESS = Outcome.SUCCESS
+_ASK = Flow(steady=False)
+"""The flag of a gate that keeps none: ask it every time."""
+_NO_MESSAGE = InboundMessage({}, "")
+"""What a delivery without a backend message reports (its properties' defaults)."""
 
 
 class _Worker:
@@ -193,10 +203,12 @@ class ResilientConsumer(AsyncLoopConsumer):
         events = self.events
         task = worker.task
         take = pull.take
+        # Each gate with the flag it keeps (see Flow): the flag is one attribute read per message.
+        flows = tuple((gate, getattr(gate, "flow", _ASK)) for gate in gates)
         while not self._stopping:
             try:
-                for gate in gates:
-                    if gate.paused:
+                for gate, flow in flows:
+                    if not flow.steady and gate.paused:
                         await gate.wait_resumed()
                 message = take()
                 if message is None:
@@ -241,7 +253,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             if exc is None and ack_nowait is not None:
                 # The common case, without a coroutine: acknowledge now, report if listened to.
                 # A retry handed to the broker (deferred) was settled by the backend already.
-                if delivery.outcome is not Outcome.DEFERRED:
+                if delivery.outcome is not _DEFERRED:
                     try:
                         ack_nowait(delivery.message)
                     except Exception as ack_error:
@@ -268,7 +280,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                 pipeline, after the delivery was released.
         """
         if exc is None:
-            if settling and delivery.outcome is not Outcome.DEFERRED:
+            if settling and delivery.outcome is not _DEFERRED:
                 await self._ack(delivery)
             if self.events.listeners:
                 self._settled(delivery, None)
@@ -356,17 +368,21 @@ class ResilientConsumer(AsyncLoopConsumer):
         events = self.events
         if not events.listeners:
             return
-        count = delivery.delivery_count
+        message = delivery.message
+        if message is None:  # a bare payload: the delivery's defaults
+            message = _NO_MESSAGE
+        # The broker's fields straight from the message: one read each, no property calls.
+        count = message.delivery_count
         outcome = delivery.outcome
         if outcome is None:
             retried = delivery.attempt > count or (
-                ATTEMPT_HEADER in delivery.headers  # back from the broker tier of retries
+                ATTEMPT_HEADER in message.headers  # back from the broker tier of retries
             )
-            outcome = delivery.outcome = Outcome.RETRIED if retried else Outcome.SUCCESS
+            outcome = delivery.outcome = _RETRIED if retried else _SUCCESS
         events.emit(
             message_settled(
-                delivery.message_id,
-                delivery.key,
+                message.message_id,
+                message.key or None,
                 outcome,
                 delivery.attempt - count + 1,
                 self._now() - delivery.started_at,

@@ -23,6 +23,7 @@ __all__ = [
     "GATES_EXTRA",
     "BuildContext",
     "CallNext",
+    "Flow",
     "Gate",
     "Handler",
     "Middleware",
@@ -58,13 +59,36 @@ class Middleware(Protocol):
         ...
 
 
+class Flow:
+    """A gate's answer to "certainly not paused?" in one attribute.
+
+    The consumer asks its gates before every message whether to stop pulling. A gate that
+    offers a ``flow`` attribute (a :class:`Flow` it keeps up to date) is asked
+    :attr:`Gate.paused` only while :attr:`steady` is false; a gate without one is asked every
+    time.
+
+    Args:
+        steady: ``True`` when the gate is certainly not paused.
+    """
+
+    __slots__ = ("steady",)
+
+    def __init__(self, steady: bool = True) -> None:
+        self.steady = steady
+
+    def __repr__(self) -> str:
+        return f"Flow(steady={self.steady})"
+
+
 @runtime_checkable
 class Gate(Protocol):
     """A middleware that can pause message flow: the pausing circuit breaker.
 
     The consumer stops pulling messages while a gate in its pipeline is :attr:`paused`; the
     dead-letter router asks a gate a failed message went through whether it :meth:`holds` it
-    (rather than dead-lettering it). A gate lists itself in
+    (rather than dead-lettering it). A gate may offer a :class:`Flow` as its ``flow``
+    attribute, so that the consumer reads one attribute per message instead of calling
+    :attr:`paused` while the gate is certainly open. A gate lists itself in
     :attr:`Delivery.extras <resilience.delivery.Delivery.extras>` under
     :data:`~resilience.breaker.GATES_EXTRA` when it holds or fails a delivery.
     """

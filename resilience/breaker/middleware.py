@@ -43,6 +43,7 @@ from ..classify import Classifier, Verdict, default_classifier
 from ..clock import Clock
 from ..errors import CircuitOpen, ConfigError
 from ..hooks import SLOW_PATH, HookLayer
+from ..types import Flow
 from .config import (
     GATES_EXTRA,
     BreakerConfig,
@@ -66,6 +67,8 @@ Mode = Literal["pause", "fail_fast"]
 MODES: tuple[Mode, ...] = ("pause", "fail_fast")
 
 _CLOSED = BreakerState.CLOSED
+_NEVER_PAUSED = Flow()
+_ALWAYS_ASK = Flow(steady=False)
 _FORCED_CLOSED = BreakerState.FORCED_CLOSED
 _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
@@ -95,7 +98,7 @@ class CircuitBreaker(HookLayer):
         ConfigError: an invalid option, an unknown mode, or a conflicting config for the name.
     """
 
-    __slots__ = ("__weakref__", "_pause", "breaker", "classifier", "events", "mode")
+    __slots__ = ("__weakref__", "_pause", "breaker", "classifier", "events", "flow", "mode")
 
     def __init__(
         self,
@@ -123,6 +126,11 @@ class CircuitBreaker(HookLayer):
             self.breaker = get_breaker(breaker, config, clock=clock, registry=registry, **options)
         self.mode: Mode = mode
         self._pause = mode == "pause"
+        # The consumer's per-message check: the breaker's own flag in pause mode; a fail-fast
+        # breaker never pauses the consumer; a subclass with its own ``paused`` is asked.
+        self.flow: Flow = self.breaker.flow if self._pause else _NEVER_PAUSED
+        if type(self).paused is not CircuitBreaker.paused:
+            self.flow = _ALWAYS_ASK
         self.classifier = default_classifier if classifier is None else classifier
         self.events = events
         if events is not None:

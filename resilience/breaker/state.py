@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock, TimerHandle
+from ..types import Flow
 from .config import (
     BreakerConfig,
     BreakerState,
@@ -97,6 +98,9 @@ class Breaker:
         self.clock = clock
         self._now = clock.monotonic
         self._state = _CLOSED
+        self.flow = Flow()
+        """Steady (certainly not paused) while closed or forced closed: what the consumer reads
+        before each message instead of :attr:`paused`."""
         self._epoch = 0
         self._consecutive = 0
         self._threshold = config.failure_threshold or 0
@@ -457,6 +461,7 @@ class Breaker:
             now = self._now()
         previous = self._state
         self._state = to
+        self.flow.steady = to is _CLOSED or to is _FORCED_CLOSED
         self._epoch += 1
         self._taken = self._in_flight = 0
         self._probe_ok = self._probe_failed = self._probe_slow = 0

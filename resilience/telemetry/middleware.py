@@ -77,6 +77,10 @@ _Token = tuple[Destination, "Span | None", object, "Token[Delivery | None]", flo
 
 logger = logging.getLogger("resilience.telemetry")
 
+# Read once: an ``Enum`` class attribute goes through ``EnumType``'s attribute hook each time.
+_RETRIED = Outcome.RETRIED
+_SUCCESS = Outcome.SUCCESS
+
 
 class Telemetry(HookLayer):
     """Middleware: one CONSUMER span per delivery, span events, metrics and log context.
@@ -219,7 +223,7 @@ class Telemetry(HookLayer):
                 message = delivery.message
                 attempt = delivery.attempt
                 count = message.delivery_count if message is not None else delivery.delivery_count
-                outcome = Outcome.RETRIED if attempt > count else Outcome.SUCCESS
+                outcome = _RETRIED if attempt > count else _SUCCESS
                 instruments = self._instruments
                 try:
                     if span is not None:

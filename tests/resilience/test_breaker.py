@@ -631,6 +631,45 @@ async def test_wait_resumed_returns_once_half_open(
     assert not cb.paused
 
 
+async def test_flow_is_steady_exactly_while_the_gate_cannot_be_paused(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """The flag the consumer reads per message: whenever it says steady, the gate is not
+    paused; in the states where the gate may pause it is not steady, so the consumer asks."""
+    cb = make(clock, registry, mode="pause", failure_threshold=1, open_wait=3.0)
+    fail_fast = CircuitBreaker(cb.breaker, mode="fail_fast")
+    assert (cb.flow.steady, cb.paused) == (True, False)
+    assert await run(fail_fast, down) == "failed"
+    assert cb.state is OPEN
+    assert (cb.flow.steady, cb.paused) == (False, True)
+    assert (fail_fast.flow.steady, fail_fast.paused) == (True, False)  # fail-fast never pauses
+    clock.advance(3)
+    await asyncio.wait_for(cb.wait_resumed(), 1)
+    assert cb.state is HALF_OPEN
+    assert (cb.flow.steady, cb.paused) == (False, False)  # a probe may go: the consumer asks
+    cb.force_closed()
+    assert (cb.flow.steady, cb.paused) == (True, False)
+    cb.force_open()
+    assert (cb.flow.steady, cb.paused) == (False, True)
+    cb.reset()
+    assert (cb.flow.steady, cb.paused) == (True, False)
+
+
+async def test_a_subclass_with_its_own_paused_is_asked_every_time(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    """The breaker's flag describes the breaker's own ``paused``; a subclass that answers
+    differently gets a flag that is never steady, so the consumer keeps asking it."""
+
+    class Drained(CircuitBreaker):
+        @property
+        def paused(self) -> bool:
+            return True
+
+    gate = Drained(make(clock, registry).breaker)
+    assert (gate.flow.steady, gate.paused) == (False, True)
+
+
 class LoopBoundFakeClock(FakeClock):
     """Virtual time whose timers die with the event loop that armed them, as loop timers do."""
 

@@ -499,3 +499,76 @@ async def test_a_clean_drain_is_not_reported_as_timed_out() -> None:
     assert not consumer.drain_timed_out
     assert backend.unacked() == []
     assert backend.peek("jobs") == []
+
+
+class _UserGate:
+    """A gate of the user's own, without a ``flow`` flag: the consumer asks it every time."""
+
+    name = "user-gate"
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.resumed = asyncio.Event()
+
+    async def __call__(self, delivery: Any, call_next: Any) -> None:
+        await call_next(delivery)
+
+    async def wait_resumed(self) -> None:
+        await self.resumed.wait()
+        self.paused = False
+
+    def holds(self, delivery: Any) -> bool:
+        return False
+
+
+async def test_a_gate_without_a_flow_flag_is_asked_before_every_message() -> None:
+    """A user's gate pauses the consumer after the message that closed it, and pulling goes
+    on once it resumes."""
+    backend = MemoryBackend.isolated()
+    await publish(backend, 3)
+    gate = _UserGate()
+    seen: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        seen.append(payload["i"])
+        if payload["i"] == 0:
+            gate.paused = True
+
+    consumer = ResilientConsumer(backend, policy=Pipeline(gate))
+    task = asyncio.create_task(consumer.run(handler))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert seen == [0]
+    gate.resumed.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert seen == [0, 1, 2]
+    await consumer.shutdown()
+    await task
+
+
+async def test_settlement_records_of_bare_payloads_use_the_delivery_defaults() -> None:
+    """A backend without settlement hands out bare payloads: their records carry no id or key,
+    one attempt, and the outcome."""
+
+    class Plain:
+        """Only ``consume()``: at-most-once, no message metadata."""
+
+        def __init__(self, payloads: list[dict[str, Any]]) -> None:
+            self.payloads = payloads
+
+        async def consume(self, *, group: str | None = None) -> AsyncIterator[dict[str, Any]]:
+            for payload in self.payloads:
+                yield payload
+
+    async def handler(payload: dict[str, Any]) -> None:
+        return None
+
+    consumer = ResilientConsumer(Plain([{"i": 0}, {"i": 1}]), policy=FAST)  # type: ignore[arg-type]
+    records: list[MessageSettled] = []
+    consumer.events.subscribe(records.append)
+    await consumer.run(handler)
+    assert [(r.message_id, r.key, r.outcome, r.attempts) for r in records] == [
+        (None, None, Outcome.SUCCESS, 1),
+        (None, None, Outcome.SUCCESS, 1),
+    ]
