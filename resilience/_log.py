@@ -51,9 +51,20 @@ def _drop_unheard(
     # retry in an incident then costs no LogRecord, caller lookup or field copying that nobody
     # reads. Any other handler, or a filter on the way (which may look at records), gets it.
     structlog.stdlib.filter_by_level(logger, method_name, event_dict)
-    if type(logger) is logging.Logger and not _heard(logger, method_name):
+    if _plain(type(logger)) and not _heard(logger, method_name):
         raise structlog.DropEvent
     return event_dict
+
+
+def _plain(cls: type) -> bool:
+    """Whether loggers of ``cls`` hand records to handlers as the stdlib's own (a subclass may
+    change only how the caller is found, as structlog's LoggerFactory's does)."""
+    return (
+        issubclass(cls, logging.Logger)
+        and cls.makeRecord is logging.Logger.makeRecord
+        and cls.handle is logging.Logger.handle
+        and cls.callHandlers is logging.Logger.callHandlers
+    )
 
 
 def _heard(logger: logging.Logger, method_name: str) -> bool:

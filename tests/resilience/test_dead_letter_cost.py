@@ -186,3 +186,21 @@ def test_the_last_resort_still_prints_without_any_handler(
     err = capsys.readouterr().err
     assert "loud" in err
     assert "quiet" not in err
+
+
+def test_a_logger_class_that_only_finds_the_caller_differently_is_dropped_too() -> None:
+    """structlog's LoggerFactory installs a Logger subclass process-wide; its unheard events
+    are dropped as well, while a class that handles records its own way gets every event."""
+    from resilience._log import _plain
+
+    class FindsCaller(logging.Logger):
+        def findCaller(self, stack_info: bool = False, stacklevel: int = 1) -> Any:
+            return super().findCaller(stack_info, stacklevel)
+
+    class Handles(logging.Logger):
+        def handle(self, record: logging.LogRecord) -> None:
+            super().handle(record)
+
+    assert _plain(logging.Logger)
+    assert _plain(FindsCaller)
+    assert not _plain(Handles)
