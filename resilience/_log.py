@@ -43,6 +43,52 @@ def _keep_record_attributes(
     return event_dict
 
 
+def _drop_unheard(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # Below the logger's level, or reaching no handler but NullHandlers (the library's default:
+    # nothing configured), the event is dropped before a record is made: a dead letter or a
+    # retry in an incident then costs no LogRecord, caller lookup or field copying that nobody
+    # reads. Any other handler, or a filter on the way (which may look at records), gets it.
+    structlog.stdlib.filter_by_level(logger, method_name, event_dict)
+    if _plain(type(logger)) and not _heard(logger, method_name):
+        raise structlog.DropEvent
+    return event_dict
+
+
+def _plain(cls: type) -> bool:
+    """Whether loggers of ``cls`` hand records to handlers as the stdlib's own (a subclass may
+    change only how the caller is found, as structlog's LoggerFactory's does)."""
+    return (
+        issubclass(cls, logging.Logger)
+        and cls.makeRecord is logging.Logger.makeRecord
+        and cls.handle is logging.Logger.handle
+        and cls.callHandlers is logging.Logger.callHandlers
+    )
+
+
+def _heard(logger: logging.Logger, method_name: str) -> bool:
+    """Whether a record of ``logger`` would reach a handler that does something (or a filter)."""
+    found = False
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return True
+        for handler in current.handlers:
+            if type(handler) is not logging.NullHandler:
+                return True
+            found = True
+        if not current.propagate:
+            break
+        current = current.parent
+    if found:
+        return False
+    # No handler at all: the stdlib's last resort prints from its level up.
+    level = logging.getLevelName(method_name.upper())
+    last = logging.lastResort
+    return not isinstance(level, int) or (last is not None and level >= last.level)
+
+
 def _caller_location(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -75,7 +121,7 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
         logging.getLogger(name),
         processors=[
-            structlog.stdlib.filter_by_level,
+            _drop_unheard,
             structlog.contextvars.merge_contextvars,
             _keep_record_attributes,
             _caller_location,

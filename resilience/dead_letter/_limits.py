@@ -6,19 +6,30 @@ import json
 import linecache
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["bounded_traceback", "envelope_size", "fit"]
+__all__ = ["bounded_traceback", "dumps", "envelope_size", "fit", "fit_encoded"]
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=repr)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
+def dumps(value: Any) -> str:
+    """The compact JSON form envelopes are measured and stored in."""
+    return _ENCODER.encode(value)
+
+
+_dumps = dumps
+
+
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def envelope_size(envelope: Mapping[str, Any]) -> int:
     """Bytes of the envelope's compact UTF-8 JSON form."""
-    return len(_dumps(envelope).encode("utf-8"))
+    return _size(dumps(envelope))
 
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
@@ -124,22 +135,38 @@ def _format_chain(exc: BaseException, frames: int) -> tuple[str, bool]:
     return "".join(parts), cut
 
 
-def _format_frames(tbs: list[TracebackType]) -> list[str]:
-    rows = [(tb.tb_frame, tb.tb_lineno) for tb in tbs]
-    files: set[str] = set()
-    for frame, _ in rows:
-        filename = frame.f_code.co_filename
-        if filename not in files:
-            files.add(filename)
-            linecache.lazycache(filename, frame.f_globals)
-    for filename in files:
+_FRAME_CACHE_LIMIT = 4096
+_frame_lines: dict[tuple[str, int | None, str], str] = {}
+"""Formatted frames (``File ...`` line and source line) by location, read once each."""
+
+
+def _frame_text(frame: FrameType, where: tuple[str, int | None, str]) -> str:
+    """The two lines of one frame, from the cache or formatted (and cached) now."""
+    text = _frame_lines.get(where)
+    if text is None:
+        filename, lineno, name = where
+        linecache.lazycache(filename, frame.f_globals)
         linecache.checkcache(filename)
+        line = linecache.getline(filename, lineno).strip() if lineno is not None else ""
+        text = f'  File "{filename}", line {lineno}, in {name}\n'
+        if line:
+            text += f"    {line}\n"
+        if len(_frame_lines) >= _FRAME_CACHE_LIMIT:
+            _frame_lines.clear()
+        _frame_lines[where] = text
+    return text
+
+
+def _format_frames(tbs: list[TracebackType]) -> list[str]:
+    # A location's source line is looked up once per process (later edits of the file are not
+    # seen), so a dead letter costs no file checks.
     out: list[str] = []
     last: tuple[str, int | None, str] | None = None
     count = 0
-    for frame, lineno in rows:
+    for tb in tbs:
+        frame = tb.tb_frame
         code = frame.f_code
-        where = (code.co_filename, lineno, code.co_name)
+        where = (code.co_filename, tb.tb_lineno, code.co_name)
         if where != last:
             if count > _REPEAT_CUTOFF:
                 out.append(_repeated(count - _REPEAT_CUTOFF))
@@ -148,10 +175,7 @@ def _format_frames(tbs: list[TracebackType]) -> list[str]:
         count += 1
         if count > _REPEAT_CUTOFF:
             continue
-        out.append(f'  File "{where[0]}", line {lineno}, in {where[2]}\n')
-        line = linecache.getline(where[0], lineno).strip() if lineno is not None else ""
-        if line:
-            out.append(f"    {line}\n")
+        out.append(_frame_text(frame, where))
     if count > _REPEAT_CUTOFF:
         out.append(_repeated(count - _REPEAT_CUTOFF))
     return out
@@ -192,9 +216,23 @@ def _exception_only(exc: BaseException) -> str:
 
 def fit(envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]) -> dict[str, Any]:
     """Cut the envelope down to ``limit`` bytes, least useful parts first."""
-    size = envelope_size(envelope)
-    if size <= limit:
-        return envelope
+    return fit_encoded(envelope, limit, keep_headers)[0]
+
+
+def fit_encoded(
+    envelope: dict[str, Any], limit: int, keep_headers: tuple[str, ...]
+) -> tuple[dict[str, Any], str]:
+    """:func:`fit`, and the JSON text (:func:`dumps`) of the envelope it returns."""
+    text = dumps(envelope)
+    if _size(text) <= limit:
+        return envelope, text
+    envelope = _cut(envelope, _size(text), limit, keep_headers)
+    return envelope, dumps(envelope)
+
+
+def _cut(
+    envelope: dict[str, Any], size: int, limit: int, keep_headers: tuple[str, ...]
+) -> dict[str, Any]:
     error = envelope["error"]
     truncated: list[str] = envelope["truncated"]
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._handover import carried_attempts, earlier_attempts
 from ..errors import ConfigError
-from ._limits import bounded_traceback, envelope_size, fit
+from ._limits import bounded_traceback, envelope_size, fit_encoded
 from .redaction import DEFAULT_REDACT, MASK, Redactor
 
 if TYPE_CHECKING:
@@ -160,7 +160,10 @@ class EnvelopeOptions:
 
 
 class EnvelopeBuilder:
-    """Builds ``dlq.v1`` envelopes for one middleware (immutable after construction).
+    """Builds ``dlq.v1`` envelopes for one middleware (its settings are fixed at construction).
+
+    It remembers the JSON text of the envelope it built (or refitted) last, which
+    :meth:`encoded` hands out so that a store does not encode the same envelope again.
 
     Args:
         options: Redaction and size caps.
@@ -168,7 +171,7 @@ class EnvelopeBuilder:
         handler_name: The handler's dotted name, if known.
     """
 
-    __slots__ = ("handler_name", "host", "options", "redactor", "service", "system")
+    __slots__ = ("_last", "handler_name", "host", "options", "redactor", "service", "system")
 
     def __init__(
         self,
@@ -185,6 +188,7 @@ class EnvelopeBuilder:
             self.options.service_name or os.environ.get("OTEL_SERVICE_NAME") or "unknown_service"
         )
         self.host = socket.gethostname()
+        self._last: tuple[dict[str, Any], str] | None = None
 
     def build(
         self,
@@ -301,11 +305,24 @@ class EnvelopeBuilder:
             "redacted": paths,
             "truncated": truncated,
         }
-        return fit(envelope, opts.max_envelope_bytes, _KEEP_HEADERS)
+        return self.refit(envelope)
 
     def refit(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """``envelope`` cut down to ``max_envelope_bytes`` again after a change."""
-        return fit(envelope, self.options.max_envelope_bytes, _KEEP_HEADERS)
+        last = fit_encoded(envelope, self.options.max_envelope_bytes, _KEEP_HEADERS)
+        self._last = last
+        return last[0]
+
+    def encoded(self, envelope: dict[str, Any]) -> str | None:
+        """The compact JSON text of ``envelope`` if it is the one :meth:`build` or
+        :meth:`refit` returned last (``None`` otherwise).
+
+        The text is what it was then: only valid while the envelope is unchanged since.
+        """
+        last = self._last
+        if last is not None and last[0] is envelope:
+            return last[1]
+        return None
 
     def scrub(self, text: str, delivery: Delivery) -> str:
         """``text`` with the values of ``delivery``'s redacted fields, credentials and pairs of

@@ -19,6 +19,7 @@ from ..hooks import SLOW_PATH, HookLayer
 from ..types import GATES_EXTRA
 from ._pending import PendingWrite, PendingWrites, identity, wait_after, write_wait
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
+from .sqlite import encoded_writer
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
@@ -450,7 +451,7 @@ class DeadLetterRouter(HookLayer):
         while True:
             tries += 1
             try:
-                await self.sink.write(envelope, delivery)
+                await self._sink_write(envelope, delivery)
                 return envelope
             except Exception as err:
                 if pending is None:
@@ -477,6 +478,16 @@ class DeadLetterRouter(HookLayer):
                     ) from err
             if wait > 0:
                 await clock.sleep(wait)
+
+    async def _sink_write(self, envelope: dict[str, Any], delivery: Delivery) -> None:
+        """``sink.write``; a SQLite store gets the JSON text the builder already made."""
+        sink = self.sink
+        text = self._builder.encoded(envelope)
+        write = None if text is None else encoded_writer(sink)
+        if write is not None and text is not None:
+            await write(envelope, text)
+        else:
+            await sink.write(envelope, delivery)
 
     def _failed(
         self,

@@ -25,18 +25,19 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._limits import dumps
 from .envelope import SCHEMA
 from .sinks import AmbiguousId, DeadLetterRecord, Filter
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
 
-__all__ = ["DEFAULT_PATH", "SQLiteStore", "StoreVersionError"]
+__all__ = ["DEFAULT_PATH", "SQLiteStore", "StoreVersionError", "encoded_writer"]
 
 DEFAULT_PATH = ".resilience/dead-letters.sqlite3"
 """Where the store lives by default, relative to the current directory."""
@@ -272,9 +273,24 @@ class SQLiteStore:
                 (every envelope of the failed transaction gets the error; none was stored).
             OSError: the directory cannot be created.
         """
-        if envelope.get("schema") != SCHEMA:
-            raise ValueError(f"not a {SCHEMA} envelope: schema={envelope.get('schema')!r}")
-        row = _row(envelope)
+        await self._enqueue(_row(envelope, None))
+
+    async def write_encoded(self, envelope: Mapping[str, Any], text: str) -> None:
+        """:meth:`write`, with the envelope's compact JSON text already made.
+
+        Args:
+            envelope: The envelope.
+            text: Exactly ``resilience.dead_letter._limits.dumps(envelope)`` (what an
+                :class:`~.envelope.EnvelopeBuilder` hands out from ``encoded``); it is stored
+                as is.
+
+        Raises:
+            ValueError, sqlite3.Error, OSError: as :meth:`write`.
+        """
+        await self._enqueue(_row(envelope, text))
+
+    async def _enqueue(self, row: _Row) -> None:
+        """Wait for the transaction that commits ``row`` (see :meth:`write`)."""
         loop = asyncio.get_running_loop()
         group = self._groups.get(loop)
         if group is None:
@@ -346,6 +362,17 @@ class SQLiteStore:
         """Nothing to release (connections live for one operation)."""
 
 
+_WRITE = SQLiteStore.write
+
+
+def encoded_writer(sink: object) -> Callable[[Mapping[str, Any], str], Awaitable[None]] | None:
+    """``sink.write_encoded`` when ``sink`` is a :class:`SQLiteStore` whose ``write`` is this
+    module's own (not overridden or replaced), else ``None``."""
+    if isinstance(sink, SQLiteStore) and getattr(sink.write, "__func__", None) is _WRITE:
+        return sink.write_encoded
+    return None
+
+
 def _copy_error(exc: Exception) -> Exception:
     try:
         return copy.copy(exc)
@@ -353,8 +380,15 @@ def _copy_error(exc: Exception) -> Exception:
         return exc
 
 
-def _row(envelope: Mapping[str, Any]) -> _Row:
-    """The columns of ``envelope`` except ``stored_at`` (set at commit time)."""
+def _row(envelope: Mapping[str, Any], text: str | None) -> _Row:
+    """The columns of ``envelope`` except ``stored_at`` (set at commit time); ``text`` is its
+    JSON when already encoded.
+
+    Raises:
+        ValueError: ``envelope`` is not a dead-letter envelope.
+    """
+    if envelope.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} envelope: schema={envelope.get('schema')!r}")
     error = envelope["error"]
     error_type = str(error["type"])
     return (
@@ -366,7 +400,7 @@ def _row(envelope: Mapping[str, Any]) -> _Row:
         error_type.rsplit(".", 1)[-1],
         envelope["source"]["key"],
         int(envelope.get("replay_count", 0)),
-        json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=repr),
+        dumps(envelope) if text is None else text,
     )
 
 
