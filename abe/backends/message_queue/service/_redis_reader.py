@@ -7,10 +7,10 @@ in the same round trip as the next read (or after ``ack_delay``, or when more ar
 ``ack_batch`` and the last read together). A read is decoded into deliveries a few entries at
 a time as they are handed out (every entry is held, and kept alive, from the read on), so a
 read across many streams does not turn into tens of thousands of deliveries alive together.
-Consumer groups are created in one pipelined round
-trip for all streams; streams matching a pattern (``tenant:*``) are looked up with SCAN at the
-start and every ``discover_interval``. Reclaiming idle entries, keeping held ones alive and
-reconnecting live in :mod:`._redis_recovery`.
+Consumer groups are created in one pipelined round trip for all streams; streams matching a
+pattern (``tenant:*``) are looked up with SCAN at the start and every ``discover_interval``.
+Reclaiming idle entries, keeping held ones alive and reconnecting live in
+:mod:`._redis_recovery`.
 """
 
 from __future__ import annotations
