@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from abe.backends.message_queue.service._redis_reader import DECODE_CHUNK
 from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
 from tests.consume_stream import closable
 from tests.redis.redis_support import MakeBackend, eventually
@@ -97,6 +98,35 @@ async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ac
     assert backend.stats.acked == 2000
     assert backend.stats.ack_round_trips == 1
     await closable(stream).aclose()
+
+
+async def test_a_large_read_is_decoded_a_few_entries_at_a_time_and_given_back_on_close(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """2,000 entries over 100 streams arrive in one read: all are held (kept alive) at once,
+    but only a chunk at a time becomes a delivery; closing after a few deliveries hands every
+    undecoded entry back, so another consumer gets all the others and nothing is lost."""
+    streams = [f"{prefix}s{i}" for i in range(100)]
+    backend = make_backend(streams=streams, batch_size=500, claim_idle=60)
+    pipe = client.pipeline(transaction=False)
+    for n in range(2000):
+        pipe.xadd(streams[n % 100], {"data": f'{{"n": {n}}}'})
+    await pipe.execute()
+    stream = backend.deliveries()
+    taken = await _take(stream, 3)
+    (reader,) = backend._readers
+    assert sum(len(held) for held in reader.unsettled.values()) == 2000
+    assert 0 < len(reader.waiting) + len(taken) <= DECODE_CHUNK
+    assert reader.undecoded
+    for message in taken:
+        await backend.ack(message)
+    await closable(stream).aclose()
+    assert await backend.pending() == 1997  # given back: marked idle, reclaimed by anyone
+    other = make_backend(streams=streams, consumer="other", claim_idle=60)
+    rest = other.deliveries()
+    numbers = {m.payload["n"] for m in await _take(rest, 1997, timeout=30)}
+    assert numbers == set(range(2000)) - {m.payload["n"] for m in taken}
+    await closable(rest).aclose()
 
 
 async def test_a_busy_stream_does_not_starve_the_others(

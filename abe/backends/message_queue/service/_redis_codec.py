@@ -279,7 +279,7 @@ def decode_batch(
     entries: Iterable[tuple[bytes, Mapping[bytes, bytes] | None]],
     group: str,
     handle: Any,
-    held: MutableMapping[str, bytes],
+    held: MutableMapping[str, bytes] | None,
     append: Callable[[InboundMessage], object],
     counts: Mapping[bytes, int] | None = None,
 ) -> int:
@@ -294,7 +294,8 @@ def decode_batch(
         entries: ``(entry id, fields)`` pairs as redis-py returns them.
         group: The consumer group.
         handle: Stored on every message (the reader that settles it).
-        held: Receives ``message_id -> entry id bytes`` for every message.
+        held: Receives ``message_id -> entry id bytes`` for every message (``None``: the
+            caller recorded them already).
         append: Called with every message, in order.
         counts: Delivery counts by entry id (``None``: first deliveries, count 1; an entry
             missing from it counts 2).
@@ -311,7 +312,8 @@ def decode_batch(
         if fields is None:
             continue
         message_id = entry_id.decode()
-        held[message_id] = entry_id
+        if held is not None:
+            held[message_id] = entry_id
         count = 1 if counts is None else counts.get(entry_id, 2)
         if len(fields) == 1:
             data = fields.get(DATA_FIELD)

@@ -4,10 +4,13 @@ A :class:`StreamReader` backs one ``deliveries()`` (or ``consume()``) iterator. 
 entries of every stream in one XREADGROUP (``COUNT`` applies per stream, so a busy stream
 cannot starve the others) and buffers acknowledgements into one multi-id XACK per stream, sent
 in the same round trip as the next read (or after ``ack_delay``, or when more are waiting than
-``ack_batch`` and the last read together). Consumer groups are created in one pipelined round
-trip for all streams; streams matching a pattern (``tenant:*``) are looked up with SCAN at the
-start and every ``discover_interval``. Reclaiming idle entries, keeping held ones alive and
-reconnecting live in :mod:`._redis_recovery`.
+``ack_batch`` and the last read together). A read is decoded into deliveries a few entries at
+a time as they are handed out (every entry is held, and kept alive, from the read on), so a
+read across many streams does not turn into tens of thousands of deliveries alive together.
+Consumer groups are created in one pipelined round trip for all streams; streams matching a
+pattern (``tenant:*``) are looked up with SCAN at the start and every ``discover_interval``.
+Reclaiming idle entries, keeping held ones alive and reconnecting live in
+:mod:`._redis_recovery`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ __all__ = ["RedisDeliveries", "StreamReader"]
 logger = logging.getLogger(LOGGER_NAME)
 
 _monotonic = time.monotonic
+
+DECODE_CHUNK = 64
+"""Entries of a read decoded at a time (see :meth:`StreamReader.decode_more`)."""
 
 
 class StreamReader:
@@ -90,7 +96,10 @@ class StreamReader:
             if key not in self.patterns:
                 self._add_stream(key)
         self.waiting: deque[InboundMessage] = deque()
-        """Read (or reclaimed) and not yet handed out."""
+        """Decoded (or reclaimed) and not yet handed out."""
+        self.undecoded: deque[list[Any]] = deque()
+        """Read and not decoded yet: ``[key, entries, index of the next one]`` per stream
+        reply, in order (already held; see :meth:`decode_more`)."""
         self.acks: dict[str, list[bytes]] = {}
         """Per stream with acknowledgements buffered: their entry ids."""
         self._ack_limit = settings.ack_limit
@@ -131,6 +140,9 @@ class StreamReader:
                 if waiting:
                     yield waiting.popleft()
                     continue
+                if self.undecoded:
+                    self.decode_more()
+                    continue
                 if self.closed:
                     return  # the backend was closed under us
                 now = _monotonic()
@@ -148,9 +160,16 @@ class StreamReader:
         """The next delivery :meth:`messages` would yield, if one was read and is waiting;
         ``None`` when the generator has work to do first (not started, nothing waiting, a
         release to reclaim, closing)."""
-        if self.owner is None or self.release_pending or self.closed or not self.waiting:
+        waiting = self.waiting
+        if self.owner is None or self.release_pending or self.closed:
             return None
-        return self.waiting.popleft()
+        if not waiting:
+            if not self.undecoded:
+                return None
+            self.decode_more()
+            if not waiting:
+                return None
+        return waiting.popleft()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -274,22 +293,47 @@ class StreamReader:
             raise
         if not response:
             return
+        undecoded = self.undecoded
+        key_of = self._key_of
+        unsettled = self.unsettled
+        entries_read = 0
+        for stream, entries in response:
+            key = key_of.get(stream) or stream.decode()
+            held = unsettled[key]
+            for entry_id, fields in entries:
+                if fields is not None:  # held (kept alive) from now on, decoded when due
+                    held[entry_id.decode()] = entry_id
+            undecoded.append([key, entries, 0])
+            entries_read += len(entries)
+        if not self.settings.ack_batch:
+            # A read across many streams can be far bigger than batch_size: its acks go out
+            # with the next read rather than in early flushes of a few ids per stream.
+            self._ack_limit = max(self.settings.ack_limit, entries_read + len(self.waiting) + 1)
+
+    def decode_more(self) -> None:
+        """Decode the next few entries read (at most :data:`DECODE_CHUNK`) into :attr:`waiting`.
+
+        Entries are decoded shortly before they are handed out rather than a whole read at
+        once, so the deliveries of a large read (tens of thousands of entries across many
+        streams) are not all alive together: each lives from a little before its handler
+        runs until it is settled, and the garbage collector finds it young.
+        """
+        pending = self.undecoded[0]
+        key, entries, start = pending
+        end = start + DECODE_CHUNK
+        if end >= len(entries):
+            self.undecoded.popleft()
+            chunk = entries[start:] if start else entries
+        else:
+            pending[2] = end
+            chunk = entries[start:end]
         waiting = self.waiting
         before = len(waiting)
-        poison = 0
-        for stream, entries in response:
-            key = self._key_of.get(stream) or stream.decode()
-            poison += decode_batch(
-                key, entries, self.group, self, self.unsettled[key], waiting.append
-            )
+        poison = decode_batch(key, chunk, self.group, self, None, waiting.append)
         stats = self.stats
         stats.delivered += len(waiting) - before
         if poison:
             stats.poison += poison
-        if not self.settings.ack_batch:
-            # A read across many streams can be far bigger than batch_size: its acks go out
-            # with the next read rather than in early flushes of a few ids per stream.
-            self._ack_limit = max(self.settings.ack_limit, len(waiting) + 1)
 
     def _read_command(self, timeout_ms: int) -> list[Any]:
         streams = self._read_ids
@@ -455,6 +499,8 @@ class StreamReader:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        while self.undecoded:
+            self.decode_more()
         waiting = list(self.waiting)
         self.waiting.clear()
         with contextlib.suppress(Exception):
