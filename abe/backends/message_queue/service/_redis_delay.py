@@ -67,7 +67,34 @@ was not pending (settled already: nothing is added)."""
 MOVE_DUE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local limit = tonumber(ARGV[1])
+local backlog = tonumber(ARGV[2])
+local paced = 0
+if backlog > 0 and #redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1) > 0
+    and redis.call('TYPE', KEYS[2]).ok == 'stream' then
+  local unread = nil
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+    local last = '0-0'
+    for i = 1, #group, 2 do
+      if group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    local n = #redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', backlog)
+    if unread == nil or n < unread then unread = n end
+  end
+  if unread ~= nil then
+    local room = backlog - unread
+    paced = 1
+    if room <= 0 then
+      room = tonumber(ARGV[3])
+      paced = 2
+    end
+    if room < limit then limit = room else paced = 0 end
+  end
+end
+local due = {}
+if limit > 0 then
+  due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+end
 for _, member in ipairs(due) do
   local ok, entry = pcall(cjson.decode, member)
   if ok and type(entry) == 'table' and type(entry.f) == 'table' and #entry.f >= 2 then
@@ -82,11 +109,16 @@ local wait = -1
 if first[2] then
   wait = math.max(0, tonumber(first[2]) - now)
 end
-return {#due, wait}
+if wait ~= 0 then paced = 0 end
+return {#due, wait, paced}
 """
-"""Move up to ARGV[1] due members of delay set KEYS[1] back into stream KEYS[2], atomically.
-Returns ``{moved, ms until the next is due or -1}``. A member that is not a readable entry is
-kept in the hash ``KEYS[1]:unreadable`` instead of being lost or retried forever."""
+"""Move up to ARGV[1] due members of delay set KEYS[1] back into stream KEYS[2], atomically,
+paced by the stream's backlog: when ARGV[2] > 0 and the stream's consumer groups have unread
+entries (the group with the fewest counts), at most ``ARGV[2] - unread`` are moved, and when
+there is no room at all, ARGV[3] (0 or 1). Returns ``{moved, ms until the next is due or -1,
+paced}`` where ``paced`` is 1 when due entries were held back for lack of room, 2 when there
+was no room at all, else 0. A member that is not a readable entry is kept in the hash
+``KEYS[1]:unreadable`` instead of being lost or retried forever."""
 
 
 def delay_key(stream: str) -> str:
@@ -124,11 +156,25 @@ class DelayScheduler:
     (as Redis reports it), at most ``poll`` seconds, and sooner when :meth:`wake` is called
     (after this process delayed an entry).
 
+    Due entries come back paced by the stream's backlog, so that messages published meanwhile
+    never queue behind a burst of returning retries: an entry is re-added only while the
+    stream's consumer group has fewer than ``backlog`` entries not read yet (with several
+    groups, the one with the fewest counts), at most as many as there is room for. Streams
+    whose due entries were held back are checked again every ``pace`` seconds (only they), so
+    retries flow at the rate the consumers read. When the group stays ``backlog`` or more
+    entries behind, one due entry per stream still comes back every ``poll`` seconds: retries
+    are never starved.
+
     Args:
         client: The backend's Redis client.
         streams: The stream keys whose delay sets to serve.
         poll: Longest sleep between two checks, for entries other consumers delay.
         batch: Most entries moved per script run.
+        patterns: Stream patterns (``tenant:*``) whose streams' delay sets to serve too.
+        discover_interval: Seconds between look-ups of the delay sets of the patterns.
+        backlog: Unread entries a stream may have for due entries to be re-added (0: re-add
+            every due entry at once, unpaced).
+        pace: Seconds between checks of a stream whose due entries were held back.
     """
 
     def __init__(
@@ -140,6 +186,8 @@ class DelayScheduler:
         batch: int = 100,
         patterns: Iterable[str] = (),
         discover_interval: float = 10.0,
+        backlog: int = 4,
+        pace: float = 0.005,
     ) -> None:
         self._client = client
         self._script = client.register_script(MOVE_DUE_LUA)
@@ -151,8 +199,13 @@ class DelayScheduler:
         self._next_discovery = 0.0
         self.poll = poll
         self.batch = batch
+        self.backlog = backlog
+        self.pace = pace
         self.moved = 0
         """Entries this scheduler re-added to their streams."""
+        self.held: set[str] = set()
+        """Streams whose due entries the last check held back (their backlog was full)."""
+        self._starved_until: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -183,29 +236,45 @@ class DelayScheduler:
                 name = key.decode() if isinstance(key, bytes) else str(key)
                 self.add(name[len(DELAY_KEY_PREFIX) :])
 
-    async def move_due(self) -> float:
-        """Move every due entry now.
+    async def move_due(self, only: Iterable[str] | None = None) -> float:
+        """Move the due entries the backlogs have room for now (of ``only`` these streams, or
+        of every stream served); updates :attr:`held`.
 
         Returns:
-            Seconds until the next entry is due (``inf`` when none waits).
+            Seconds until the next entry is due (``inf`` when none waits), not counting the
+            entries held back (:attr:`held`).
         """
         wait = math.inf
-        await self._discover()
-        streams = list(self.streams)
+        if only is None:
+            await self._discover()
+            streams = list(self.streams)
+            self.held.clear()
+        else:
+            streams = list(only)
+            self.held.difference_update(streams)
+        now = asyncio.get_running_loop().time()
+        starved = self._starved_until
         while streams:
             # One round trip for every stream (the scripts are atomic one by one), then again
             # only for the streams that had a full batch due.
             async with self._client.pipeline(transaction=False) as pipe:
                 for stream in streams:
+                    floor = 1 if now >= starved.get(stream, 0.0) else 0
                     await self._script(
-                        keys=[delay_key(stream), stream], args=[self.batch], client=pipe
+                        keys=[delay_key(stream), stream],
+                        args=[self.batch, self.backlog, floor],
+                        client=pipe,
                     )
                 replies: list[Any] = await pipe.execute()
             full = []
             for stream, reply in zip(streams, replies, strict=True):
-                moved, next_ms = int(reply[0]), int(reply[1])
+                moved, next_ms, paced = int(reply[0]), int(reply[1]), int(reply[2])
                 self.moved += moved
-                if moved >= self.batch:
+                if paced:
+                    self.held.add(stream)
+                    if paced == 2 and moved:  # the one entry a full backlog lets through
+                        starved[stream] = now + self.poll
+                elif moved >= self.batch:
                     full.append(stream)
                 elif next_ms >= 0:
                     wait = min(wait, next_ms / 1000)
@@ -213,11 +282,18 @@ class DelayScheduler:
         return wait
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
+        next_full = 0.0  # when every stream is checked again (the held ones more often)
         while True:
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
-                wait = await self.move_due()
+                if woken or not self.held or loop.time() >= next_full:
+                    wait = await self.move_due()
+                    next_full = loop.time() + min(wait, self.poll)
+                else:
+                    await self.move_due(self.held)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -228,9 +304,14 @@ class DelayScheduler:
                 level = logging.DEBUG if isinstance(exc, _CONNECTION_ERRORS) else logging.WARNING
                 if failures == 1:
                     logger.log(level, "Moving due delayed entries failed; retrying: %s", exc)
-                wait = min(self.poll * 2**failures, 5.0)
+                next_full = 0.0
+                sleep = min(self.poll * 2**failures, 5.0)
+            else:
+                sleep = next_full - loop.time()
+                if self.held:
+                    sleep = min(sleep, self.pace)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait if failures else min(wait, self.poll)):
+                async with asyncio.timeout(max(0.0, sleep)):
                     await self._wake.wait()
 
     async def stop(self) -> None:
