@@ -33,6 +33,7 @@ from tests.redis.redis_support import (
     RedisServer,
     eventually,
     list_values,
+    read_reply,
     stream_entries,
 )
 
@@ -171,8 +172,8 @@ async def test_two_schedulers_re_add_each_due_entry_exactly_once(
         for _ in range(400):
             await asyncio.gather(*(turns(s) for s in schedulers))
             # A consumer drains what came back: the paced re-adds make room again.
-            read: list[Any] = await client.xreadgroup(group, "drain", {stream: ">"}, count=1000)
-            unread_seen.append(sum(len(reply[1]) for reply in read))
+            read = read_reply(await client.xreadgroup(group, "drain", {stream: ">"}, count=1000))
+            unread_seen.append(sum(len(entries) for _, entries in read))
             if not await client.zcard(delay_key(stream)):
                 break
     finally:
