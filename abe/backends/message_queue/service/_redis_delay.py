@@ -6,7 +6,9 @@ release_later>` moves an entry into the stream's delay set and acknowledges it i
 :class:`DelayScheduler` that moves due entries back into their stream with another script
 (:data:`MOVE_DUE_LUA`): the ZRANGEBYSCORE, the XADD and the ZREM of one entry happen in one
 atomic step, so with any number of consumers each due entry is re-added exactly once. Due times
-are the Redis server's clock (``TIME``), so consumers on hosts whose clocks differ agree.
+are the Redis server's clock (``TIME``), so consumers on hosts whose clocks differ agree. Re-adds
+are paced by the stream's backlog (see :class:`DelayScheduler`), so that messages published
+while a burst of retries comes due are not queued behind the whole burst.
 
 The delay set is ordinary data: it survives a restart of a Redis that persists (append-only file
 or snapshots) like the streams do. A member is the entry as JSON (``{"id", "f"}``: the original

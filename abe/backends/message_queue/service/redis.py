@@ -24,7 +24,7 @@ Guarantees (see ``docs/redis.md``):
   happen or neither does.
 * Delayed redelivery (:meth:`RedisBackend.release_later`) moves the entry into a sorted set
   per stream and acknowledges it in one Lua script; every consumer moves due entries back into
-  the stream, each exactly once (see ``_redis_delay``).
+  the stream, each exactly once, paced by the stream's backlog (see ``_redis_delay``).
 * A lost connection or a Redis restart is retried with backoff; reading resumes by itself.
 """
 
@@ -514,8 +514,10 @@ class RedisBackend:
         sorted set ``abe:delayed:<stream>`` scored by its due time on the Redis server's clock
         (``delay`` is rounded up to whole milliseconds). The scheduler of any consumer of the
         stream then appends it to the stream again as a new entry (new id), with its delivery
-        count raised. A crash can neither lose nor duplicate it: the move is one script, and
-        the delay set persists like the stream does.
+        count raised, once due and once the stream's consumer group has room for it (due
+        entries are re-added paced by the group's unread backlog, see ``docs/redis.md``). A
+        crash can neither lose nor duplicate it: the move is one script, and the delay set
+        persists like the stream does.
 
         Raises:
             ValueError: ``delay`` is negative or not finite, or ``message`` has no id.
