@@ -24,11 +24,12 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from ._redis_codec import DELIVERIES_HEADER
 from ._redis_common import REFUSED_ERRORS, TRANSIENT_ERRORS
@@ -44,6 +45,7 @@ __all__ = [
     "delay_key",
     "delay_ms",
     "member_of",
+    "run_pipelined",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +153,42 @@ def member_of(entry_id: str, fields: Mapping[str | bytes, str | bytes]) -> str:
     return json.dumps({"id": entry_id, "f": flat}, separators=(",", ":"), ensure_ascii=False)
 
 
+async def run_pipelined(
+    client: aioredis.Redis, script: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """Run ``script`` (a registered ``AsyncScript``) once per ``(keys, args)`` of ``calls``, all
+    in one pipelined round trip of EVALSHA. Calls the server did not know the script for
+    (NOSCRIPT: a restarted or flushed Redis) are sent again once it is loaded; no call runs
+    twice. (A pipeline given the script object itself asks ``SCRIPT EXISTS`` first, a round trip
+    of its own every time.)
+
+    Returns:
+        One reply per call, in order; a call that failed has its exception instead.
+
+    Raises:
+        redis.exceptions.RedisError: the round trip itself failed (nothing is known to have
+            run).
+    """
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for i in todo:
+            keys, args = calls[i]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, result in zip(todo, results, strict=True):
+            replies[i] = result
+            if isinstance(result, NoScriptError):
+                missing.append(i)
+        if not missing or attempt:
+            break
+        script.sha = await client.script_load(script.script)
+        todo = missing
+    return replies
+
+
 class DelayScheduler:
     """Moves due entries of the delay sets of ``streams`` back into their streams.
 
@@ -176,7 +214,8 @@ class DelayScheduler:
         discover_interval: Seconds between look-ups of the delay sets of the patterns.
         backlog: Unread entries a stream may have for due entries to be re-added (0: re-add
             every due entry at once, unpaced).
-        pace: Seconds between checks of a stream whose due entries were held back.
+        pace: Seconds between checks of a stream whose due entries were held back, and the
+            shortest sleep between two checks (entries due within it are moved together).
     """
 
     def __init__(
@@ -209,6 +248,9 @@ class DelayScheduler:
         """Streams whose due entries the last check held back (their backlog was full)."""
         self._starved_until: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self._next_check = math.inf
+        """Loop time of the next check the task has planned (``inf`` while it checks or before
+        it runs: any :meth:`wake` then asks for another check)."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -216,14 +258,17 @@ class DelayScheduler:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def wake(self) -> None:
-        """Check again now (an entry was just delayed)."""
-        self._wake.set()
+    def wake(self, due_in: float = 0.0) -> None:
+        """Check again now: an entry was just delayed, due in ``due_in`` seconds (nothing to do
+        when the next check comes sooner than that anyway)."""
+        if asyncio.get_running_loop().time() + due_in < self._next_check:
+            self._wake.set()
 
     def add(self, stream: str) -> None:
         """Serve the delay set of ``stream`` too (a stream found through a pattern)."""
         if stream not in self.streams:
             self.streams.append(stream)
+            self._next_check = math.inf  # the next wake() checks: this set's entries are new
 
     async def _discover(self) -> None:
         """Find the delay sets of streams matching the patterns (after a restart, say)."""
@@ -259,17 +304,20 @@ class DelayScheduler:
         while streams:
             # One round trip for every stream (the scripts are atomic one by one), then again
             # only for the streams that had a full batch due.
-            async with self._client.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    floor = 1 if now >= starved.get(stream, 0.0) else 0
-                    await self._script(
-                        keys=[delay_key(stream), stream],
-                        args=[self.batch, self.backlog, floor],
-                        client=pipe,
-                    )
-                replies: list[Any] = await pipe.execute()
+            calls = [
+                (
+                    (delay_key(stream), stream),
+                    (self.batch, self.backlog, 1 if now >= starved.get(stream, 0.0) else 0),
+                )
+                for stream in streams
+            ]
+            replies = await run_pipelined(self._client, self._script, calls)
             full = []
+            error: BaseException | None = None
             for stream, reply in zip(streams, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    error = error or reply
+                    continue
                 moved, next_ms, paced = int(reply[0]), int(reply[1]), int(reply[2])
                 self.moved += moved
                 if paced:
@@ -280,6 +328,8 @@ class DelayScheduler:
                     full.append(stream)
                 elif next_ms >= 0:
                     wait = min(wait, next_ms / 1000)
+            if error is not None:
+                raise error
             streams = full
         return wait
 
@@ -309,12 +359,15 @@ class DelayScheduler:
                 next_full = 0.0
                 sleep = min(self.poll * 2**failures, 5.0)
             else:
-                sleep = next_full - loop.time()
+                # Entries due within ``pace`` of each other are moved in one check.
+                sleep = max(next_full - loop.time(), self.pace)
                 if self.held:
-                    sleep = min(sleep, self.pace)
+                    sleep = self.pace
+            self._next_check = loop.time() + sleep
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, sleep)):
+                async with asyncio.timeout(sleep):
                     await self._wake.wait()
+            self._next_check = math.inf
 
     async def stop(self) -> None:
         """Stop the task (entries stay in the delay sets for the next consumer)."""

@@ -72,6 +72,7 @@ from ._redis_delay import (
     delay_key,
     delay_ms,
     member_of,
+    run_pipelined,
 )
 from ._redis_idempotency import COMPLETE_LUA, Command, CompletionBuffer, completion_args
 from ._redis_reader import RedisDeliveries, StreamReader
@@ -206,6 +207,8 @@ class RedisBackend:
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._hand_over_script = client.register_script(HAND_OVER_LUA)
+        self._handovers: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        """Hand-overs of this loop turn, sent together at its end (see :meth:`_hand_over`)."""
         self._scheduler: DelayScheduler | None = None
         self._complete_script = client.register_script(COMPLETE_LUA)
         self._completions: CompletionBuffer | None = None
@@ -535,9 +538,9 @@ class RedisBackend:
         held = reader.settle(message) if reader is not None else None
         try:
             async with self._timeout():
-                await self._hand_over_script(
-                    keys=[message.key, delay_key(message.key)],
-                    args=[self._group_of(message), entry_id, ms, member],
+                await self._hand_over(
+                    [message.key, delay_key(message.key)],
+                    [self._group_of(message), entry_id, ms, member],
                 )
         except _FAILURES as exc:
             if held is not None and reader is not None:
@@ -546,7 +549,51 @@ class RedisBackend:
         self._start_scheduler()
         if self._scheduler is not None:
             self._scheduler.add(message.key)
-            self._scheduler.wake()
+            self._scheduler.wake(ms / 1000)
+
+    def _hand_over(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run the hand-over script for one entry: the hand-overs asked for in one loop turn
+        (the consumer's slots failing together) go out in one pipelined round trip, each still
+        its own atomic script with its own reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._handovers:
+            loop.call_soon(self._send_handovers)
+        self._handovers.append((keys, args, future))
+        return future
+
+    def _send_handovers(self) -> None:
+        batch, self._handovers = self._handovers, []
+        task = asyncio.get_running_loop().create_task(self._hand_over_batch(batch))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _hand_over_batch(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with self._timeout():
+                replies = await run_pipelined(
+                    self._client, self._hand_over_script, [(k, a) for k, a, _ in batch]
+                )
+        except BaseException as exc:
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller gave up (timed out, cancelled)
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def delayed(self, key: MessageQueueKey | None = None) -> int:
         """Entries waiting in the delay set of ``key`` (or of every stream read so far).
