@@ -9,6 +9,7 @@ the mechanism does not depend on the length of the wait.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from abe.backends.message_queue.base.extensions import DelayingBackend
-from abe.backends.message_queue.service._redis_delay import DelayScheduler, delay_key
+from abe.backends.message_queue.service._redis_delay import (
+    DelayScheduler,
+    delay_key,
+    run_pipelined,
+)
 from abe.backends.message_queue.service.redis import RedisBackend
 from resilience.consumer import ResilientConsumer
 from resilience.events import MessageSettled, Outcome
@@ -109,6 +114,38 @@ async def test_release_later_of_a_settled_entry_adds_nothing(
     await client.xack(stream, "g", message.message_id or "")
     await backend.release_later(message, 0)
     assert await client.zcard(delay_key(stream)) == 0
+
+
+async def test_hand_overs_of_one_loop_turn_share_a_round_trip_with_their_own_replies(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """Slots failing together hand over in one pipelined round trip, each still its own atomic
+    script: the pending entries move to the delay set, the one acknowledged meanwhile does not."""
+    backend = make_backend(block=0.1)
+    stream = f"{prefix}s"
+    await backend.publish_many(stream, [{"n": n} for n in range(4)])
+    deliveries = backend.deliveries()
+    messages = [await anext(deliveries) for _ in range(4)]
+    await client.xack(stream, "g", messages[2].message_id or "")
+    await asyncio.gather(*(backend.release_later(m, 3600) for m in messages))
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
+    delayed_ids = sorted(json.loads(member)["id"] for member in members)
+    assert delayed_ids == sorted(m.message_id or "" for m in messages if m is not messages[2])
+    assert await backend.pending(stream) == 0
+
+
+async def test_pipelined_scripts_load_a_script_redis_does_not_know(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """A script Redis does not know (restarted, flushed) is loaded and only the calls it
+    refused are sent again: none runs twice."""
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    real_sha = script.sha
+    script.sha = "0" * 40  # what a restarted Redis's empty script cache looks like to a call
+    replies = await run_pipelined(client, script, [((f"{prefix}a",), ()), ((f"{prefix}b",), ())])
+    assert replies == [1, 1]
+    assert script.sha == real_sha
+    assert await client.get(f"{prefix}a") == b"1"
 
 
 async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
