@@ -258,6 +258,30 @@ async def test_a_message_published_meanwhile_does_not_queue_behind_returning_ret
     assert await client.zcard(delay_key(stream)) == 0
 
 
+async def test_retries_still_come_back_when_the_group_stays_behind(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """With the group 4 or more unread entries behind, due entries are held back, but one per
+    stream still comes back every ``poll`` seconds: retries are never starved."""
+    stream = f"{prefix}s"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for n in range(10):  # fresh traffic nobody has read yet
+        await client.xadd(stream, {"data": f'{{"n":{n}}}'})
+    members = {f'{{"id":"0-{n}","f":["data","{{\\"r\\":{n}}}"]}}': 0 for n in range(3)}
+    await client.zadd(delay_key(stream), members)
+    scheduler = DelayScheduler(client, [stream], poll=3600)
+    await scheduler.move_due()
+    assert (scheduler.moved, scheduler.held) == (1, {stream})
+    await scheduler.move_due()  # within the same poll interval: nothing more
+    assert scheduler.moved == 1
+    eager = DelayScheduler(client, [stream], poll=0)  # every check is a new interval
+    for _ in range(2):
+        await eager.move_due()
+    assert eager.moved == 2
+    assert await client.zcard(delay_key(stream)) == 0
+    assert await client.xlen(stream) == 13
+
+
 async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_consumer(
     make_backend: MakeBackend, prefix: str
 ) -> None:
