@@ -9,6 +9,7 @@ the mechanism does not depend on the length of the wait.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from abe.backends.message_queue.base.extensions import DelayingBackend
-from abe.backends.message_queue.service._redis_delay import DelayScheduler, delay_key
+from abe.backends.message_queue.service._redis_delay import (
+    DelayScheduler,
+    delay_key,
+    run_pipelined,
+)
 from abe.backends.message_queue.service.redis import RedisBackend
 from resilience.consumer import ResilientConsumer
 from resilience.events import MessageSettled, Outcome
@@ -33,6 +38,7 @@ from tests.redis.redis_support import (
     RedisServer,
     eventually,
     list_values,
+    read_reply,
     stream_entries,
 )
 
@@ -110,6 +116,38 @@ async def test_release_later_of_a_settled_entry_adds_nothing(
     assert await client.zcard(delay_key(stream)) == 0
 
 
+async def test_hand_overs_of_one_loop_turn_share_a_round_trip_with_their_own_replies(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """Slots failing together hand over in one pipelined round trip, each still its own atomic
+    script: the pending entries move to the delay set, the one acknowledged meanwhile does not."""
+    backend = make_backend(block=0.1)
+    stream = f"{prefix}s"
+    await backend.publish_many(stream, [{"n": n} for n in range(4)])
+    deliveries = backend.deliveries()
+    messages = [await anext(deliveries) for _ in range(4)]
+    await client.xack(stream, "g", messages[2].message_id or "")
+    await asyncio.gather(*(backend.release_later(m, 3600) for m in messages))
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
+    delayed_ids = sorted(json.loads(member)["id"] for member in members)
+    assert delayed_ids == sorted(m.message_id or "" for m in messages if m is not messages[2])
+    assert await backend.pending(stream) == 0
+
+
+async def test_pipelined_scripts_load_a_script_redis_does_not_know(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """A script Redis does not know (restarted, flushed) is loaded and only the calls it
+    refused are sent again: none runs twice."""
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    real_sha = script.sha
+    script.sha = "0" * 40  # what a restarted Redis's empty script cache looks like to a call
+    replies = await run_pipelined(client, script, [((f"{prefix}a",), ()), ((f"{prefix}b",), ())])
+    assert replies == [1, 1]
+    assert script.sha == real_sha
+    assert await client.get(f"{prefix}a") == b"1"
+
+
 async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
     make_backend: MakeBackend, client: aioredis.Redis, prefix: str
 ) -> None:
@@ -160,18 +198,88 @@ async def test_two_schedulers_re_add_each_due_entry_exactly_once(
     await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
     clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
     schedulers = [DelayScheduler(c, [stream], batch=7) for c in clients]
+    group = backend.settings.group
+    unread_seen: list[int] = []
+
+    async def turns(scheduler: DelayScheduler) -> None:
+        for _ in range(3):  # one after the other, as a scheduler's task runs them
+            await scheduler.move_due()
+
     try:
-        await asyncio.gather(*(s.move_due() for s in schedulers for _ in range(3)))
+        for _ in range(400):
+            await asyncio.gather(*(turns(s) for s in schedulers))
+            # A consumer drains what came back: the paced re-adds make room again.
+            read = read_reply(await client.xreadgroup(group, "drain", {stream: ">"}, count=1000))
+            unread_seen.append(sum(len(entries) for _, entries in read))
+            if not await client.zcard(delay_key(stream)):
+                break
     finally:
         for c in clients:
             await c.aclose()
     assert sum(s.moved for s in schedulers) == 400
+    # Never more unread than the backlog, plus the one entry each scheduler lets through
+    # when there is no room.
+    assert max(unread_seen) <= schedulers[0].backlog + len(schedulers)
     assert all(s.moved > 0 for s in schedulers)
     assert await client.zcard(delay_key(stream)) == 0
     entries = stream_entries(await client.xrange(stream))
     again = [e for e in entries if b"h:x-abe-deliveries" in e[1]]
     numbers = sorted(int(fields[b"data"].split(b":")[1].rstrip(b"}")) for _, fields in again)
     assert numbers == list(range(400))
+
+
+async def test_a_message_published_meanwhile_does_not_queue_behind_returning_retries(
+    make_backend: MakeBackend, client: aioredis.Redis, prefix: str
+) -> None:
+    """200 retries come due at once, then a message is published: it is delivered among the
+    first few (the retries come back paced by the stream's backlog), not after all 200, and
+    every retry still comes back exactly once."""
+    stream = f"{prefix}s"
+    backend = make_backend(block=0.1, batch_size=50)
+    await backend.publish_many(stream, [{"n": n} for n in range(200)])
+    deliveries = backend.deliveries()
+    for _ in range(200):
+        await backend.release_later(await anext(deliveries), 3600)
+    scheduler = backend.delay_scheduler
+    assert scheduler is not None
+    await scheduler.stop()
+    members = list_values(await client.zrange(delay_key(stream), 0, -1))
+    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
+    await scheduler.move_due()  # a scheduler's turn with 200 entries due
+    await backend.publish(stream, {"healthy": 1})
+    scheduler.start()
+    order: list[dict[str, Any]] = []
+    while len(order) < 201:
+        message = await anext(deliveries)
+        order.append(dict(message.payload))
+        await backend.ack(message)
+    assert order.index({"healthy": 1}) <= 4  # the default backlog; was 200
+    assert sorted(p["n"] for p in order if "n" in p) == list(range(200))
+    assert await client.zcard(delay_key(stream)) == 0
+
+
+async def test_retries_still_come_back_when_the_group_stays_behind(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """With the group 4 or more unread entries behind, due entries are held back, but one per
+    stream still comes back every ``poll`` seconds: retries are never starved."""
+    stream = f"{prefix}s"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for n in range(10):  # fresh traffic nobody has read yet
+        await client.xadd(stream, {"data": f'{{"n":{n}}}'})
+    members = {f'{{"id":"0-{n}","f":["data","{{\\"r\\":{n}}}"]}}': 0 for n in range(3)}
+    await client.zadd(delay_key(stream), members)
+    scheduler = DelayScheduler(client, [stream], poll=3600)
+    await scheduler.move_due()
+    assert (scheduler.moved, scheduler.held) == (1, {stream})
+    await scheduler.move_due()  # within the same poll interval: nothing more
+    assert scheduler.moved == 1
+    eager = DelayScheduler(client, [stream], poll=0)  # every check is a new interval
+    for _ in range(2):
+        await eager.move_due()
+    assert eager.moved == 2
+    assert await client.zcard(delay_key(stream)) == 0
+    assert await client.xlen(stream) == 13
 
 
 async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_consumer(
@@ -188,13 +296,18 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
     healthy_latency: list[float] = []
     in_flight_seen: list[int] = []
     delayed_while_healthy: list[int] = []
+    handled = [0]  # failing attempts made so far
+    retries_ahead: list[int] = []  # per healthy message published while retries come back
 
     async def handler(payload: dict[str, Any]) -> None:
         in_flight_seen.append(consumer.in_flight)
         if "healthy" in payload:
             healthy_latency.append(time.time() - payload["t"])
             delayed_while_healthy.append(len(attempts) - len(done))
+            if payload["seen"] >= 0:
+                retries_ahead.append(handled[0] - payload["seen"])
             return
+        handled[0] += 1
         n = payload["n"]
         attempts[n] = attempts.get(n, 0) + 1
         if attempts[n] <= 5:
@@ -219,7 +332,10 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
 
         async def healthy_traffic() -> None:
             for i in range(40):
-                await publisher.publish(stream, {"healthy": i, "t": time.time()})
+                # Once every failing message made its first attempt, the attempts handled
+                # after this one was published are retries coming back ahead of it.
+                seen = handled[0] if len(attempts) == 1000 else -1
+                await publisher.publish(stream, {"healthy": i, "t": time.time(), "seen": seen})
                 await asyncio.sleep(0.05)
 
         traffic = asyncio.create_task(healthy_traffic())
@@ -241,6 +357,10 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
     assert await backend.delayed(stream) == 0
     # Healthy messages ran while failing ones waited in Redis, not in front of them.
     assert max(delayed_while_healthy) > 4
+    # ... and did not queue behind the retries coming back: those are re-added paced by the
+    # stream's backlog (unpaced, hundreds came back ahead of each).
+    assert retries_ahead
+    assert max(retries_ahead) <= 40, retries_ahead
     # Latency figures are measured by benchmarks/tiered_redis.py, never asserted here.
 
 

@@ -6,7 +6,9 @@ release_later>` moves an entry into the stream's delay set and acknowledges it i
 :class:`DelayScheduler` that moves due entries back into their stream with another script
 (:data:`MOVE_DUE_LUA`): the ZRANGEBYSCORE, the XADD and the ZREM of one entry happen in one
 atomic step, so with any number of consumers each due entry is re-added exactly once. Due times
-are the Redis server's clock (``TIME``), so consumers on hosts whose clocks differ agree.
+are the Redis server's clock (``TIME``), so consumers on hosts whose clocks differ agree. Re-adds
+are paced by the stream's backlog (see :class:`DelayScheduler`), so that messages published
+while a burst of retries comes due are not queued behind the whole burst.
 
 The delay set is ordinary data: it survives a restart of a Redis that persists (append-only file
 or snapshots) like the streams do. A member is the entry as JSON (``{"id", "f"}``: the original
@@ -22,11 +24,12 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from ._redis_codec import DELIVERIES_HEADER
 from ._redis_common import REFUSED_ERRORS, TRANSIENT_ERRORS
@@ -42,6 +45,7 @@ __all__ = [
     "delay_key",
     "delay_ms",
     "member_of",
+    "run_pipelined",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,7 +71,34 @@ was not pending (settled already: nothing is added)."""
 MOVE_DUE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local limit = tonumber(ARGV[1])
+local backlog = tonumber(ARGV[2])
+local paced = 0
+if backlog > 0 and #redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1) > 0
+    and redis.call('TYPE', KEYS[2]).ok == 'stream' then
+  local unread = nil
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+    local last = '0-0'
+    for i = 1, #group, 2 do
+      if group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    local n = #redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', backlog)
+    if unread == nil or n < unread then unread = n end
+  end
+  if unread ~= nil then
+    local room = backlog - unread
+    paced = 1
+    if room <= 0 then
+      room = tonumber(ARGV[3])
+      paced = 2
+    end
+    if room < limit then limit = room else paced = 0 end
+  end
+end
+local due = {}
+if limit > 0 then
+  due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+end
 for _, member in ipairs(due) do
   local ok, entry = pcall(cjson.decode, member)
   if ok and type(entry) == 'table' and type(entry.f) == 'table' and #entry.f >= 2 then
@@ -82,11 +113,16 @@ local wait = -1
 if first[2] then
   wait = math.max(0, tonumber(first[2]) - now)
 end
-return {#due, wait}
+if wait ~= 0 then paced = 0 end
+return {#due, wait, paced}
 """
-"""Move up to ARGV[1] due members of delay set KEYS[1] back into stream KEYS[2], atomically.
-Returns ``{moved, ms until the next is due or -1}``. A member that is not a readable entry is
-kept in the hash ``KEYS[1]:unreadable`` instead of being lost or retried forever."""
+"""Move up to ARGV[1] due members of delay set KEYS[1] back into stream KEYS[2], atomically,
+paced by the stream's backlog: when ARGV[2] > 0 and the stream's consumer groups have unread
+entries (the group with the fewest counts), at most ``ARGV[2] - unread`` are moved, and when
+there is no room at all, ARGV[3] (0 or 1). Returns ``{moved, ms until the next is due or -1,
+paced}`` where ``paced`` is 1 when due entries were held back for lack of room, 2 when there
+was no room at all, else 0. A member that is not a readable entry is kept in the hash
+``KEYS[1]:unreadable`` instead of being lost or retried forever."""
 
 
 def delay_key(stream: str) -> str:
@@ -117,6 +153,42 @@ def member_of(entry_id: str, fields: Mapping[str | bytes, str | bytes]) -> str:
     return json.dumps({"id": entry_id, "f": flat}, separators=(",", ":"), ensure_ascii=False)
 
 
+async def run_pipelined(
+    client: aioredis.Redis, script: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """Run ``script`` (a registered ``AsyncScript``) once per ``(keys, args)`` of ``calls``, all
+    in one pipelined round trip of EVALSHA. Calls the server did not know the script for
+    (NOSCRIPT: a restarted or flushed Redis) are sent again once it is loaded; no call runs
+    twice. (A pipeline given the script object itself asks ``SCRIPT EXISTS`` first, a round trip
+    of its own every time.)
+
+    Returns:
+        One reply per call, in order; a call that failed has its exception instead.
+
+    Raises:
+        redis.exceptions.RedisError: the round trip itself failed (nothing is known to have
+            run).
+    """
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for i in todo:
+            keys, args = calls[i]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, result in zip(todo, results, strict=True):
+            replies[i] = result
+            if isinstance(result, NoScriptError):
+                missing.append(i)
+        if not missing or attempt:
+            break
+        script.sha = await client.script_load(script.script)
+        todo = missing
+    return replies
+
+
 class DelayScheduler:
     """Moves due entries of the delay sets of ``streams`` back into their streams.
 
@@ -124,11 +196,26 @@ class DelayScheduler:
     (as Redis reports it), at most ``poll`` seconds, and sooner when :meth:`wake` is called
     (after this process delayed an entry).
 
+    Due entries come back paced by the stream's backlog, so that messages published meanwhile
+    never queue behind a burst of returning retries: an entry is re-added only while the
+    stream's consumer group has fewer than ``backlog`` entries not read yet (with several
+    groups, the one with the fewest counts), at most as many as there is room for. Streams
+    whose due entries were held back are checked again every ``pace`` seconds (only they), so
+    retries flow at the rate the consumers read. When the group stays ``backlog`` or more
+    entries behind, one due entry per stream still comes back every ``poll`` seconds: retries
+    are never starved.
+
     Args:
         client: The backend's Redis client.
         streams: The stream keys whose delay sets to serve.
         poll: Longest sleep between two checks, for entries other consumers delay.
         batch: Most entries moved per script run.
+        patterns: Stream patterns (``tenant:*``) whose streams' delay sets to serve too.
+        discover_interval: Seconds between look-ups of the delay sets of the patterns.
+        backlog: Unread entries a stream may have for due entries to be re-added (0: re-add
+            every due entry at once, unpaced).
+        pace: Seconds between checks of a stream whose due entries were held back, and the
+            shortest sleep between two checks (entries due within it are moved together).
     """
 
     def __init__(
@@ -140,6 +227,8 @@ class DelayScheduler:
         batch: int = 100,
         patterns: Iterable[str] = (),
         discover_interval: float = 10.0,
+        backlog: int = 4,
+        pace: float = 0.005,
     ) -> None:
         self._client = client
         self._script = client.register_script(MOVE_DUE_LUA)
@@ -151,9 +240,17 @@ class DelayScheduler:
         self._next_discovery = 0.0
         self.poll = poll
         self.batch = batch
+        self.backlog = backlog
+        self.pace = pace
         self.moved = 0
         """Entries this scheduler re-added to their streams."""
+        self.held: set[str] = set()
+        """Streams whose due entries the last check held back (their backlog was full)."""
+        self._starved_until: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self._next_check = math.inf
+        """Loop time of the next check the task has planned (``inf`` while it checks or before
+        it runs: any :meth:`wake` then asks for another check)."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -161,14 +258,17 @@ class DelayScheduler:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def wake(self) -> None:
-        """Check again now (an entry was just delayed)."""
-        self._wake.set()
+    def wake(self, due_in: float = 0.0) -> None:
+        """Check again now: an entry was just delayed, due in ``due_in`` seconds (nothing to do
+        when the next check comes sooner than that anyway)."""
+        if asyncio.get_running_loop().time() + due_in < self._next_check:
+            self._wake.set()
 
     def add(self, stream: str) -> None:
         """Serve the delay set of ``stream`` too (a stream found through a pattern)."""
         if stream not in self.streams:
             self.streams.append(stream)
+            self._next_check = math.inf  # the next wake() checks: this set's entries are new
 
     async def _discover(self) -> None:
         """Find the delay sets of streams matching the patterns (after a restart, say)."""
@@ -183,41 +283,69 @@ class DelayScheduler:
                 name = key.decode() if isinstance(key, bytes) else str(key)
                 self.add(name[len(DELAY_KEY_PREFIX) :])
 
-    async def move_due(self) -> float:
-        """Move every due entry now.
+    async def move_due(self, only: Iterable[str] | None = None) -> float:
+        """Move the due entries the backlogs have room for now (of ``only`` these streams, or
+        of every stream served); updates :attr:`held`.
 
         Returns:
-            Seconds until the next entry is due (``inf`` when none waits).
+            Seconds until the next entry is due (``inf`` when none waits), not counting the
+            entries held back (:attr:`held`).
         """
         wait = math.inf
-        await self._discover()
-        streams = list(self.streams)
+        if only is None:
+            await self._discover()
+            streams = list(self.streams)
+            self.held.clear()
+        else:
+            streams = list(only)
+            self.held.difference_update(streams)
+        now = asyncio.get_running_loop().time()
+        starved = self._starved_until
         while streams:
             # One round trip for every stream (the scripts are atomic one by one), then again
             # only for the streams that had a full batch due.
-            async with self._client.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    await self._script(
-                        keys=[delay_key(stream), stream], args=[self.batch], client=pipe
-                    )
-                replies: list[Any] = await pipe.execute()
+            calls = [
+                (
+                    (delay_key(stream), stream),
+                    (self.batch, self.backlog, 1 if now >= starved.get(stream, 0.0) else 0),
+                )
+                for stream in streams
+            ]
+            replies = await run_pipelined(self._client, self._script, calls)
             full = []
+            error: BaseException | None = None
             for stream, reply in zip(streams, replies, strict=True):
-                moved, next_ms = int(reply[0]), int(reply[1])
+                if isinstance(reply, BaseException):
+                    error = error or reply
+                    continue
+                moved, next_ms, paced = int(reply[0]), int(reply[1]), int(reply[2])
                 self.moved += moved
-                if moved >= self.batch:
+                if paced:
+                    self.held.add(stream)
+                    if paced == 2 and moved:  # the one entry a full backlog lets through
+                        starved[stream] = now + self.poll
+                elif moved >= self.batch:
                     full.append(stream)
                 elif next_ms >= 0:
                     wait = min(wait, next_ms / 1000)
+            if error is not None:
+                raise error
             streams = full
         return wait
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
+        next_full = 0.0  # when every stream is checked again (the held ones more often)
         while True:
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
-                wait = await self.move_due()
+                if woken or not self.held or loop.time() >= next_full:
+                    wait = await self.move_due()
+                    next_full = loop.time() + min(wait, self.poll)
+                else:
+                    await self.move_due(self.held)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -228,10 +356,18 @@ class DelayScheduler:
                 level = logging.DEBUG if isinstance(exc, _CONNECTION_ERRORS) else logging.WARNING
                 if failures == 1:
                     logger.log(level, "Moving due delayed entries failed; retrying: %s", exc)
-                wait = min(self.poll * 2**failures, 5.0)
+                next_full = 0.0
+                sleep = min(self.poll * 2**failures, 5.0)
+            else:
+                # Entries due within ``pace`` of each other are moved in one check.
+                sleep = max(next_full - loop.time(), self.pace)
+                if self.held:
+                    sleep = self.pace
+            self._next_check = loop.time() + sleep
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait if failures else min(wait, self.poll)):
+                async with asyncio.timeout(sleep):
                     await self._wake.wait()
+            self._next_check = math.inf
 
     async def stop(self) -> None:
         """Stop the task (entries stay in the delay sets for the next consumer)."""

@@ -24,7 +24,7 @@ Guarantees (see ``docs/redis.md``):
   happen or neither does.
 * Delayed redelivery (:meth:`RedisBackend.release_later`) moves the entry into a sorted set
   per stream and acknowledges it in one Lua script; every consumer moves due entries back into
-  the stream, each exactly once (see ``_redis_delay``).
+  the stream, each exactly once, paced by the stream's backlog (see ``_redis_delay``).
 * A lost connection or a Redis restart is retried with backoff; reading resumes by itself.
 """
 
@@ -72,6 +72,7 @@ from ._redis_delay import (
     delay_key,
     delay_ms,
     member_of,
+    run_pipelined,
 )
 from ._redis_idempotency import COMPLETE_LUA, Command, CompletionBuffer, completion_args
 from ._redis_reader import RedisDeliveries, StreamReader
@@ -206,6 +207,8 @@ class RedisBackend:
         self._client = client
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._hand_over_script = client.register_script(HAND_OVER_LUA)
+        self._handovers: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        """Hand-overs of this loop turn, sent together at its end (see :meth:`_hand_over`)."""
         self._scheduler: DelayScheduler | None = None
         self._complete_script = client.register_script(COMPLETE_LUA)
         self._completions: CompletionBuffer | None = None
@@ -514,8 +517,10 @@ class RedisBackend:
         sorted set ``abe:delayed:<stream>`` scored by its due time on the Redis server's clock
         (``delay`` is rounded up to whole milliseconds). The scheduler of any consumer of the
         stream then appends it to the stream again as a new entry (new id), with its delivery
-        count raised. A crash can neither lose nor duplicate it: the move is one script, and
-        the delay set persists like the stream does.
+        count raised, once due and once the stream's consumer group has room for it (due
+        entries are re-added paced by the group's unread backlog, see ``docs/redis.md``). A
+        crash can neither lose nor duplicate it: the move is one script, and the delay set
+        persists like the stream does.
 
         Raises:
             ValueError: ``delay`` is negative or not finite, or ``message`` has no id.
@@ -533,9 +538,9 @@ class RedisBackend:
         held = reader.settle(message) if reader is not None else None
         try:
             async with self._timeout():
-                await self._hand_over_script(
-                    keys=[message.key, delay_key(message.key)],
-                    args=[self._group_of(message), entry_id, ms, member],
+                await self._hand_over(
+                    [message.key, delay_key(message.key)],
+                    [self._group_of(message), entry_id, ms, member],
                 )
         except _FAILURES as exc:
             if held is not None and reader is not None:
@@ -544,7 +549,51 @@ class RedisBackend:
         self._start_scheduler()
         if self._scheduler is not None:
             self._scheduler.add(message.key)
-            self._scheduler.wake()
+            self._scheduler.wake(ms / 1000)
+
+    def _hand_over(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run the hand-over script for one entry: the hand-overs asked for in one loop turn
+        (the consumer's slots failing together) go out in one pipelined round trip, each still
+        its own atomic script with its own reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._handovers:
+            loop.call_soon(self._send_handovers)
+        self._handovers.append((keys, args, future))
+        return future
+
+    def _send_handovers(self) -> None:
+        batch, self._handovers = self._handovers, []
+        task = asyncio.get_running_loop().create_task(self._hand_over_batch(batch))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _hand_over_batch(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with self._timeout():
+                replies = await run_pipelined(
+                    self._client, self._hand_over_script, [(k, a) for k, a, _ in batch]
+                )
+        except BaseException as exc:
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller gave up (timed out, cancelled)
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def delayed(self, key: MessageQueueKey | None = None) -> int:
         """Entries waiting in the delay set of ``key`` (or of every stream read so far).
