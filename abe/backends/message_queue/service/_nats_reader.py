@@ -1,7 +1,8 @@
 """One pull consumer of the NATS JetStream backend: fetches in batches, keeps work alive.
 
-A :class:`PullReader` backs one ``deliveries()`` (or ``consume()``) iterator. It fetches up to
-``batch_size`` messages per pull request from a durable consumer, hands them out one by one,
+A :class:`PullReader` backs one ``deliveries()`` (or ``consume()``) iterator. It asks a durable
+consumer for up to ``batch_size`` messages per pull request, receives them on its own inbox
+subscription as they arrive, hands them out one by one,
 sends buffered acknowledgements in one task per batch (an ack is a plain publish, so they
 leave in the client's next write), and sends ``in_progress()`` for the messages it holds every
 third of ``ack_wait`` so long work is not redelivered under a live consumer. A lost connection
@@ -269,7 +270,13 @@ class PullReader:
             try:
                 await asyncio.wait_for(wakeup, max(0.0, self._expires_at - time.monotonic()))
             except TimeoutError:
-                self._owed = 0  # no word on the request: it is lost, send another
+                # The server answers every request by its expiry: silence means the request
+                # was lost with the connection or the consumer is gone. Send another (after
+                # backoff; repeated silence prepares the consumer again).
+                self._owed = 0
+                self._failure = TimeoutError(
+                    f"no answer to a pull request within {self.settings.block + _GRACE:.1f}s"
+                )
             finally:
                 self._wakeup = None
             if self._failure is None:
