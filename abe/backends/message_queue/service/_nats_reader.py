@@ -64,7 +64,8 @@ def to_inbound(msg: Msg, group: str, handle: Any) -> InboundMessage:
     sequence, delivered, published = _reply_fields(msg.reply)
     raw_headers = msg.headers
     headers: Mapping[str, str] = _NO_HEADERS
-    if raw_headers:
+    # Most messages carry only the publisher's Nats-Msg-Id: skip building a dict for them.
+    if raw_headers and (len(raw_headers) > 1 or "Nats-Msg-Id" not in raw_headers):
         kept = {k: v for k, v in raw_headers.items() if not k.startswith("Nats-")}
         if kept:
             headers = kept
