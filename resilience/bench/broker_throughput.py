@@ -11,6 +11,9 @@ handler that does nothing, and acknowledging it:
   with a ``basic.qos`` prefetch and one ``multiple`` ack per 100 messages; for nats-py a pull
   consumer fetching 500 at a time with explicit acks (what the backend uses: each message
   settles on its own).
+* ``hand-written, inbox callback`` (NATS only): pull requests published by hand to an inbox
+  subscription whose callback handles and acknowledges each message, as the backend reads (no
+  ``fetch()``, which starts a task and a timer per message); shown for reference.
 * ``hand-written, AckAll`` (NATS only): the same loop on an ``AckAll`` consumer, one ack per
   batch; shown for reference (it cannot settle messages out of order, so the backend does not
   use it).
@@ -307,6 +310,53 @@ class _NATS:
     async def hand_written(self, url: str, name: str, messages: int) -> float:
         return await self._hand(url, name, messages, ack_all=False)
 
+    async def hand_written_inbox(self, url: str, name: str, messages: int) -> float:
+        """Pull requests sent by hand to an inbox with a callback (no ``fetch()``)."""
+        import nats
+        from nats.js.api import DEFAULT_PREFIX, AckPolicy, ConsumerConfig
+
+        nc = await nats.connect(url)
+        try:
+            stream = self._stream(name)
+            config = ConsumerConfig(
+                durable_name="hand_inbox",
+                ack_policy=AckPolicy.EXPLICIT,
+                max_ack_pending=10 * self.batch,
+            )
+            await nc.jetstream().add_consumer(stream, config)
+            subject = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.hand_inbox"
+            request = json.dumps({"batch": self.batch, "expires": 1_000_000_000}).encode()
+            inbox = nc.new_inbox()
+            done = asyncio.get_running_loop().create_future()
+            handled = 0
+            owed = 0
+
+            async def on_msg(msg: Any) -> None:
+                nonlocal handled, owed
+                if not msg.reply:  # the server's status: the request is over
+                    owed = 0
+                else:
+                    owed -= 1
+                    await _noop(json.loads(msg.data))
+                    await msg.ack()
+                    handled += 1
+                    if handled == messages:
+                        done.set_result(None)
+                        return
+                if owed <= 0:
+                    owed = self.batch
+                    await nc.publish(subject, request, reply=inbox)
+
+            await nc.subscribe(inbox, cb=on_msg)
+            started = time.perf_counter()
+            owed = self.batch
+            await nc.publish(subject, request, reply=inbox)
+            await done
+            await nc.flush()
+            return time.perf_counter() - started
+        finally:
+            await nc.close()
+
     async def hand_written_ack_all(self, url: str, name: str, messages: int) -> float:
         return await self._hand(url, name, messages, ack_all=True)
 
@@ -321,6 +371,12 @@ class _NATS:
                 "hand-written",
                 f"nats-py pull consumer, fetch({self.batch}), explicit ack per message",
                 self.hand_written,
+            ),
+            (
+                "hand-written, inbox callback",
+                f"pull requests of {self.batch} sent by hand to an inbox subscription with a "
+                "callback (no fetch()), explicit ack per message",
+                self.hand_written_inbox,
             ),
             (
                 "hand-written, AckAll",

@@ -33,6 +33,7 @@ def test_bench_brokers_runs_on_nats(nats_url: str) -> None:
     assert set(result["messages_per_second"]) == {
         "ResilientConsumer",
         "hand-written",
+        "hand-written, inbox callback",
         "hand-written, AckAll",
     }
     assert set(result["unacknowledged_after_drain"].values()) == {0}

@@ -293,3 +293,32 @@ async def test_publishing_to_a_subject_no_stream_captures_is_a_clear_error(
     with pytest.raises(NATSBackendError, match="no JetStream stream captures") as info:
         await backend.publish(f"{names.prefix}-elsewhere", {"n": 2})
     assert not isinstance(info.value, NATSUnavailableError)
+
+
+async def test_a_deleted_durable_consumer_is_recreated_and_reading_resumes(
+    nats_url: str, make_backend: Any, names: Names
+) -> None:
+    """The durable consumer is deleted under a live reader: its pull requests are refused, it
+    backs off, creates the consumer again and hands out the messages published afterwards."""
+    subject = names.subject()
+    backend: NATSBackend = make_backend(block=0.5)
+    await backend.publish(subject, {"n": 0})
+    stream = backend.deliveries()
+    first = await asyncio.wait_for(anext(stream), 5)
+    await backend.ack(first)
+    await backend.flush()
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_consumer(names.stream, backend.settings.durable)
+    finally:
+        await nc.close()
+    await backend.publish(subject, {"n": 1})
+    seen = []
+    while 1 not in seen:
+        message = await asyncio.wait_for(anext(stream), 15)
+        seen.append(message.payload["n"])
+        await backend.ack(message)
+    await backend.flush()
+    await stream.aclose()
+    assert first.payload == {"n": 0}
+    assert set(seen) <= {0, 1}  # the new consumer starts from the first message again

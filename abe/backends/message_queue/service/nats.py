@@ -41,7 +41,13 @@ from typing import Any, NoReturn
 try:
     import nats
     from nats.aio.client import Client
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+    from nats.js.api import (
+        DEFAULT_PREFIX,
+        AckPolicy,
+        ConsumerConfig,
+        DeliverPolicy,
+        StreamConfig,
+    )
     from nats.js.client import JetStreamContext
     from nats.js.errors import NoStreamResponseError, NotFoundError
 except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -248,14 +254,17 @@ class NATSBackend:
             max_ack_pending=max(1000, 10 * s.batch_size),
         )
 
-    async def _subscribe(self, durable: str) -> Any:
+    async def _subscribe(self, durable: str) -> tuple[Client, str]:
+        """Make sure the stream and durable consumer ``durable`` exist; returns the connection
+        and the subject its pull requests go to."""
         js = await self._ensure_stream()
         s = self._settings
         try:
             await js.consumer_info(s.stream, durable)
         except NotFoundError:
             await js.add_consumer(s.stream, self.consumer_config(durable))
-        return await js.pull_subscribe_bind(durable, stream=s.stream)
+        assert self._nc is not None
+        return self._nc, f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{s.stream}.{durable}"
 
     async def _ensure_dead_letter_subject(self, subject: str) -> JetStreamContext:
         js = await self.jetstream()
