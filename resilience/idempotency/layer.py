@@ -57,6 +57,11 @@ MAX_GIVEN_BACK = 1024
 """Messages whose give-backs a layer remembers at most (the least recently given back are
 forgotten first)."""
 
+
+class _NotCompleted(Exception):
+    """Leaves the store's completion context without a record (a deferred message)."""
+
+
 _TRANSACTION: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "resilience_idempotency_transaction", default=None
 )
@@ -230,6 +235,11 @@ class Idempotency:
                 in_handler = True
                 await call_next(delivery)
                 in_handler = False
+                if delivery.outcome is Outcome.DEFERRED:
+                    raise _NotCompleted  # rolls the store's transaction back
+        except _NotCompleted:
+            # The retry layer handed the next attempt to the broker: the message is not done.
+            await self._release(key, owner)
         except BaseException as exc:
             await self._release(key, owner)
             if in_handler or not isinstance(exc, Exception) or isinstance(exc, Unsettled):

@@ -29,7 +29,7 @@ from resilience.idempotency import (
     StoreUnavailable,
     current_transaction,
 )
-from resilience.pipeline import Pipeline
+from resilience.pipeline import CallNext, Pipeline
 from resilience.policy import Policy
 from resilience.testing import run_until_settled
 
@@ -485,3 +485,23 @@ async def test_store_errors_are_unsettled() -> None:
     assert isinstance(info.value.__cause__, ConnectionError)
     assert clock.sleeps
     assert clock.sleeps[-1] > 0
+
+
+async def test_a_message_deferred_to_the_broker_is_not_completed() -> None:
+    """A message whose next attempt was handed to the broker (tiered retry: outcome deferred)
+    is not done: no completion record is written and the claim is released, so the deferred
+    attempt runs when it comes back instead of being acknowledged as a duplicate."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    handler = Counting()
+
+    async def defer(delivery: Delivery, call_next: CallNext) -> None:
+        await call_next(delivery)
+        delivery.outcome = Outcome.DEFERRED
+
+    call = Pipeline(Idempotency(store, clock=clock), defer).build(handler)
+    first = Delivery({"n": 1}, key="orders", message_id="1-0")
+    await call(first)
+    assert first.outcome is Outcome.DEFERRED
+    assert not store.completed("orders/1-0")
+    assert await store.claim("orders/1-0", "next", 5) is ClaimState.CLAIMED
