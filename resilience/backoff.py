@@ -131,3 +131,38 @@ def tenacity_wait(backoff: Backoff) -> wait_base:
     if isinstance(backoff, wait_base):
         return backoff
     return backoff.to_tenacity()
+
+
+STORE_WAIT_INITIAL = 0.05
+"""Half the first wait after a failed store operation (the other half is random)."""
+
+_NO_RETRYING = tenacity.Retrying()
+
+
+def store_failure_wait(cap: float) -> wait_base:
+    """The wait after a store (dead-letter destination, idempotency store) failed: "equal
+    jitter" exponential backoff.
+
+    After the ``n``-th consecutive failure it waits between ``e`` and ``2e`` seconds,
+    ``e = min(0.05 * 2 ** (n - 1), cap / 2)``: the fixed half makes it grow for sure, the random
+    half spreads the attempts of many messages waiting on one store.
+
+    Args:
+        cap: The longest wait; 0 means no wait.
+
+    Returns:
+        A tenacity wait strategy (read ``attempt_number`` only).
+    """
+    if cap <= 0:
+        return tenacity.wait_none()
+    half = cap / 2
+    return tenacity.wait_exponential(
+        multiplier=STORE_WAIT_INITIAL, max=half
+    ) + tenacity.wait_random_exponential(multiplier=STORE_WAIT_INITIAL, max=half)
+
+
+def wait_after(strategy: wait_base, failures: int) -> float:
+    """The wait ``strategy`` gives after the ``failures``-th failure."""
+    state = tenacity.RetryCallState(_NO_RETRYING, None, (), {})
+    state.attempt_number = max(1, failures)
+    return float(strategy(state))

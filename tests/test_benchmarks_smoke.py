@@ -314,6 +314,49 @@ def test_compare_runs_every_pair_and_reports_progress() -> None:
     assert "retry-exponential" in table
 
 
+REDELIVERY = "redelivery:lost_acks=0.2,slow_rate=0.1"
+
+
+def test_redelivery_scenario_counts_duplicates_with_and_without_the_layer() -> None:
+    """Lost acknowledgements and expired visibility make the handler complete messages twice
+    without the idempotency layer, never with it; nothing is lost, and runs are deterministic."""
+    if not has_section("idempotency"):
+        pytest.skip("resilience.idempotency is not installed")
+    scenario = parse_scenario(REDELIVERY)
+    plain = simulate(_policy("no-retry"), scenario, TINY)
+    layered = simulate(_policy("no-retry-idempotent"), scenario, TINY)
+    assert plain.redelivered > 0
+    assert plain.duplicates > 0
+    assert plain.duplicates_skipped == 0
+    assert plain.calls == TINY.messages + plain.duplicates
+    assert layered.redelivered > 0
+    assert layered.duplicates == 0
+    assert layered.duplicates_skipped > 0
+    for result in (plain, layered):
+        assert result.succeeded == TINY.messages
+        assert result.lost == result.pending == result.dead_lettered == 0
+    assert simulate(_policy("no-retry-idempotent"), scenario, TINY) == layered
+    with pytest.raises(ConfigError, match="visibility"):
+        parse_scenario("redelivery:visibility=0")
+    table = format_comparison([plain, layered], [scenario], TINY)
+    assert "duplicates" in table
+    assert f"{plain.duplicates}!" in table
+
+
+def test_cli_redelivery_reports_duplicates_in_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench policies --scenario redelivery` puts the duplicate counts in the JSON."""
+    if not has_section("idempotency"):
+        pytest.skip("resilience.idempotency is not installed")
+    args = ["bench", "policies", "--messages", "40", "--scenario", REDELIVERY, "--json", "-"]
+    policies = ["--policy", "retry-exponential", "--policy", "retry-exponential-idempotent"]
+    assert main([*args, *policies]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["policy"] for r in results] == ["retry-exponential", "retry-exponential-idempotent"]
+    assert results[0]["duplicates"] > 0
+    assert results[1]["duplicates"] == 0
+    assert results[1]["duplicates_skipped"] > 0
+
+
 def test_user_scenario_from_an_import_path() -> None:
     """A Scenario subclass is loaded from MODULE:CLASS with parameters, and labelled by them."""
     scenario = parse_scenario("benchmarks.scenarios:FlakyDeploy:error_rate=0.9,window=300")
@@ -598,6 +641,13 @@ def test_redis_throughput_benchmark_runs() -> None:
     ]
     assert set(report["unacknowledged_after_drain"].values()) == {0}
     assert "hand-written" in format_throughput(report)
+    idempotency = report["idempotency"]
+    assert set(idempotency["unacknowledged_after_drain"].values()) == {0}
+    steady = idempotency["steady_round_trips_per_message"]
+    # Each message's claim is one round trip; its completion travels with the next claim.
+    extra = steady["full pipeline + idempotency (Redis)"] - steady["full pipeline"]
+    assert 0.9 <= extra <= 1.1
+    assert "extra round trips per message" in format_throughput(report)
 
 
 @pytest.mark.slow

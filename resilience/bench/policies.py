@@ -2,7 +2,8 @@
 
 A policy is given as a built-in name (``no-retry``, ``retry-exponential``, ...), as the path of
 a TOML file that ``resilience run --policy`` also takes (named after the file), or as
-``NAME=PATH`` to choose the label.
+``NAME=PATH`` to choose the label. Every built-in ``NAME`` also comes as ``NAME-idempotent``:
+the same policy with an ``[idempotency]`` section (a memory store on the run's virtual clock).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ _DEAD_LETTER = {"destination": "backend"}
 """Dead letters go to ``<key>.dlq`` on the benchmark's in-memory backend (atomic with the ack)."""
 
 _ATTEMPT_TIMEOUT = {"attempt": 10.0}
+
+_IDEMPOTENT = "-idempotent"
+"""Suffix of the built-ins' variants with an ``[idempotency]`` section."""
+
+_IDEMPOTENCY = {"store": "memory"}
+"""The variants' section: a memory store on the consumer's clock (the run's virtual time),
+standing for a shared store that survives a consumer's crash."""
 
 _BUILTINS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("no-retry", "the baseline: one attempt, no retry", {"retry": False}),
@@ -152,21 +160,28 @@ def _with_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def in_memory_dead_letters(policy: Policy) -> Policy:
-    """``policy`` with its dead letters sent to the benchmark's in-memory backend.
+    """``policy`` with its dead letters sent to the benchmark's in-memory backend, and its
+    idempotency records kept in memory.
 
-    A comparison must not write thousands of simulated dead letters into a real store (a
-    policy file's SQLite database, say), so the destination is replaced; every other
-    dead-letter option is kept.
+    A comparison must not write thousands of simulated dead letters or idempotency records into
+    a real store (a policy file's SQLite database, say), so the destination and the store are
+    replaced; every other option is kept.
     """
-    if "dead_letter" not in policy.sections:
+    if "dead_letter" not in policy.sections and "idempotency" not in policy.sections:
         return policy
     data = policy.to_dict()
-    section = dict(data["dead_letter"])
-    section["destination"] = "backend"
-    section.pop("path", None)
-    section.pop("key", None)
-    section["key_suffix"] = ".dlq"
-    data["dead_letter"] = section
+    if "dead_letter" in data:
+        section = dict(data["dead_letter"])
+        section["destination"] = "backend"
+        section.pop("path", None)
+        section.pop("key", None)
+        section["key_suffix"] = ".dlq"
+        data["dead_letter"] = section
+    if isinstance(data.get("idempotency"), dict) and data["idempotency"].get("enabled", True):
+        idempotency = dict(data["idempotency"])
+        for option in ("path", "url", "table"):
+            idempotency.pop(option, None)
+        data["idempotency"] = {**idempotency, **_IDEMPOTENCY}
     return Policy.from_dict(data)
 
 
@@ -175,14 +190,23 @@ def builtin_policies() -> dict[str, NamedPolicy]:
 
     Policies that need a section whose module is missing (``breaker-retry`` before the circuit
     breaker is installed) are left out; every built-in dead-letters when dead-letter routing is
-    available.
+    available; each comes with its ``-idempotent`` variant when the idempotency layer is.
     """
     specs = list(_BUILTINS) + list(_TIERED_BUILTINS)
     if has_section("circuit_breaker"):
         specs.extend(_BREAKER_BUILTINS)
+    idempotency = has_section("idempotency")
     result = {}
     for name, description, data in specs:
-        result[name] = NamedPolicy(name, Policy.from_dict(_with_defaults(data)), description)
+        full = _with_defaults(data)
+        result[name] = NamedPolicy(name, Policy.from_dict(full), description)
+        if idempotency:
+            variant = {**full, "idempotency": dict(_IDEMPOTENCY)}
+            result[name + _IDEMPOTENT] = NamedPolicy(
+                name + _IDEMPOTENT,
+                Policy.from_dict(variant),
+                f"{name} plus [idempotency] (memory store): a completed message runs once",
+            )
     return result
 
 

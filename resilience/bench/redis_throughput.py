@@ -357,6 +357,7 @@ def measure_throughput(
     rounds: int = 3,
     progress: Progress | None = None,
     streams: bool = True,
+    idempotency: bool = True,
 ) -> dict[str, Any]:
     """Drain ``messages`` entries with every contender, ``rounds`` times; keep the best rate.
 
@@ -369,6 +370,8 @@ def measure_throughput(
         progress: Called with (steps done, steps in all, label, fraction).
         streams: Also drain the same number of entries spread over 1, 100 and 1,000 streams
             (:mod:`resilience.bench.redis_streams`; under ``streams``).
+        idempotency: Also drain with and without the idempotency layer on Redis, counting
+            round trips (:mod:`resilience.bench.redis_idempotency`; under ``idempotency``).
 
     Returns:
         A JSON-ready document with messages per second per contender and the two ratios.
@@ -383,6 +386,8 @@ def measure_throughput(
         report = asyncio.run(_measure(resolved, messages, rounds, progress))
         if streams:
             report["streams"] = asyncio.run(_stream_counts(resolved, messages, rounds))
+        if idempotency:
+            report["idempotency"] = asyncio.run(_idempotency_rows(resolved, messages, rounds))
         return report
 
 
@@ -392,6 +397,16 @@ async def _stream_counts(url: str, messages: int, rounds: int) -> dict[str, Any]
     client = await _client(url)
     try:
         return await measure_streams(client, url, messages, rounds)
+    finally:
+        await client.aclose()
+
+
+async def _idempotency_rows(url: str, messages: int, rounds: int) -> dict[str, Any]:
+    from .redis_idempotency import measure_idempotency
+
+    client = await _client(url)
+    try:
+        return await measure_idempotency(client, url, messages, rounds)
     finally:
         await client.aclose()
 
@@ -428,6 +443,10 @@ def format_throughput(report: dict[str, Any]) -> str:
         from .redis_streams import format_streams
 
         parts += ["", format_streams(report["streams"])]
+    if report.get("idempotency"):
+        from .redis_idempotency import format_idempotency
+
+        parts += ["", format_idempotency(report["idempotency"])]
     shutdown = report.get("resilient_shutdown_seconds")
     if shutdown is not None:
         parts += [

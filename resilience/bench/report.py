@@ -163,13 +163,34 @@ def format_comparison(
                 "healthy messages (90%) and calls to the failing dependency:\n"
                 + format_table(("policy", "healthy p50", "healthy p99", "failing calls"), healthy)
             )
+        if scenario.redelivery_timeout() is not None:
+            redelivered = [
+                [
+                    r.policy,
+                    str(r.redelivered),
+                    str(r.calls),
+                    f"{r.duplicates}!" if r.duplicates else "0",
+                    str(r.duplicates_skipped),
+                ]
+                for r in results
+                if r.scenario == name
+            ]
+            blocks.append(
+                "redeliveries and duplicate handler completions:\n"
+                + format_table(
+                    ("policy", "redelivered", "handler runs", "duplicates", "acked as duplicate"),
+                    redelivered,
+                )
+            )
     blocks.append(
         "\nok: succeeded (retried: after a retry) · dlq: records in the dead-letter stream · "
         "lost: neither succeeded, dead-lettered, dropped nor pending (acked and gone: a terminal "
         "failure without a dead-letter destination) · pending: unsettled at the horizon · "
         "calls: calls reaching the dependency · ampl: calls per message (no-retry = 1.00x) · "
         "p50/p95/p99: publish-to-settlement latency · drain: recovery until the pre-recovery "
-        "backlog is settled · open: time the breaker spent open"
+        "backlog is settled · open: time the breaker spent open · redelivered: deliveries the "
+        "broker handed out again · duplicates: handler completions beyond the first of their "
+        "message · acked as duplicate: skipped by the idempotency layer"
     )
     return "\n".join(blocks)
 

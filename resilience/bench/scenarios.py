@@ -33,6 +33,7 @@ __all__ = [
     "Poison",
     "RateLimited",
     "RateLimitedError",
+    "Redelivery",
     "Reply",
     "Scenario",
     "Transient",
@@ -103,6 +104,18 @@ class Scenario:
         The engine measures the time to drain the backlog from this moment.
         """
         return None
+
+    def redelivery_timeout(self) -> float | None:
+        """Seconds after which the simulated broker hands a delivery that is still not
+        acknowledged to a consumer again (a visibility timeout, Redis's ``claim_idle``);
+        ``None``: it never does (the default: deliveries stay with their consumer)."""
+        return None
+
+    def ack_lost(self, message_id: str | None, delivery_count: int) -> bool:
+        """Whether the acknowledgement of a message's ``delivery_count``-th delivery never
+        reaches the broker (the consumer died between the handler and the ack); the default:
+        never."""
+        return False
 
     def params(self) -> dict[str, Any]:
         """The scenario's parameters, for reports."""
@@ -288,9 +301,76 @@ class RateLimited(Scenario):
         return Scenario.reply(self, now, poison)
 
 
+@dataclass(slots=True)
+class Redelivery(Scenario):
+    """A healthy dependency behind an at-least-once broker that delivers some messages twice.
+
+    Two ways a message comes back although it was handled, as they happen in production:
+
+    * **Lost acknowledgements**: a share ``lost_acks`` of the acknowledgements never reach the
+      broker (the consumer process died, or its connection dropped, between the handler's
+      return and the ack). The delivery stays unacknowledged and the broker hands it out again
+      ``visibility`` seconds after it was delivered.
+    * **Expired visibility**: a share ``slow_rate`` of the calls take ``slow`` seconds, longer
+      than ``visibility``: the broker considers the consumer gone and hands the message to
+      another consumer while the first is still running it (a visibility timeout, Redis's
+      ``claim_idle``, a lease shorter than the slowest calls).
+
+    The handler's completions are counted per message: every completion after the first is a
+    duplicate (``duplicates`` in the report). An ``[idempotency]`` policy's store stands for a
+    shared store (Redis, PostgreSQL) that survives the consumer's crash.
+    """
+
+    name: ClassVar[str] = "redelivery"
+    summary: ClassVar[str] = "lost acknowledgements and expired visibility deliver messages twice"
+
+    lost_acks: float = 0.02
+    visibility: float = 5.0
+    slow_rate: float = 0.01
+    slow: float = 8.0
+    _salt: float = dataclasses.field(default=0.0, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.visibility > 0:
+            raise ConfigError(f"scenario redelivery.visibility must be > 0, got {self.visibility}")
+
+    def reset(self, rng: random.Random) -> None:
+        """Draw the salt of this run's lost acknowledgements."""
+        Scenario.reset(self, rng)
+        self._salt = rng.random()
+
+    def redelivery_timeout(self) -> float | None:
+        """The broker's visibility timeout."""
+        return self.visibility
+
+    def ack_lost(self, message_id: str | None, delivery_count: int) -> bool:
+        """Lose the acknowledgement with probability ``lost_acks``, decided per message and
+        delivery (not in call order), so that policies compared on one seed lose the
+        acknowledgements of the same deliveries."""
+        if not self.lost_acks:
+            return False
+        draw = random.Random(f"{self._salt}:{message_id}:{delivery_count}").random()
+        return draw < self.lost_acks
+
+    def reply(self, now: float, poison: bool) -> Reply:
+        """A slow call with probability ``slow_rate``, else a healthy one."""
+        if self.slow_rate and self.rng.random() < self.slow_rate:
+            return Reply(self.slow)
+        return Scenario.reply(self, now, poison)
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     cls.name: cls
-    for cls in (Scenario, Transient, Outage, PartialOutage, Poison, LatencySpikes, RateLimited)
+    for cls in (
+        Scenario,
+        Transient,
+        Outage,
+        PartialOutage,
+        Poison,
+        LatencySpikes,
+        RateLimited,
+        Redelivery,
+    )
 }
 """The built-in scenarios by name."""
 
@@ -323,7 +403,7 @@ def build_scenario(cls: type[Scenario], params: dict[str, Any], label: str) -> S
             reader.get(field.name, None)  # a known key: listed as allowed in error messages
     reader.finish()
     scenario = cls(**values)
-    for rate in ("p", "poison_rate", "hang_rate"):
+    for rate in ("p", "poison_rate", "hang_rate", "lost_acks", "slow_rate"):
         value = getattr(scenario, rate, None)
         if isinstance(value, float) and value > 1:
             raise ConfigError(f"{label}.{rate} must be between 0 and 1, got {value:g}")

@@ -29,6 +29,7 @@ from resilience.errors import ConfigError, RetryAfter
 from resilience.events import EventBus, MessageSettled, Outcome
 from resilience.testing import zero_waits
 
+from ._broker import RedeliveringBackend
 from ._vloop import run_virtual
 from .policies import NamedPolicy
 from .scenarios import RateLimitedError, Scenario, scenario_name
@@ -126,6 +127,12 @@ class RunResult:
         simulated: Simulated duration of the run.
         wall: Real seconds the run took (not part of the deterministic result).
         reasons: Terminal reasons (``retries_exhausted``, ``budget_exhausted``, ...) by count.
+        duplicates: Handler completions beyond the first of their message: effects that
+            happened twice (counted by the handler itself, per message).
+        duplicates_skipped: Deliveries acknowledged without running the handler because the
+            message was completed before (outcome ``duplicate``: the idempotency layer).
+        redelivered: Deliveries the simulated broker handed out again (redelivery scenarios:
+            expired visibility, lost acknowledgements, deliveries given back).
     """
 
     policy: str
@@ -150,6 +157,9 @@ class RunResult:
     simulated: float
     wall: float = field(compare=False)
     reasons: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    duplicates_skipped: int = 0
+    redelivered: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -181,6 +191,8 @@ class _Stats:
         self.calls = 0
         self.flagged_calls = 0
         self.accepted: set[int] = set()
+        self.completions: Counter[int] = Counter()
+        self.skipped = 0
         self.dropped: list[str | None] = []
         self.last_backlog_settled: float | None = None
         self.done = asyncio.Event()
@@ -204,6 +216,9 @@ class _Stats:
             self.open_since = None
 
     def _settled(self, event: MessageSettled) -> None:
+        if event.outcome is Outcome.DUPLICATE:
+            self.skipped += 1
+            return
         if event.outcome not in _FINAL:
             return  # cancelled or unsettled: released, it comes back
         published = self.published.pop(event.message_id, None)
@@ -241,7 +256,12 @@ async def _run(
     arrivals = random.Random(f"{seed}:arrivals")
     scenario.reset(random.Random(f"{seed}:dependency"))
     clock = LoopClock()
-    backend = MemoryBackend.isolated(keys=[WORK_KEY])
+    redelivering = scenario.redelivery_timeout() is not None
+    backend = (
+        RedeliveringBackend(scenario, keys=[WORK_KEY])
+        if redelivering
+        else MemoryBackend.isolated(keys=[WORK_KEY])
+    )
     bus = EventBus()
     stats = _Stats(loop, workload.messages, scenario.recovery_at)
     stats.progress = progress
@@ -269,6 +289,7 @@ async def _run(
                 raise RetryAfter(error.retry_after, "rate limited") from error
             raise error
         stats.accepted.add(payload["n"])
+        stats.completions[payload["n"]] += 1
 
     run_task = asyncio.create_task(consumer.run(handler))
     numbers: dict[str | None, int] = {}
@@ -283,7 +304,14 @@ async def _run(
         if run_task.done():
             break
     waiter = asyncio.create_task(stats.done.wait())
+    deadline = loop.time() + workload.horizon
     await asyncio.wait({waiter, run_task}, timeout=workload.horizon, return_when="FIRST_COMPLETED")
+    if isinstance(backend, RedeliveringBackend):
+        # Settled is not the end here: lost acknowledgements and expired deliveries still
+        # come back. Wait until the broker holds nothing of the run (a look every simulated
+        # second; the channel's join() never returns, the dead letters stay queued in it).
+        while not run_task.done() and backend.holds(WORK_KEY) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
     end = loop.time()
     if run_task.done():
         waiter.cancel()
@@ -326,6 +354,9 @@ async def _run(
         simulated=end,
         wall=time.perf_counter() - started,
         reasons=dict(sorted(stats.reasons.items())),
+        duplicates=sum(count - 1 for count in stats.completions.values()),
+        duplicates_skipped=stats.skipped,
+        redelivered=backend.redelivered if isinstance(backend, RedeliveringBackend) else 0,
     )
 
 

@@ -18,52 +18,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import tenacity
-from tenacity.wait import wait_base
-
 if TYPE_CHECKING:
     from ..delivery import Delivery
 
-__all__ = ["MAX_PENDING", "MAX_RECENT", "PendingWrite", "PendingWrites", "write_wait"]
+__all__ = ["MAX_PENDING", "MAX_RECENT", "PendingWrite", "PendingWrites"]
 
 MAX_PENDING = 1024
 """Messages whose failed write a router remembers at most."""
 
 MAX_RECENT = 10
 """Failed writes listed one by one in an envelope's ``write_failures`` (the newest)."""
-
-WRITE_WAIT_INITIAL = 0.05
-"""Half the first wait after a failed write (the other half is random)."""
-
-_NO_RETRYING = tenacity.Retrying()
-
-
-def write_wait(cap: float) -> wait_base:
-    """The wait after a failed write: "equal jitter" exponential backoff.
-
-    After the ``n``-th failed write of a message it waits between ``e`` and ``2e`` seconds,
-    ``e = min(0.05 * 2 ** (n - 1), cap / 2)``: the fixed half makes it grow for sure, the random
-    half spreads the writes of many messages waiting on one store.
-
-    Args:
-        cap: The longest wait (``write_failure_backoff``); 0 means no wait.
-
-    Returns:
-        A tenacity wait strategy (read ``attempt_number`` only).
-    """
-    if cap <= 0:
-        return tenacity.wait_none()
-    half = cap / 2
-    return tenacity.wait_exponential(
-        multiplier=WRITE_WAIT_INITIAL, max=half
-    ) + tenacity.wait_random_exponential(multiplier=WRITE_WAIT_INITIAL, max=half)
-
-
-def wait_after(strategy: wait_base, failures: int) -> float:
-    """The wait ``strategy`` gives after the ``failures``-th failed write."""
-    state = tenacity.RetryCallState(_NO_RETRYING, None, (), {})
-    state.attempt_number = max(1, failures)
-    return float(strategy(state))
 
 
 def identity(delivery: Delivery) -> tuple[str, str] | None:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._log import get_logger
+from ..backoff import store_failure_wait, wait_after
 from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError, Unsettled
 from ..events import Event, Outcome
 from ..hooks import SLOW_PATH, HookLayer
 from ..types import GATES_EXTRA
-from ._pending import PendingWrite, PendingWrites, identity, wait_after, write_wait
+from ._pending import PendingWrite, PendingWrites, identity
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
 from .sqlite import encoded_writer
 
@@ -218,7 +219,7 @@ class DeadLetterRouter(HookLayer):
         self.stats = DeadLetterStats(self._pending)
         self.write_failure_backoff = float(write_failure_backoff)
         self.write_attempts = write_attempts
-        self._write_wait = write_wait(self.write_failure_backoff)
+        self._write_wait = store_failure_wait(self.write_failure_backoff)
         self._classifier = classifier or default_classifier
         self._clock = clock or default_clock
         self._validate = validate

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._store import ClaimLost, ClaimState, IdempotencyStore, InProgressElsewhere
+from ._store import (
+    ClaimLost,
+    ClaimState,
+    IdempotencyStore,
+    InProgressElsewhere,
+    StoreUnavailable,
+)
 from .config import IdempotencyConfig, policy_section
 from .layer import DEFAULT_HEADER, Idempotency, KeyFunction, current_transaction
 from .memory import MemoryStore
@@ -33,6 +39,7 @@ __all__ = [
     "RedisEffects",
     "RedisStore",
     "SQLiteStore",
+    "StoreUnavailable",
     "current_transaction",
     "policy_section",
 ]

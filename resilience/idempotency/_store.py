@@ -11,7 +11,13 @@ from ..errors import Unsettled
 if TYPE_CHECKING:
     from ..delivery import Delivery
 
-__all__ = ["ClaimLost", "ClaimState", "IdempotencyStore", "InProgressElsewhere"]
+__all__ = [
+    "ClaimLost",
+    "ClaimState",
+    "IdempotencyStore",
+    "InProgressElsewhere",
+    "StoreUnavailable",
+]
 
 
 class ClaimState(enum.Enum):
@@ -34,6 +40,13 @@ class ClaimLost(Unsettled):
     """The claim expired while the handler ran and another consumer took it over, so the
     completion record was not written (nor, with a transactional store, the handler's effects);
     the delivery is given back and its redelivery finds the other consumer's record."""
+
+
+class StoreUnavailable(Unsettled):
+    """The idempotency store failed (it is down, or the connection to it broke) before the
+    handler ran or while writing the completion record: the delivery is given back to the
+    broker unacknowledged, after a backoff, and comes again later. Not a handler failure: no
+    retry is spent and nothing is dead-lettered because of the store."""
 
 
 @runtime_checkable

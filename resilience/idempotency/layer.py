@@ -4,7 +4,10 @@ Per delivery: work out the message's identity, claim it in the store with a leas
 of the pipeline, then write a completion record (kept for a TTL). A delivery whose identity has
 a completion record is acknowledged without running the handler (outcome ``duplicate``); one
 claimed by another consumer waits for that consumer, up to ``wait`` seconds, and is then given
-back to the broker; a failure drops the claim so that a retry or a redelivery can run.
+back to the broker; a failure drops the claim so that a retry or a redelivery can run. When the
+store itself fails (it is down), the delivery is given back unacknowledged after a backoff
+(:class:`StoreUnavailable`): the handler's retries are not spent and nothing is dead-lettered
+because of the store.
 """
 
 from __future__ import annotations
@@ -13,20 +16,28 @@ import asyncio
 import contextvars
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from ..backoff import store_failure_wait, wait_after
 from ..clock import Clock, default_clock
-from ..errors import ConfigError
+from ..errors import ConfigError, Unsettled
 from ..events import Outcome
-from ._store import ClaimState, IdempotencyStore, InProgressElsewhere
+from ._store import ClaimState, IdempotencyStore, InProgressElsewhere, StoreUnavailable
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..types import CallNext
 
-__all__ = ["DEFAULT_HEADER", "Idempotency", "KeyFunction", "current_transaction"]
+__all__ = [
+    "DEFAULT_HEADER",
+    "STORE_FAILURE_BACKOFF",
+    "Idempotency",
+    "KeyFunction",
+    "current_transaction",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +46,21 @@ KeyFunction = Callable[["Delivery"], "str | None"]
 
 DEFAULT_HEADER = "idempotency-key"
 """The header producers conventionally put their own message id in."""
+
+STORE_FAILURE_BACKOFF = 5.0
+"""The longest wait, in seconds, before a delivery whose store operation failed is given back
+(the waits grow with consecutive failures of the store: no hot loop of redeliveries)."""
+
+_STORE_WAIT = store_failure_wait(STORE_FAILURE_BACKOFF)
+
+MAX_GIVEN_BACK = 1024
+"""Messages whose give-backs a layer remembers at most (the least recently given back are
+forgotten first)."""
+
+
+class _NotCompleted(Exception):
+    """Leaves the store's completion context without a record (a deferred message)."""
+
 
 _TRANSACTION: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "resilience_idempotency_transaction", default=None
@@ -94,6 +120,8 @@ class Idempotency:
 
     __slots__ = (
         "_clock",
+        "_failures",
+        "_given_back",
         "_header",
         "_key",
         "_lease",
@@ -136,6 +164,8 @@ class Idempotency:
         self._namespace = namespace
         self._clock: Clock = clock or default_clock
         self._warned = False
+        self._failures = 0
+        self._given_back: OrderedDict[str, int] = OrderedDict()
 
     @property
     def store(self) -> IdempotencyStore:
@@ -178,23 +208,65 @@ class Idempotency:
             return
         store = self._store
         owner = uuid.uuid4().hex
-        state = await store.claim(key, owner, self._lease)
-        if state is ClaimState.BUSY:
-            state = await self._wait_for(key, owner)
+        try:
+            state = await store.claim(key, owner, self._lease)
+            if state is ClaimState.BUSY:
+                state = await self._wait_for(key, owner)
+        except Exception as exc:
+            if isinstance(exc, Unsettled):
+                raise
+            await self._store_failed(key, "claiming", exc)
+        self._failures = 0
+        if self._given_back:
+            given_back = self._given_back.pop(key, 0)
+            if given_back:
+                # The deliveries this layer gave back never reached the handler: they do not
+                # count against the attempt limit (the broker's delivery count does include them).
+                delivery.attempt = max(1, delivery.attempt - given_back)
         if state is ClaimState.COMPLETED:
             delivery.outcome = Outcome.DUPLICATE
             delivery.reason = "duplicate"
             return
         token = _TRANSACTION.set(None)
+        in_handler = False
         try:
             async with store.complete(key, owner, self._ttl, delivery) as transaction:
                 _TRANSACTION.set(transaction)
+                in_handler = True
                 await call_next(delivery)
-        except BaseException:
+                in_handler = False
+                if delivery.outcome is Outcome.DEFERRED:
+                    raise _NotCompleted  # rolls the store's transaction back
+        except _NotCompleted:
+            # The retry layer handed the next attempt to the broker: the message is not done.
             await self._release(key, owner)
-            raise
+        except BaseException as exc:
+            await self._release(key, owner)
+            if in_handler or not isinstance(exc, Exception) or isinstance(exc, Unsettled):
+                raise
+            # The store failed opening its transaction or writing the completion record.
+            await self._store_failed(key, "completing", exc)
         finally:
             _TRANSACTION.reset(token)
+
+    async def _store_failed(self, key: str, step: str, exc: Exception) -> NoReturn:
+        """Wait the store's backoff, then give the delivery back to be delivered again."""
+        self._failures += 1
+        wait = wait_after(_STORE_WAIT, self._failures)
+        logger.warning(
+            "The idempotency store failed %s %r (failure %d in a row); the message is given "
+            "back after %.2fs: %r",
+            step,
+            key,
+            self._failures,
+            wait,
+            exc,
+        )
+        await self._clock.sleep(wait)
+        self._give_back(key)
+        raise StoreUnavailable(
+            f"the idempotency store failed {step} {key!r}; given back to be delivered again"
+        ) from exc
 
     async def _wait_for(self, key: str, owner: str) -> ClaimState:
         clock = self._clock
@@ -202,6 +274,7 @@ class Idempotency:
         while True:
             left = deadline - clock.monotonic()
             if left <= 0:
+                self._give_back(key)
                 raise InProgressElsewhere(
                     f"another consumer is processing {key!r}; given back to be delivered again"
                 )
@@ -209,6 +282,13 @@ class Idempotency:
             state = await self._store.claim(key, owner, self._lease)
             if state is not ClaimState.BUSY:
                 return state
+
+    def _give_back(self, key: str) -> None:
+        """Remember that a delivery of ``key`` goes back to the broker without an attempt."""
+        given = self._given_back
+        given[key] = given.pop(key, 0) + 1
+        if len(given) > MAX_GIVEN_BACK:
+            given.popitem(last=False)
 
     async def _release(self, key: str, owner: str) -> None:
         try:

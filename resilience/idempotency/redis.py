@@ -16,6 +16,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 from abe.backends.message_queue.service._redis_idempotency import (
     COMPLETE_LUA,
     COMPLETE_SHA,
@@ -133,7 +135,7 @@ class RedisStore:
         done, held = await pipe.execute(raise_on_error=False)
         if isinstance(done, Exception):
             assert self.backend is not None
-            if "NOSCRIPT" in str(done):
+            if isinstance(done, NoScriptError):  # a fresh server: the call loads the script
                 await self.backend.send_idempotent_completions(keys, args)  # loads it
             else:
                 logger.warning(

@@ -22,7 +22,7 @@ from resilience.events import Outcome
 from resilience.idempotency import ClaimLost, ClaimState, RedisStore, current_transaction
 from resilience.pipeline import Pipeline
 from resilience.testing import run_until_settled
-from tests.redis.redis_support import MakeBackend, eventually
+from tests.redis.redis_support import MakeBackend, RedisServer, eventually
 
 pytestmark = [pytest.mark.broker]
 
@@ -118,6 +118,26 @@ async def test_completion_is_written_with_the_xack_and_duplicates_are_acked(
     assert await client.get(f"{prefix}effects") == b"1"
     assert await client.get(f"{prefix}idem:order-1") == b"done"
     assert await backend.pending(stream) == 0
+
+
+async def test_completions_sent_with_claims_load_the_script_on_a_fresh_server(
+    redis_server: RedisServer,
+) -> None:
+    """On a server that never saw the completion script, the completions travelling in the
+    same pipeline as the next claim load it (NOSCRIPT) instead of being dropped: every entry is
+    acknowledged once the backend has flushed."""
+    backend = RedisBackend(redis_server.url, streams=["s"], group="g", consumer="c")
+    try:
+        for n in range(20):
+            await backend.publish_message("s", {"n": n})
+        store = RedisStore(backend=backend)
+        consumer = ResilientConsumer(backend, policy=Pipeline().idempotent(store))
+        outcomes = await run_until_settled(consumer, lambda payload: asyncio.sleep(0), 20)
+        await backend.flush()
+        assert outcomes.counts[Outcome.SUCCESS] == 20
+        assert await backend.pending("s") == 0
+    finally:
+        await backend.aclose()
 
 
 @pytest.mark.slow

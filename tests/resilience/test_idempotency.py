@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.backoff import Fixed
 from resilience.clock import FakeClock
 from resilience.consumer import ResilientConsumer
+from resilience.dead_letter import MemoryStore as DeadLetterMemoryStore
 from resilience.delivery import Delivery
 from resilience.errors import ConfigError, DeadLetterWriteError, Unsettled
 from resilience.events import Outcome
@@ -22,9 +26,10 @@ from resilience.idempotency import (
     InProgressElsewhere,
     MemoryStore,
     SQLiteStore,
+    StoreUnavailable,
     current_transaction,
 )
-from resilience.pipeline import Pipeline
+from resilience.pipeline import CallNext, Pipeline
 from resilience.policy import Policy
 from resilience.testing import run_until_settled
 
@@ -387,3 +392,116 @@ async def test_duplicates_are_counted_and_marked_on_the_span(
     assert outcomes == ["duplicate", "duplicate", "success"]
     otel.tracer_provider.shutdown()
     otel.meter_provider.shutdown()
+
+
+class FlakyStore(MemoryStore):
+    """A memory store that is down for its first ``claims`` claims and its first
+    ``completions`` completion records (after the handler ran)."""
+
+    def __init__(self, clock: FakeClock, *, claims: int = 0, completions: int = 0) -> None:
+        super().__init__(clock=clock)
+        self.claims_down = claims
+        self.completions_down = completions
+        self.failures = 0
+
+    async def claim(self, key: str, owner: str, lease: float) -> ClaimState:
+        if self.claims_down > 0:
+            self.claims_down -= 1
+            self.failures += 1
+            raise ConnectionError("idempotency store is down")
+        return await super().claim(key, owner, lease)
+
+    @contextlib.asynccontextmanager
+    async def complete(
+        self, key: str, owner: str, ttl: float, delivery: Delivery
+    ) -> AsyncIterator[None]:
+        async with super().complete(key, owner, ttl, delivery) as transaction:
+            yield transaction
+            if self.completions_down > 0:
+                self.completions_down -= 1
+                self.failures += 1
+                raise ConnectionError("idempotency store went down before the record")
+
+
+async def _through_consumer(
+    store: FlakyStore, clock: FakeClock, messages: int, settlements: int
+) -> tuple[MemoryBackend, Counting, Any]:
+    """Consume ``messages`` through dead-letter routing, the layer and retries until
+    ``settlements`` outcomes (give-backs included) are reported."""
+    backend = MemoryBackend.isolated(keys=["jobs"])
+    for n in range(messages):
+        await backend.publish_message("jobs", {"n": n})
+    handler = Counting()
+    policy = (
+        Pipeline()
+        .dead_letter(DeadLetterMemoryStore(), clock=clock)
+        .idempotent(store, clock=clock)
+        .retry(attempts=3, wait=Fixed(0), clock=clock)
+    )
+    consumer = ResilientConsumer(backend, policy=policy, clock=clock)
+    outcomes = await run_until_settled(consumer, handler, settlements)
+    return backend, handler, outcomes
+
+
+async def test_store_down_before_the_handler_gives_messages_back() -> None:
+    """Fault injection: the store fails the first claims. Those deliveries are given back
+    (unsettled), no retry is spent and nothing is dead-lettered or lost; each message then runs
+    once, after a growing backoff on the clock."""
+    clock = FakeClock()
+    store = FlakyStore(clock, claims=4)
+    backend, handler, outcomes = await _through_consumer(store, clock, 3, 3 + 4)
+    assert outcomes.counts == Counter({Outcome.UNSETTLED: 4, Outcome.SUCCESS: 3})
+    assert handler.runs == 3  # the handler never ran for a failed claim
+    assert backend.size("jobs.dlq") == 0  # 4 give-backs, 3 attempts: no delivery limit hit
+    assert backend.size("jobs") == 0
+    assert backend.unacked() == []
+    waits = [s for s in clock.sleeps if s > 0]
+    assert len(waits) == 4
+    assert waits == sorted(waits)  # the backoff grows with consecutive failures
+    assert all(store.completed(f"jobs/{m}") for m in ("1", "2", "3"))
+
+
+async def test_store_down_after_the_handler_gives_the_message_back() -> None:
+    """Fault injection: the completion record cannot be written. The delivery is given back,
+    not dead-lettered; its redelivery runs again (the plain store's window) and completes."""
+    clock = FakeClock()
+    store = FlakyStore(clock, completions=1)
+    backend, handler, outcomes = await _through_consumer(store, clock, 1, 1 + 1)
+    assert outcomes.counts == Counter({Outcome.UNSETTLED: 1, Outcome.SUCCESS: 1})
+    assert handler.runs == 2
+    assert backend.size("jobs.dlq") == 0
+    assert backend.unacked() == []
+    assert backend.size() == 0
+
+
+async def test_store_errors_are_unsettled() -> None:
+    """A store failure is one kind of unsettled outcome, raised after the backoff."""
+    clock = FakeClock()
+    store = FlakyStore(clock, claims=1)
+    call = Pipeline(Idempotency(store, clock=clock)).build(Counting())
+    with pytest.raises(StoreUnavailable) as info:
+        await call(delivery())
+    assert isinstance(info.value, Unsettled)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert clock.sleeps
+    assert clock.sleeps[-1] > 0
+
+
+async def test_a_message_deferred_to_the_broker_is_not_completed() -> None:
+    """A message whose next attempt was handed to the broker (tiered retry: outcome deferred)
+    is not done: no completion record is written and the claim is released, so the deferred
+    attempt runs when it comes back instead of being acknowledged as a duplicate."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    handler = Counting()
+
+    async def defer(delivery: Delivery, call_next: CallNext) -> None:
+        await call_next(delivery)
+        delivery.outcome = Outcome.DEFERRED
+
+    call = Pipeline(Idempotency(store, clock=clock), defer).build(handler)
+    first = Delivery({"n": 1}, key="orders", message_id="1-0")
+    await call(first)
+    assert first.outcome is Outcome.DEFERRED
+    assert not store.completed("orders/1-0")
+    assert await store.claim("orders/1-0", "next", 5) is ClaimState.CLAIMED
