@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from resilience.bench.redis_idempotency import MAX_MESSAGES, format_idempotency, measure
+from resilience.bench.redis_idempotency import MAX_MESSAGES, format_idempotency
+from resilience.bench.redis_throughput import measure_idempotency_alone
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -20,7 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
-    report = measure(url=args.url, messages=args.messages, rounds=args.rounds)
+    report = measure_idempotency_alone(url=args.url, messages=args.messages, rounds=args.rounds)
     print(format_idempotency(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

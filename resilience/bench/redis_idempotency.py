@@ -43,7 +43,6 @@ __all__ = [
     "MAX_MESSAGES",
     "counting_round_trips",
     "format_idempotency",
-    "measure",
     "measure_idempotency",
 ]
 
@@ -277,27 +276,3 @@ def format_idempotency(report: dict[str, Any]) -> str:
             format_table(("ratio", "value", "target", "met"), ratio_rows),
         ]
     )
-
-
-def measure(
-    *, url: str | None = None, messages: int = MAX_MESSAGES, rounds: int = 3
-) -> dict[str, Any]:
-    """These rows alone (``resilience bench redis`` runs them after its other tables).
-
-    Args:
-        url: The Redis to use, found as ``resilience bench redis`` finds it (``REDIS_URL``,
-            else a throw-away ``redis-server``, else the local one).
-        messages: Entries per drain (at most :data:`MAX_MESSAGES`).
-        rounds: Drains per contender.
-
-    Returns:
-        The document :func:`measure_idempotency` returns.
-
-    Raises:
-        RedisUnavailable: no Redis answered, or redis-py is missing.
-    """
-    from .redis_throughput import _idempotency_rows, _server
-    from .report import quiet_policy_advice
-
-    with _server(url) as resolved, quiet_policy_advice():
-        return asyncio.run(_idempotency_rows(resolved, messages, rounds))

@@ -35,9 +35,17 @@ from resilience.pipeline import Pipeline
 from resilience.policy import Policy
 
 from ._contenders import full_pipeline_policy
+from .redis_idempotency import MAX_MESSAGES, format_idempotency, measure_idempotency
+from .redis_streams import format_streams, measure_streams
 from .report import format_table, machine_info, quiet_policy_advice
 
-__all__ = ["RedisUnavailable", "format_throughput", "measure_throughput", "redis_server"]
+__all__ = [
+    "RedisUnavailable",
+    "format_throughput",
+    "measure_idempotency_alone",
+    "measure_throughput",
+    "redis_server",
+]
 
 GROUP = "bench"
 WARMUP = 1000
@@ -392,8 +400,6 @@ def measure_throughput(
 
 
 async def _stream_counts(url: str, messages: int, rounds: int) -> dict[str, Any]:
-    from .redis_streams import measure_streams
-
     client = await _client(url)
     try:
         return await measure_streams(client, url, messages, rounds)
@@ -402,8 +408,6 @@ async def _stream_counts(url: str, messages: int, rounds: int) -> dict[str, Any]
 
 
 async def _idempotency_rows(url: str, messages: int, rounds: int) -> dict[str, Any]:
-    from .redis_idempotency import measure_idempotency
-
     client = await _client(url)
     try:
         return await measure_idempotency(client, url, messages, rounds)
@@ -440,12 +444,8 @@ def format_throughput(report: dict[str, Any]) -> str:
     if ratio_rows:
         parts += ["", format_table(("ratio", "value", "target", "met"), ratio_rows)]
     if report.get("streams"):
-        from .redis_streams import format_streams
-
         parts += ["", format_streams(report["streams"])]
     if report.get("idempotency"):
-        from .redis_idempotency import format_idempotency
-
         parts += ["", format_idempotency(report["idempotency"])]
     shutdown = report.get("resilient_shutdown_seconds")
     if shutdown is not None:
@@ -455,3 +455,25 @@ def format_throughput(report: dict[str, Any]) -> str:
             f"(drain timeout {SHUTDOWN_LIMIT:g}s; not part of the rates)",
         ]
     return "\n".join(parts)
+
+
+def measure_idempotency_alone(
+    *, url: str | None = None, messages: int = MAX_MESSAGES, rounds: int = 3
+) -> dict[str, Any]:
+    """These rows alone (``resilience bench redis`` runs them after its other tables).
+
+    Args:
+        url: The Redis to use, found as ``resilience bench redis`` finds it (``REDIS_URL``,
+            else a throw-away ``redis-server``, else the local one).
+        messages: Entries per drain (at most
+            :data:`~resilience.bench.redis_idempotency.MAX_MESSAGES`).
+        rounds: Drains per contender.
+
+    Returns:
+        The document :func:`~resilience.bench.redis_idempotency.measure_idempotency` returns.
+
+    Raises:
+        RedisUnavailable: no Redis answered, or redis-py is missing.
+    """
+    with _server(url) as resolved, quiet_policy_advice():
+        return asyncio.run(_idempotency_rows(resolved, messages, rounds))
