@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from abe.backends.message_queue.service.memory import MemoryBackend
 
 from ._contenders import KEY, Setup
 
-__all__ = ["_drain", "_now"]
+__all__ = ["_drain", "_now", "counting_handler", "until_handled"]
 
 _now = time.process_time
 """The benchmark's clock: CPU time of this process. The contenders are CPU-bound (an in-memory
@@ -23,14 +24,24 @@ backend, a handler that does nothing), so CPU time is their cost, and time the p
 waiting for a core on a busy machine is not counted against whichever contender it hits."""
 
 
-async def _drain(setup: Setup, messages: int) -> float:
-    """Seconds per message for one contender to consume ``messages`` pre-published ones."""
-    backend = MemoryBackend.isolated(keys=[KEY])
+async def _drain(
+    setup: Setup, messages: int, keys: int = 1, clock: Callable[[], float] = _now
+) -> float:
+    """Seconds per message for one contender to consume ``messages`` pre-published ones.
+
+    Args:
+        setup: The contender.
+        messages: How many messages to publish first and then drain.
+        keys: How many keys the messages are spread over (round robin); one key is
+            :data:`~resilience.bench._contenders.KEY`.
+        clock: What a second is: CPU time of the process by default.
+    """
+    names = [KEY] if keys == 1 else [f"bench.key.{k}" for k in range(keys)]
+    backend = MemoryBackend.isolated(keys=names)
     for n in range(messages):
-        await backend.publish_message(KEY, {"n": n})
+        await backend.publish_message(names[n % keys], {"n": n})
     consumer, wrap = setup(backend)
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     count = 0
     first = last = 0.0
 
@@ -38,9 +49,9 @@ async def _drain(setup: Setup, messages: int) -> float:
         nonlocal count, first, last
         count += 1
         if count == 1:
-            first = _now()
+            first = clock()
         elif count == messages:
-            last = _now()
+            last = clock()
             done.set_result(None)
 
     gc.collect()
@@ -56,3 +67,35 @@ async def _drain(setup: Setup, messages: int) -> float:
         task.result()
         raise RuntimeError("the consumer stopped before consuming every message")
     return (last - first) / max(1, messages - 1)
+
+
+def counting_handler(
+    messages: int,
+) -> tuple[Callable[[Any], Awaitable[None]], asyncio.Future[None]]:
+    """A handler that does nothing, and the future it resolves after ``messages`` calls."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    handled = 0
+
+    async def handler(payload: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == messages:
+            done.set_result(None)
+
+    return handler, done
+
+
+async def until_handled(
+    task: asyncio.Task[None], done: asyncio.Future[None], flush: Callable[[], Awaitable[None]]
+) -> None:
+    """Wait until ``done`` (every message handled), then for the last acknowledgements.
+
+    Raises:
+        RuntimeError: the consumer's ``task`` ended first (or its own exception).
+    """
+    await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
+    if not done.done():
+        task.result()
+        raise RuntimeError("the consumer stopped before every message was handled")
+    await asyncio.sleep(0)  # let the last delivery be acknowledged
+    await flush()

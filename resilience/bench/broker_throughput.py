@@ -35,6 +35,7 @@ from typing import Any
 from resilience.consumer import ResilientConsumer
 
 from ._contenders import full_pipeline_policy
+from ._drain import counting_handler, until_handled
 from .report import format_table, machine_info, quiet_policy_advice
 
 __all__ = ["BROKERS", "BrokerUnavailable", "format_brokers", "measure_brokers"]
@@ -69,24 +70,12 @@ async def _drain_resilient(backend: Any, messages: int) -> float:
     consumer = ResilientConsumer(
         backend, policy=full_pipeline_policy(), drain_timeout=SHUTDOWN_LIMIT
     )
-    done = asyncio.get_running_loop().create_future()
-    handled = 0
-
-    async def handler(payload: dict[str, Any]) -> None:
-        nonlocal handled
-        handled += 1
-        if handled == messages:
-            done.set_result(None)
+    handler, done = counting_handler(messages)
 
     started = time.perf_counter()
     task = asyncio.create_task(consumer.run(handler))
     try:
-        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not done.done():
-            task.result()
-            raise RuntimeError("the consumer stopped before every message was handled")
-        await asyncio.sleep(0)
-        await backend.flush()
+        await until_handled(task, done, backend.flush)
         elapsed = time.perf_counter() - started
     finally:
         await consumer.shutdown()

@@ -35,6 +35,7 @@ from resilience.consumer import ResilientConsumer
 from resilience.policy import Policy
 
 from ._contenders import full_pipeline_policy
+from ._drain import until_handled
 from .report import format_table
 
 __all__ = [
@@ -139,12 +140,7 @@ async def _drain(
         started = time.perf_counter()
         task = asyncio.create_task(consumer.run(handler))
         try:
-            await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not done.done():
-                task.result()
-                raise RuntimeError("the consumer stopped before every entry was handled")
-            await asyncio.sleep(0)  # let the last delivery be acknowledged
-            await backend.flush()
+            await until_handled(task, done, backend.flush)
             ended = time.perf_counter()
             elapsed = ended - started
             trips = round_trips()

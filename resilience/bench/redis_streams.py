@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._contenders import full_pipeline_policy
+from ._drain import counting_handler, until_handled
 from .report import format_table
 
 __all__ = ["STREAM_COUNTS", "STREAM_TARGET", "format_streams", "measure_streams"]
@@ -91,24 +92,12 @@ async def _resilient(client: Any, url: str, keys: list[str], messages: int) -> f
 
     backend = RedisBackend(url, streams=keys, group=GROUP, consumer="resilient", batch_size=BATCH)
     consumer = ResilientConsumer(backend, GROUP, policy=full_pipeline_policy(), drain_timeout=5)
-    done = asyncio.get_running_loop().create_future()
-    handled = 0
-
-    async def handler(payload: dict[str, Any]) -> None:
-        nonlocal handled
-        handled += 1
-        if handled == messages:
-            done.set_result(None)
+    handler, done = counting_handler(messages)
 
     started = time.perf_counter()
     task = asyncio.create_task(consumer.run(handler))
     try:
-        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not done.done():
-            task.result()
-            raise RuntimeError("the consumer stopped before every entry was handled")
-        await asyncio.sleep(0)  # let the last delivery be acknowledged
-        await backend.flush()
+        await until_handled(task, done, backend.flush)
         elapsed = time.perf_counter() - started
     finally:
         await consumer.shutdown()

@@ -35,6 +35,7 @@ from resilience.pipeline import Pipeline
 from resilience.policy import Policy
 
 from ._contenders import full_pipeline_policy
+from ._drain import counting_handler, until_handled
 from .redis_idempotency import MAX_MESSAGES, format_idempotency, measure_idempotency
 from .redis_streams import format_streams, measure_streams
 from .report import format_table, machine_info, quiet_policy_advice
@@ -187,24 +188,12 @@ def _resilient(batch_size: int | None, policy: Callable[[], Policy | Pipeline]) 
             url, streams=[key], group=GROUP, consumer="resilient", batch_size=batch_size
         )
         consumer = ResilientConsumer(backend, GROUP, policy=policy(), drain_timeout=SHUTDOWN_LIMIT)
-        done = asyncio.get_running_loop().create_future()
-        handled = 0
-
-        async def handler(payload: dict[str, Any]) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == messages:
-                done.set_result(None)
+        handler, done = counting_handler(messages)
 
         started = time.perf_counter()
         task = asyncio.create_task(consumer.run(handler))
         try:
-            await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not done.done():
-                task.result()
-                raise RuntimeError("the consumer stopped before every entry was handled")
-            await asyncio.sleep(0)  # let the last delivery be acknowledged
-            await backend.flush()
+            await until_handled(task, done, backend.flush)
             elapsed = time.perf_counter() - started
         finally:
             stopping = time.perf_counter()

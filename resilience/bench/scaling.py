@@ -18,7 +18,6 @@ Two extra parts of ``resilience bench overhead``:
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 from abe.backends.message_queue.service.memory import MemoryBackend
 
 from ._contenders import CONTENDERS, Setup
+from ._drain import _drain
 
 __all__ = [
     "DEAD_LETTER_TARGET",
@@ -51,39 +51,9 @@ DEAD_LETTER_TARGET = 2000.0
 Progress = Callable[[str], None]
 
 
-async def _drain(setup: Setup, keys: int, messages: int) -> float:
-    """Seconds per message for one consumer to drain ``messages`` spread over ``keys`` keys."""
-    backend = MemoryBackend.isolated()
-    names = [f"bench.key.{k}" for k in range(keys)]
-    for n in range(messages):
-        await backend.publish_message(names[n % keys], {"n": n})
-    consumer, wrap = setup(backend)
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    count = 0
-    first = last = 0.0
-
-    async def inner(payload: dict[str, Any]) -> None:
-        nonlocal count, first, last
-        count += 1
-        if count == 1:
-            first = time.perf_counter()
-        elif count == messages:
-            last = time.perf_counter()
-            done.set_result(None)
-
-    gc.collect()
-    gc.disable()
-    task = asyncio.create_task(consumer.run(wrap(inner)))
-    try:
-        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gc.enable()
-        await consumer.shutdown()
-        await asyncio.gather(task, return_exceptions=True)
-    if not done.done():
-        task.result()
-        raise RuntimeError("the consumer stopped before consuming every message")
-    return (last - first) / max(1, messages - 1)
+async def _keyed(setup: Setup, keys: int, messages: int) -> float:
+    """Seconds (wall time) per message for one consumer to drain ``messages`` over ``keys`` keys."""
+    return await _drain(setup, messages, keys=keys, clock=time.perf_counter)
 
 
 async def measure_keys(
@@ -99,12 +69,12 @@ async def measure_keys(
     cases = [(name, keys) for name in setups for keys in KEY_COUNTS]
     samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     for name, keys in cases:  # warm-up: imports, caches, the allocator
-        await _drain(setups[name], keys, min(messages, 2000))
+        await _keyed(setups[name], keys, min(messages, 2000))
     for r in range(rounds):
         for name, keys in cases[r % len(cases) :] + cases[: r % len(cases)]:
             if progress is not None:
                 progress(f"round {r + 1}: {name}, {keys} keys")
-            samples[(name, keys)].append(await _drain(setups[name], keys, messages))
+            samples[(name, keys)].append(await _keyed(setups[name], keys, messages))
     best: dict[str, dict[str, float]] = {}
     median: dict[str, dict[str, float]] = {}
     for (name, keys), values in samples.items():
