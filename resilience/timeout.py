@@ -155,7 +155,10 @@ class Timeout(HookLayer):
             ``None``, or (in the loop turn the watchdog fired) the absorption to await.
         """
         watchdog = self._watchdog
-        watchdog.active.pop(token, None)
+        try:
+            del watchdog.active[token]  # no method call on the success path
+        except KeyError:  # rebound to a new loop meanwhile: nothing of this loop can fire
+            return None
         if watchdog.fired and token in watchdog.fired:
             return self._absorb(token)
         return None
