@@ -19,6 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from abe.backends.message_queue.service._redis_delay import DELAY_INDEX_KEY
 from abe.backends.message_queue.service.redis import RedisBackend
 from tests.redis.redis_support import MakeBackend, RedisServer
 
@@ -65,6 +66,10 @@ async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
         keys = [k async for k in client.scan_iter(match=f"{p}*", count=1000)]
         if keys:
             await client.delete(*keys)
+        members = await client.zrange(DELAY_INDEX_KEY, 0, -1)
+        indexed = [m for m in members if isinstance(m, bytes) and m.startswith(p.encode())]
+        if indexed:
+            await client.zrem(DELAY_INDEX_KEY, *indexed)
 
 
 @pytest.fixture

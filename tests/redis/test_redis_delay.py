@@ -24,6 +24,8 @@ import redis.asyncio as aioredis
 
 from abe.backends.message_queue.base.extensions import DelayingBackend
 from abe.backends.message_queue.service._redis_delay import (
+    DELAY_INDEX_KEY,
+    HAND_OVER_LUA,
     DelayScheduler,
     delay_key,
     run_pipelined,
@@ -62,6 +64,13 @@ def start(url: str, stream: str, name: str, record: str, *args: str) -> subproce
     line = process.stdout.readline()
     assert line.strip() == "ready", process.stderr.read() if process.stderr else line
     return process
+
+
+async def make_due(client: aioredis.Redis, stream: str, members: list[bytes]) -> None:
+    """Make ``members`` of the delay set of ``stream`` due now, and say so in the delay index
+    (as the scripts that change delay sets do)."""
+    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)
+    await client.zadd(DELAY_INDEX_KEY, {stream: 0})
 
 
 @pytest.fixture
@@ -161,7 +170,7 @@ async def test_a_new_consumer_of_a_stream_pattern_finds_waiting_entries(
     assert await first.delayed() == 1
     await first.aclose()
     members = list_values(await client.zrange(delay_key(stream), 0, -1))
-    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # due now
+    await make_due(client, stream, members)  # due now
     second = make_backend(streams=[f"{prefix}t:*"], block=0.1, consumer="later")
     again = await asyncio.wait_for(anext(second.deliveries()), 10)
     assert again.payload == {"n": 1}
@@ -195,7 +204,7 @@ async def test_two_schedulers_re_add_each_due_entry_exactly_once(
     await backend.delay_scheduler.stop()  # only the two racing schedulers below move entries
     members = list_values(await client.zrange(delay_key(stream), 0, -1))
     assert len(members) == 400
-    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
+    await make_due(client, stream, members)  # all due now
     clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
     schedulers = [DelayScheduler(c, [stream], batch=7) for c in clients]
     group = backend.settings.group
@@ -244,7 +253,7 @@ async def test_a_message_published_meanwhile_does_not_queue_behind_returning_ret
     assert scheduler is not None
     await scheduler.stop()
     members = list_values(await client.zrange(delay_key(stream), 0, -1))
-    await client.zadd(delay_key(stream), dict.fromkeys(members, 0), xx=True)  # all due now
+    await make_due(client, stream, members)  # all due now
     await scheduler.move_due()  # a scheduler's turn with 200 entries due
     await backend.publish(stream, {"healthy": 1})
     scheduler.start()
@@ -362,6 +371,56 @@ async def test_thousand_messages_failing_five_times_wait_in_redis_not_in_the_con
     assert retries_ahead
     assert max(retries_ahead) <= 40, retries_ahead
     # Latency figures are measured by benchmarks/tiered_redis.py, never asserted here.
+
+
+async def test_idle_checks_cost_the_same_commands_for_1_and_1000_streams(
+    redis_server: RedisServer,
+) -> None:
+    """Idle checks of a scheduler serving 1,000 streams send as many commands to Redis as those
+    of one serving 1 stream (the delay index says no stream has entries due); a delay set
+    written without an index entry is still found by the first check, and an entry handed over
+    afterwards to the last of the 1,000 streams comes back through the index."""
+    client = aioredis.Redis.from_url(redis_server.url)
+
+    async def idle_calls(scheduler: DelayScheduler) -> int:
+        await scheduler.move_due()  # the first check visits every stream once
+        await client.config_resetstat()
+        for _ in range(20):
+            assert await scheduler.move_due() > 3000  # the old entry below waits an hour
+        stats = await client.info("commandstats")
+        skip = ("cmdstat_config", "cmdstat_info")
+        return sum(int(v["calls"]) for k, v in stats.items() if k not in skip)
+
+    try:
+        streams = [f"idle:{n}" for n in range(1000)]
+        old = '{"id":"0-1","f":["data","{}"]}'
+        await client.zadd(delay_key(streams[500]), {old: int(time.time() * 1000) + 3_600_000})
+        scheduler = DelayScheduler(client, streams)
+        few = await idle_calls(DelayScheduler(client, streams[:1]))
+        many = await idle_calls(scheduler)
+        assert few == many
+        assert many <= 20 * 8  # a handful of commands per check, not one per stream
+        assert await client.zscore(DELAY_INDEX_KEY, streams[500]) is not None  # found once
+        # An entry handed over to stream 999 is found by the next check, through the index.
+        last = streams[999]
+        await client.xgroup_create(last, "g", id="0", mkstream=True)
+        await client.xadd(last, {"data": '{"n":1}'})
+        read = read_reply(await client.xreadgroup("g", "c", {last: ">"}, count=1))
+        entry_id = read[0][1][0][0].decode()
+        member = json.dumps({"id": entry_id, "f": ["data", '{"n":1}']})
+        keys, args = (last, delay_key(last), DELAY_INDEX_KEY), ("g", entry_id, 0, member)
+        script = client.register_script(HAND_OVER_LUA)
+        assert await run_pipelined(client, script, [(keys, args)]) == [1]
+        await client.config_resetstat()
+        await scheduler.move_due()
+        assert scheduler.moved == 1
+        assert await client.zcard(delay_key(last)) == 0
+        assert await client.xlen(last) == 2
+        assert await client.zscore(DELAY_INDEX_KEY, last) is None  # its delay set is empty
+        stats = await client.info("commandstats")
+        assert int(stats["cmdstat_evalsha"]["calls"]) == 2  # the index, then stream 999 only
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.slow

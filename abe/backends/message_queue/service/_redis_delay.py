@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -37,7 +38,9 @@ from ._redis_common import REFUSED_ERRORS, TRANSIENT_ERRORS
 _CONNECTION_ERRORS = (*TRANSIENT_ERRORS, *REFUSED_ERRORS)
 
 __all__ = [
+    "DELAY_INDEX_KEY",
     "DELAY_KEY_PREFIX",
+    "DUE_STREAMS_LUA",
     "DELIVERIES_HEADER",
     "HAND_OVER_LUA",
     "MOVE_DUE_LUA",
@@ -49,6 +52,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+DELAY_INDEX_KEY = "abe:delay-index"
+"""The delay index: a sorted set of the streams whose delay sets hold entries, each scored by
+the earliest due time of its set (kept by the same scripts that change the sets), so a check
+costs one command however many streams are served. Its name does not start with
+:data:`DELAY_KEY_PREFIX`, so no pattern lookup of delay sets finds it."""
 
 DELAY_KEY_PREFIX = "abe:delayed:"
 """The delay set of stream ``S`` is ``abe:delayed:S`` (a prefix no stream pattern of
@@ -62,10 +71,13 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+redis.call('ZADD', KEYS[3], first[2], KEYS[1])
 return 1
 """
 """XACK entry ARGV[2] of stream KEYS[1] in group ARGV[1]; if it was pending, add member ARGV[4]
-to the delay set KEYS[2], due ARGV[3] ms from the server's now. Returns 1, or 0 when the entry
+to the delay set KEYS[2], due ARGV[3] ms from the server's now, and score the stream in the
+delay index KEYS[3] by the earliest due time of its delay set. Returns 1, or 0 when the entry
 was not pending (settled already: nothing is added)."""
 
 MOVE_DUE_LUA = """
@@ -112,6 +124,9 @@ local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local wait = -1
 if first[2] then
   wait = math.max(0, tonumber(first[2]) - now)
+  redis.call('ZADD', KEYS[3], first[2], KEYS[2])
+else
+  redis.call('ZREM', KEYS[3], KEYS[2])
 end
 if wait ~= 0 then paced = 0 end
 return {#due, wait, paced}
@@ -122,7 +137,30 @@ entries (the group with the fewest counts), at most ``ARGV[2] - unread`` are mov
 there is no room at all, ARGV[3] (0 or 1). Returns ``{moved, ms until the next is due or -1,
 paced}`` where ``paced`` is 1 when due entries were held back for lack of room, 2 when there
 was no room at all, else 0. A member that is not a readable entry is kept in the hash
-``KEYS[1]:unreadable`` instead of being lost or retried forever."""
+``KEYS[1]:unreadable`` instead of being lost or retried forever. The stream's score in the
+delay index KEYS[3] becomes the earliest due time left in its delay set (or the stream leaves
+the index when the set is empty)."""
+
+DUE_STREAMS_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = {}
+for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  if redis.call('EXISTS', ARGV[1] .. stream) == 1 then
+    due[#due + 1] = stream
+  else
+    redis.call('ZREM', KEYS[1], stream)
+  end
+end
+local nxt = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+local wait = -1
+if nxt[2] then wait = tonumber(nxt[2]) - now end
+return {due, wait}
+"""
+"""The streams of the delay index KEYS[1] with entries due by the server's now, and the ms
+until the next stream's earliest entry is due (-1: none waits): one command per check, however
+many streams there are. A due stream whose delay set (ARGV[1] followed by the stream's name) no
+longer exists (deleted with its stream) leaves the index."""
 
 
 def delay_key(stream: str) -> str:
@@ -205,6 +243,11 @@ class DelayScheduler:
     entries behind, one due entry per stream still comes back every ``poll`` seconds: retries
     are never starved.
 
+    A check costs one command however many streams are served: the delay index
+    (:data:`DELAY_INDEX_KEY`, kept in Redis by the scripts that change the delay sets) says
+    which streams have entries due, and only those are visited. Each served stream is visited
+    once when first served, so delay sets written before the index existed are found too.
+
     Args:
         client: The backend's Redis client.
         streams: The stream keys whose delay sets to serve.
@@ -232,7 +275,8 @@ class DelayScheduler:
     ) -> None:
         self._client = client
         self._script = client.register_script(MOVE_DUE_LUA)
-        self.streams: list[str] = list(streams)
+        self._due_script = client.register_script(DUE_STREAMS_LUA)
+        self.streams: list[str] = list(dict.fromkeys(streams))
         """Streams whose delay sets are served (those of :meth:`add` and of the patterns too)."""
         self.patterns = tuple(patterns)
         """Stream patterns (``tenant:*``): their streams' delay sets are looked up with SCAN."""
@@ -252,6 +296,11 @@ class DelayScheduler:
         """Loop time of the next check the task has planned (``inf`` while it checks or before
         it runs: any :meth:`wake` then asks for another check)."""
         self._task: asyncio.Task[None] | None = None
+        self._served = set(self.streams)
+        self._unchecked: dict[str, None] = dict.fromkeys(self.streams)
+        """Streams not checked one by one yet: their delay sets may predate the delay index
+        (written by an older version), so each is checked once; after that the index says
+        which streams have entries due."""
 
     def start(self) -> None:
         """Run in a task of the running loop (once; later calls do nothing)."""
@@ -266,8 +315,10 @@ class DelayScheduler:
 
     def add(self, stream: str) -> None:
         """Serve the delay set of ``stream`` too (a stream found through a pattern)."""
-        if stream not in self.streams:
+        if stream not in self._served:
+            self._served.add(stream)
             self.streams.append(stream)
+            self._unchecked[stream] = None
             self._next_check = math.inf  # the next wake() checks: this set's entries are new
 
     async def _discover(self) -> None:
@@ -285,7 +336,8 @@ class DelayScheduler:
 
     async def move_due(self, only: Iterable[str] | None = None) -> float:
         """Move the due entries the backlogs have room for now (of ``only`` these streams, or
-        of every stream served); updates :attr:`held`.
+        of the served streams the delay index has entries due for, plus, once, every served
+        stream not checked yet); updates :attr:`held`.
 
         Returns:
             Seconds until the next entry is due (``inf`` when none waits), not counting the
@@ -294,9 +346,12 @@ class DelayScheduler:
         wait = math.inf
         if only is None:
             await self._discover()
-            streams = list(self.streams)
+            due, wait = await self._due_streams()
+            unchecked = list(self._unchecked)
+            streams = list(dict.fromkeys([*unchecked, *due]))
             self.held.clear()
         else:
+            unchecked = []
             streams = list(only)
             self.held.difference_update(streams)
         now = asyncio.get_running_loop().time()
@@ -306,7 +361,7 @@ class DelayScheduler:
             # only for the streams that had a full batch due.
             calls = [
                 (
-                    (delay_key(stream), stream),
+                    (delay_key(stream), stream, DELAY_INDEX_KEY),
                     (self.batch, self.backlog, 1 if now >= starved.get(stream, 0.0) else 0),
                 )
                 for stream in streams
@@ -331,7 +386,30 @@ class DelayScheduler:
             if error is not None:
                 raise error
             streams = full
+        for stream in unchecked:
+            self._unchecked.pop(stream, None)
         return wait
+
+    async def _due_streams(self) -> tuple[list[str], float]:
+        """The served streams the delay index has entries due for (one command), and seconds
+        until the next stream's earliest entry is due (``inf``: none waits)."""
+        (reply,) = await run_pipelined(
+            self._client, self._due_script, [((DELAY_INDEX_KEY,), (DELAY_KEY_PREFIX,))]
+        )
+        if isinstance(reply, BaseException):
+            raise reply
+        names, next_ms = reply[0], int(reply[1])
+        due = []
+        for raw in names:
+            stream = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if stream not in self._served and any(
+                fnmatch.fnmatchcase(stream, pattern) for pattern in self.patterns
+            ):
+                self.add(stream)  # a new stream of a pattern, before the next SCAN finds it
+                self._unchecked.pop(stream, None)
+            if stream in self._served:
+                due.append(stream)
+        return due, next_ms / 1000 if next_ms >= 0 else math.inf
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,8 +20,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -36,13 +37,55 @@ from ._redis_common import (
 from ._redis_settings import redact
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from abe.backends.message_queue.base.connection import ConnectionStatus
     from abe.backends.message_queue.base.extensions import InboundMessage
 
-    from ._redis_reader import StreamReader
+    from ._redis_common import RedisStats, Sleep
+    from ._redis_settings import RedisSettings
 
-__all__ = ["keep_alive", "raise_if_cancel_swallowed", "reclaim", "resilient", "unswallowed"]
+__all__ = [
+    "RecoverableReader",
+    "keep_alive",
+    "raise_if_cancel_swallowed",
+    "reclaim",
+    "resilient",
+    "unswallowed",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
+
+
+class RecoverableReader(Protocol):
+    """What the recovery duties use of a stream reader
+    (:class:`._redis_reader.StreamReader` has all of it; this module does not import it)."""
+
+    client: Redis
+    settings: RedisSettings
+    group: str
+    consumer: str
+    stats: RedisStats
+    sleep: Sleep
+    connection: ConnectionStatus
+    streams: list[str]
+    unsettled: dict[str, dict[str, bytes]]
+    waiting: deque[InboundMessage]
+    cursors: dict[str, str]
+    next_reclaim: float
+    release_pending: bool
+    groups_ready: bool
+    owner: asyncio.Task[Any] | None
+    cancel_baseline: int
+
+    def timeout(self, extra: float = 0.0) -> asyncio.Timeout:
+        """A deadline for one Redis call."""
+        ...
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on every stream."""
+        ...
+
 
 _KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
@@ -92,7 +135,7 @@ async def unswallowed(call: Awaitable[T]) -> T:
         raise
 
 
-async def reclaim(reader: StreamReader) -> None:
+async def reclaim(reader: RecoverableReader) -> None:
     """Claim entries idle longer than ``claim_idle`` for ``reader``: up to ``batch_size`` per
     stream, every stream in one pipelined round trip (one more for the delivery counts).
 
@@ -165,7 +208,7 @@ async def reclaim(reader: StreamReader) -> None:
 
 
 async def _delivery_counts(
-    reader: StreamReader, found: list[tuple[str, list[Any]]]
+    reader: RecoverableReader, found: list[tuple[str, list[Any]]]
 ) -> dict[str, dict[bytes, int]]:
     """Delivery counts of entries just claimed by ``reader`` (per stream) from the pending
     lists, all streams in one pipelined round trip."""
@@ -192,7 +235,7 @@ async def _delivery_counts(
     return counts
 
 
-async def keep_alive(reader: StreamReader) -> None:
+async def keep_alive(reader: RecoverableReader) -> None:
     """Reset the idle time of every entry ``reader`` holds, every ``claim_idle / 3``, forever."""
     interval = reader.settings.claim_idle / 3
     task = asyncio.current_task()
@@ -212,7 +255,7 @@ async def keep_alive(reader: StreamReader) -> None:
         raise_if_cancel_swallowed(task, 0)  # close() cancels this task and waits for it
 
 
-async def resilient(reader: StreamReader, step: Callable[[], Awaitable[None]]) -> None:
+async def resilient(reader: RecoverableReader, step: Callable[[], Awaitable[None]]) -> None:
     """Run ``step`` for ``reader`` until it succeeds.
 
     While Redis is unreachable, wait with jittered exponential backoff (``reconnect_initial``

@@ -66,6 +66,7 @@ from ._redis_common import (
     text,
 )
 from ._redis_delay import (
+    DELAY_INDEX_KEY,
     DELIVERIES_HEADER,
     HAND_OVER_LUA,
     DelayScheduler,
@@ -539,7 +540,7 @@ class RedisBackend:
         try:
             async with self._timeout():
                 await self._hand_over(
-                    [message.key, delay_key(message.key)],
+                    [message.key, delay_key(message.key), DELAY_INDEX_KEY],
                     [self._group_of(message), entry_id, ms, member],
                 )
         except _FAILURES as exc:
