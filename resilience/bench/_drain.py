@@ -36,8 +36,12 @@ async def _drain(
             :data:`~resilience.bench._contenders.KEY`.
         clock: What a second is: CPU time of the process by default.
     """
-    names = [KEY] if keys == 1 else [f"bench.key.{k}" for k in range(keys)]
-    backend = MemoryBackend.isolated(keys=names)
+    if keys == 1:
+        names = [KEY]
+        backend = MemoryBackend.isolated(keys=names)
+    else:  # a reader of every key: the backend's order of all messages, whatever their keys
+        names = [f"bench.key.{k}" for k in range(keys)]
+        backend = MemoryBackend.isolated()
     for n in range(messages):
         await backend.publish_message(names[n % keys], {"n": n})
     consumer, wrap = setup(backend)
