@@ -66,6 +66,11 @@ async def _noop(payload: dict[str, Any]) -> None:
     return None
 
 
+LEFTOVER_SETTLE = 2.0
+"""Seconds a broker may take to apply acknowledgements already sent before the bench counts
+the messages still unacknowledged."""
+
+
 async def _drain_resilient(backend: Any, messages: int) -> float:
     consumer = ResilientConsumer(
         backend, policy=full_pipeline_policy(), drain_timeout=SHUTDOWN_LIMIT
@@ -247,10 +252,16 @@ class _NATS:
         nc = await nats.connect(url)
         try:
             js = nc.jetstream()
-            total = 0
-            for info in await js.consumers_info(self._stream(name)):
-                total += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-            return total
+            # The server applies acknowledgements asynchronously, after the client has flushed
+            # them: ask again for up to LEFTOVER_SETTLE seconds before calling a count left over.
+            deadline = time.monotonic() + LEFTOVER_SETTLE
+            while True:
+                total = 0
+                for info in await js.consumers_info(self._stream(name)):
+                    total += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                if total == 0 or time.monotonic() >= deadline:
+                    return total
+                await asyncio.sleep(0.05)
         finally:
             await nc.close()
 

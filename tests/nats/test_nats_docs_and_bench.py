@@ -36,5 +36,6 @@ def test_bench_brokers_runs_on_nats(nats_url: str) -> None:
         "hand-written, inbox callback",
         "hand-written, AckAll",
     }
-    assert set(result["unacknowledged_after_drain"].values()) == {0}
+    leftovers = result["unacknowledged_after_drain"]
+    assert set(leftovers.values()) == {0}, leftovers
     assert "nats" in format_brokers(report)
