@@ -18,16 +18,21 @@ from resilience.bench.scaling import (
 
 
 def test_scaling_rows_cover_every_key_count_and_the_dead_letter_writers() -> None:
-    """measure_scaling reports each key contender at 1, 100 and 1,000 keys, one ratio per
-    contender, the three dead-letter writers, and the tables name them all."""
+    """measure_scaling reports each key contender at 1, 100 and 1,000 keys, read as a whole
+    and by name, one ratio per row, the three dead-letter writers, and the tables name them
+    all."""
     report = measure_scaling(300, 1)
     keys, dead = report["keys"], report["dead_letters"]
-    assert list(keys["per_message_us"]) == list(scaling.KEY_CONTENDERS)
+    assert list(keys["per_message_us"]) == [
+        *scaling.KEY_CONTENDERS,
+        *(f"{name}, named keys" for name in scaling.KEY_CONTENDERS),
+    ]
     for costs in keys["per_message_us"].values():
         assert sorted(costs, key=int) == [str(k) for k in KEY_COUNTS]
         assert all(cost > 0 for cost in costs.values())
     assert [r["name"] for r in keys["ratios"]] == [
-        f"{name}: 1000 keys / 1 key" for name in scaling.KEY_CONTENDERS
+        *(f"{name}: 1000 keys / 1 key" for name in scaling.KEY_CONTENDERS),
+        *(f"{name}, named keys: 1000 named keys / 1 key" for name in scaling.KEY_CONTENDERS),
     ]
     assert set(dead["per_second"]) == {
         "consumer, group commit",
@@ -36,6 +41,7 @@ def test_scaling_rows_cover_every_key_count_and_the_dead_letter_writers() -> Non
     }
     text = format_scaling(keys, dead)
     assert "1000 keys" in text
+    assert "bare, named keys: 1000 named keys / 1 key" in text
     assert "dead letters per second (SQLite, synchronous=FULL)" in text
 
 

@@ -25,7 +25,12 @@ waiting for a core on a busy machine is not counted against whichever contender 
 
 
 async def _drain(
-    setup: Setup, messages: int, keys: int = 1, clock: Callable[[], float] = _now
+    setup: Setup,
+    messages: int,
+    keys: int = 1,
+    clock: Callable[[], float] = _now,
+    *,
+    named: bool = False,
 ) -> float:
     """Seconds per message for one contender to consume ``messages`` pre-published ones.
 
@@ -35,9 +40,14 @@ async def _drain(
         keys: How many keys the messages are spread over (round robin); one key is
             :data:`~resilience.bench._contenders.KEY`.
         clock: What a second is: CPU time of the process by default.
+        named: Read the keys by name (``MemoryBackend(keys=[...])``) rather than every key
+            (one key is always read by name).
     """
     if keys == 1:
         names = [KEY]
+        backend = MemoryBackend.isolated(keys=names)
+    elif named:  # a reader of named keys: the lowest-ranked head among those keys
+        names = [f"bench.key.{k}" for k in range(keys)]
         backend = MemoryBackend.isolated(keys=names)
     else:  # a reader of every key: the backend's order of all messages, whatever their keys
         names = [f"bench.key.{k}" for k in range(keys)]

@@ -3,8 +3,10 @@
 Two extra parts of ``resilience bench overhead``:
 
 * **Keys.** The same consumers drain the same number of messages published round-robin over
-  1, 100 and 1,000 keys of one :class:`~abe.backends.message_queue.service.memory.MemoryBackend`
-  (read as a whole, as the published backend is). In interleaved rounds, each key count's
+  1, 100 and 1,000 keys of one :class:`~abe.backends.message_queue.service.memory.MemoryBackend`,
+  read two ways: as a whole (every key, as the published backend is) and by name
+  (``MemoryBackend(keys=[...])``, what a consumer that dead-letters into the same backend
+  uses; those rows are named "<consumer>, named keys"). In interleaved rounds, each key count's
   fastest round counts; the ratio to one key shows whether the backend's cost grows with keys.
 * **Dead letters.** A :class:`~resilience.consumer.ResilientConsumer` (``concurrency`` messages
   at once) whose handler rejects every message dead-letters them into a fresh SQLite store (the
@@ -33,7 +35,9 @@ from ._drain import _drain
 __all__ = [
     "DEAD_LETTER_TARGET",
     "KEY_COUNTS",
+    "KEY_ROWS",
     "KEY_TARGET",
+    "NAMED",
     "format_scaling",
     "measure_dead_letters",
     "measure_keys",
@@ -44,16 +48,21 @@ KEY_COUNTS = (1, 100, 1000)
 KEY_TARGET = 1.5
 """Per-message cost at the most keys over the cost at one key, at most."""
 KEY_CONTENDERS = ("bare", "resilient, no middleware", "resilient, retry+timeout")
-"""Consumers of the overhead benchmark measured against the number of keys (every key read)."""
+"""Consumers of the overhead benchmark measured against the number of keys."""
+NAMED = ", named keys"
+"""Suffix of the rows whose consumer reads the keys by name (the others read every key)."""
+KEY_ROWS = tuple(name + suffix for suffix in ("", NAMED) for name in KEY_CONTENDERS)
+"""The rows of the key table, in order: each contender reading every key, then by name."""
 DEAD_LETTER_TARGET = 2000.0
 """Dead letters per second into SQLite, at least."""
 
 Progress = Callable[[str], None]
 
 
-async def _keyed(setup: Setup, keys: int, messages: int) -> float:
-    """Seconds (wall time) per message for one consumer to drain ``messages`` over ``keys`` keys."""
-    return await _drain(setup, messages, keys=keys, clock=time.perf_counter)
+async def _keyed(setup: Setup, keys: int, messages: int, *, named: bool) -> float:
+    """Seconds (wall time) per message for one consumer to drain ``messages`` over ``keys`` keys
+    (read by name when ``named``, else every key)."""
+    return await _drain(setup, messages, keys=keys, clock=time.perf_counter, named=named)
 
 
 async def measure_keys(
@@ -62,19 +71,24 @@ async def measure_keys(
     """Per-message cost of each key contender at each key count (interleaved rounds).
 
     Returns:
-        ``per_message_us[contender][keys]`` (fastest round), the medians beside it, and one
-        ratio per contender: most keys over one key, against :data:`KEY_TARGET`.
+        ``per_message_us[row][keys]`` (fastest round) for each of :data:`KEY_ROWS`, the medians
+        beside it, and one ratio per row: most keys over one key, against :data:`KEY_TARGET`.
     """
     setups = {c.name: c.setup for c in CONTENDERS if c.name in KEY_CONTENDERS}
-    cases = [(name, keys) for name in setups for keys in KEY_COUNTS]
+    setups.update({name + NAMED: setups[name] for name in list(setups)})
+    cases = [(row, keys) for row in KEY_ROWS if row in setups for keys in KEY_COUNTS]
     samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
-    for name, keys in cases:  # warm-up: imports, caches, the allocator
-        await _keyed(setups[name], keys, min(messages, 2000))
+
+    async def run(row: str, keys: int, count: int) -> float:
+        return await _keyed(setups[row], keys, count, named=row.endswith(NAMED))
+
+    for row, keys in cases:  # warm-up: imports, caches, the allocator
+        await run(row, keys, min(messages, 2000))
     for r in range(rounds):
-        for name, keys in cases[r % len(cases) :] + cases[: r % len(cases)]:
+        for row, keys in cases[r % len(cases) :] + cases[: r % len(cases)]:
             if progress is not None:
-                progress(f"round {r + 1}: {name}, {keys} keys")
-            samples[(name, keys)].append(await _keyed(setups[name], keys, messages))
+                progress(f"round {r + 1}: {row}, {keys} keys")
+            samples[(row, keys)].append(await run(row, keys, messages))
     best: dict[str, dict[str, float]] = {}
     median: dict[str, dict[str, float]] = {}
     for (name, keys), values in samples.items():
@@ -85,9 +99,10 @@ async def measure_keys(
     ratios = []
     for name, costs in best.items():
         value = costs[most] / costs[one]
+        what = "named keys" if name.endswith(NAMED) else "keys"
         ratios.append(
             {
-                "name": f"{name}: {most} keys / {one} key",
+                "name": f"{name}: {most} {what} / {one} key",
                 "value": value,
                 "target": f"<= {KEY_TARGET}",
                 "met": value <= KEY_TARGET,
@@ -259,8 +274,8 @@ def format_scaling(keys: dict[str, Any] | None, dead: dict[str, Any] | None) -> 
                 [name, *(f"{costs[k]:.2f} ({medians[k]:.2f})" for k in counts)],
             )
         parts += [
-            f"MemoryBackend, every key read: us/message, best (median) of {keys['rounds']} "
-            f"rounds of {keys['messages']} messages",
+            f"MemoryBackend: us/message, best (median) of {keys['rounds']} rounds of "
+            f"{keys['messages']} messages (every key read; '{NAMED[2:]}': read by name)",
             format_table(("consumer", *(f"{k} keys" for k in counts)), rows),
             "",
         ]

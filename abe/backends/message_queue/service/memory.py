@@ -39,12 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 class _Entry:
-    """One queued message: ``live`` turns false when a reader of named keys takes it.
+    """One queued message: ``live`` turns false when a reader takes it.
 
     ``rank`` is the entry's place in the one queue order: rising for messages queued at the
-    back, falling (below every earlier one) for redeliveries queued at the front, so a reader of
-    several named keys that takes the head with the lowest rank takes what a reader of every key
-    would. ``seq`` is the message's own number, kept across redeliveries.
+    back, falling (below every earlier one) for redeliveries queued at the front, so every
+    queue of entries kept in that order is sorted by rank. ``seq`` is the message's own number,
+    kept across redeliveries.
     """
 
     __slots__ = ("live", "message", "rank", "seq")
@@ -88,7 +88,54 @@ class _Done:
 _DONE = _Done()
 
 _COMPACT_AT = 64
-"""Taken entries the publish-order queue may hold before it is compacted (see ``_taken``)."""
+"""Taken entries an :class:`_Order` may hold before it is compacted."""
+
+
+class _Order:
+    """The waiting messages of a set of keys (``None``: every key), in the one queue order.
+
+    A message queued under one of the keys is added at the same end as in every other order,
+    so each order is the channel's order restricted to its keys and the oldest message of the
+    keys is its first live entry. A message taken through another order (or its key's queue)
+    stays here, no longer live, until it reaches the head or the order is compacted (when taken
+    entries outnumber the live ones), so each message costs the same whatever the number of
+    keys, and an order nobody reads any more holds at most about twice the messages waiting
+    under its keys.
+    """
+
+    __slots__ = ("entries", "taken")
+
+    def __init__(self, entries: Iterable[_Entry] = ()) -> None:
+        self.entries: deque[_Entry] = deque(entries)
+        self.taken = 0
+        """Entries in ``entries`` already taken elsewhere."""
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def take(self) -> _Entry | None:
+        """Remove and return the oldest live entry, or ``None``."""
+        entries = self.entries
+        while entries:
+            entry = entries.popleft()
+            if entry.live:
+                return entry
+            self.taken -= 1
+        return None
+
+    def drop(self, entry: _Entry) -> None:
+        """Forget ``entry``, just taken elsewhere (no longer live; it is in this order)."""
+        entries = self.entries
+        if entries[0] is entry:
+            entries.popleft()
+            return
+        self.taken += 1
+        while entries and not entries[0].live:  # taken entries at the head, ``entry`` among them
+            entries.popleft()
+            self.taken -= 1
+        if self.taken > _COMPACT_AT and 2 * self.taken > len(entries):
+            self.entries = deque(e for e in entries if e.live)
+            self.taken = 0
 
 
 class TimerClock(Protocol):
@@ -114,20 +161,26 @@ class MemoryChannel:
     ``join()``), so code written against the published backend keeps working. Unlike
     ``asyncio.Queue`` it is not bound to an event loop, so one channel can outlive a loop.
 
-    Every operation costs the same whatever the number of keys: messages sit in one queue in
-    publish order (what a reader of every key takes from) and in one queue per key (what a
-    reader of named keys takes from); each key's queue is the publish-order queue restricted to
-    that key, so the oldest message overall is always at the head of its key's queue. A message
-    taken through its key's queue stays in the publish-order queue, marked taken, until it
-    reaches the head or the queue is compacted (when taken entries outnumber the live ones).
-    A reader of several named keys compares the heads of those keys' queues.
+    Every operation costs the same whatever the number of keys: messages sit in one queue order
+    (publish order, redeliveries first) kept for every key (what a reader of every key takes
+    from), for each key (what a reader of one named key takes from, and what ``size`` and
+    ``peek`` read) and for each set of several keys that a reader has named (created by its
+    first read, from the order of every key, and kept for the channel's life). Each is the
+    order of every key restricted to its keys, so the oldest message of a set of keys is the
+    head of that set's order and of its own key's queue; a message taken through one order is
+    dropped from the others (see :class:`_Order`). Putting or taking a message touches only the
+    orders of its key: every key's, its key's own and those of the named sets that hold it.
     """
 
     def __init__(self) -> None:
-        self._order: deque[_Entry] = deque()
+        self._order = _Order()
         self._queues: dict[str, deque[_Entry]] = {}
-        self._taken = 0
-        """Entries in ``_order`` already taken through their key's queue."""
+        self._sets: dict[frozenset[str], _Order] = {}
+        """The order of each set of several keys a reader has named."""
+        self._watchers: dict[str, list[_Order]] = {}
+        """For each key, the orders of the named sets that hold it."""
+        self._key_sets: dict[frozenset[str], frozenset[str]] = {}
+        """One copy of each set of keys named by a backend (see :meth:`key_set`)."""
         self._size = 0
         self._seq = itertools.count(1)
         self._back = itertools.count(1)
@@ -168,12 +221,17 @@ class MemoryChannel:
         queue = self._queues.get(item.key)
         if queue is None:
             queue = self._queues[item.key] = deque()
+        watchers = self._watchers.get(item.key, ()) if self._watchers else ()
         if front:
             queue.appendleft(entry)
-            self._order.appendleft(entry)
+            self._order.entries.appendleft(entry)
+            for order in watchers:
+                order.entries.appendleft(entry)
         else:
             queue.append(entry)
-            self._order.append(entry)
+            self._order.entries.append(entry)
+            for order in watchers:
+                order.entries.append(entry)
         self._size += 1
         if self._waiters:
             waiters, self._waiters = self._waiters, []
@@ -186,53 +244,71 @@ class MemoryChannel:
         """Return the next sequence number."""
         return next(self._seq)
 
+    def key_set(self, keys: frozenset[str]) -> frozenset[str]:
+        """The channel's own copy of ``keys``: readers that pass it to :meth:`pop_nowait` find
+        their set's order at once (an equal set that is another object is compared key by key).
+        """
+        return self._key_sets.setdefault(keys, keys)
+
     def pop_nowait(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
-        """Remove and return the oldest message of ``keys`` (all when ``None``), or ``None``."""
+        """Remove and return the oldest message of ``keys`` (all when ``None``), or ``None``.
+
+        The cost does not grow with the number of keys (for a set of several keys, once it is
+        the channel's :meth:`key_set`); the first read of a set of several keys also makes its
+        order, once, from every waiting message.
+        """
+        order = self._order
+        source: _Order | None
+        entry: _Entry | None
         if keys is None:
-            order = self._order
-            while order:
-                entry = order.popleft()
-                if not entry.live:
-                    self._taken -= 1
-                    continue
-                message = entry.message
-                own = self._queues[message.key]
-                own.popleft()  # ``entry``: the oldest live entry is the head of its key's queue
-                if not own:
-                    del self._queues[message.key]
-                self._size -= 1
-                return entry.seq, message
-            return None
-        queues = self._queues
-        queue: deque[_Entry] | None = None
-        if len(keys) == 1:
+            source = order
+            entry = order.take()
+            if entry is None:
+                return None
+            queue = self._queues[entry.message.key]
+        elif len(keys) == 1:
+            source = None
             for key in keys:
-                queue = queues.get(key)
+                found = self._queues.get(key)
+            if not found:
+                return None
+            queue = found
+            entry = queue[0]
         else:
-            for key in keys:
-                candidate = queues.get(key)
-                if candidate is not None and (queue is None or candidate[0].rank < queue[0].rank):
-                    queue = candidate
-        if not queue:
-            return None
-        entry = queue.popleft()
+            source = self._sets.get(keys)
+            if source is None:
+                source = self._named(keys)
+            entry = source.take()
+            if entry is None:
+                return None
+            queue = self._queues[entry.message.key]
+        # ``entry`` is the oldest message of some keys, so the head of its key's queue; it
+        # leaves every other order that holds it: every key's and those of the named sets.
+        entry.live = False
+        queue.popleft()
         message = entry.message
         if not queue:
-            del queues[message.key]
+            del self._queues[message.key]
         self._size -= 1
-        entry.live = False
-        order = self._order
-        if order[0] is entry:
-            order.popleft()
-        else:
-            self._taken += 1
-            while order and not order[0].live:  # taken entries at the head, ``entry`` among them
-                order.popleft()
-                self._taken -= 1
-            if self._taken > _COMPACT_AT and 2 * self._taken > len(order):
-                self._order = deque(e for e in order if e.live)
-                self._taken = 0
+        if source is not order:
+            if order.entries[0] is entry:  # the usual case, without a call
+                order.entries.popleft()
+            else:
+                order.drop(entry)
+        if self._watchers:
+            for other in self._watchers.get(message.key, ()):
+                if other is not source:
+                    other.drop(entry)
         return entry.seq, message
+
+    def _named(self, keys: frozenset[str]) -> _Order:
+        """The order of a set of several keys, made from the order of every key."""
+        order = self._sets[keys] = _Order(
+            e for e in self._order.entries if e.live and e.message.key in keys
+        )
+        for key in keys:
+            self._watchers.setdefault(key, []).append(order)
+        return order
 
     async def wait_pop(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage]:
         """Wait for and remove the oldest message of ``keys`` (all keys when ``None``)."""
@@ -490,8 +566,10 @@ class MemoryBackend:
         if isinstance(keys, str):
             raise TypeError("keys must be an iterable of key names, not a single string")
         self.keys: frozenset[str] | None = None if keys is None else frozenset(keys)
-        if self.keys is not None and not self.keys:
-            raise ValueError("keys must name at least one key, or be None for every key")
+        if self.keys is not None:
+            if not self.keys:
+                raise ValueError("keys must name at least one key, or be None for every key")
+            self.keys = channel.key_set(self.keys)
 
     @classmethod
     def _shared_channel(cls) -> MemoryChannel:
