@@ -221,17 +221,18 @@ class MemoryChannel:
         queue = self._queues.get(item.key)
         if queue is None:
             queue = self._queues[item.key] = deque()
-        watchers = self._watchers.get(item.key, ()) if self._watchers else ()
         if front:
             queue.appendleft(entry)
             self._order.entries.appendleft(entry)
-            for order in watchers:
-                order.entries.appendleft(entry)
         else:
             queue.append(entry)
             self._order.entries.append(entry)
-            for order in watchers:
-                order.entries.append(entry)
+        if self._watchers:  # the orders of the named sets that hold the key
+            for order in self._watchers.get(item.key, ()):
+                if front:
+                    order.entries.appendleft(entry)
+                else:
+                    order.entries.append(entry)
         self._size += 1
         if self._waiters:
             waiters, self._waiters = self._waiters, []
@@ -260,6 +261,7 @@ class MemoryChannel:
         order = self._order
         source: _Order | None
         entry: _Entry | None
+        queue: deque[_Entry] | None
         if keys is None:
             source = order
             entry = order.take()
@@ -269,10 +271,9 @@ class MemoryChannel:
         elif len(keys) == 1:
             source = None
             for key in keys:
-                found = self._queues.get(key)
-            if not found:
+                queue = self._queues.get(key)
+            if not queue:
                 return None
-            queue = found
             entry = queue[0]
         else:
             source = self._sets.get(keys)
