@@ -96,11 +96,11 @@ class _Order:
 
     A message queued under one of the keys is added at the same end as in every other order,
     so each order is the channel's order restricted to its keys and the oldest message of the
-    keys is its first live entry. A message taken through another order (or its key's queue)
-    stays here, no longer live, until it reaches the head or the order is compacted (when taken
-    entries outnumber the live ones), so each message costs the same whatever the number of
-    keys, and an order nobody reads any more holds at most about twice the messages waiting
-    under its keys.
+    keys is its first live entry (what :meth:`MemoryChannel.pop_nowait` takes). A message
+    taken through another order (or its key's queue) stays here, no longer live, until it
+    reaches the head or the order is compacted (when taken entries outnumber the live ones), so
+    each message costs the same whatever the number of keys, and an order nobody reads any
+    more holds at most about twice the messages waiting under its keys.
     """
 
     __slots__ = ("entries", "taken")
@@ -112,16 +112,6 @@ class _Order:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def take(self) -> _Entry | None:
-        """Remove and return the oldest live entry, or ``None``."""
-        entries = self.entries
-        while entries:
-            entry = entries.popleft()
-            if entry.live:
-                return entry
-            self.taken -= 1
-        return None
 
     def drop(self, entry: _Entry) -> None:
         """Forget ``entry``, just taken elsewhere (no longer live; it is in this order)."""
@@ -260,27 +250,29 @@ class MemoryChannel:
         """
         order = self._order
         source: _Order | None
-        entry: _Entry | None
-        queue: deque[_Entry] | None
+        queue: deque[_Entry]
         if keys is None:
             source = order
-            entry = order.take()
-            if entry is None:
-                return None
-            queue = self._queues[entry.message.key]
         elif len(keys) == 1:
             source = None
             for key in keys:
-                queue = self._queues.get(key)
-            if not queue:
+                found = self._queues.get(key)
+            if not found:
                 return None
+            queue = found
             entry = queue[0]
         else:
             source = self._sets.get(keys)
             if source is None:
                 source = self._named(keys)
-            entry = source.take()
-            if entry is None:
+        if source is not None:  # the first live entry of the order of ``keys``
+            entries = source.entries
+            while entries:
+                entry = entries.popleft()
+                if entry.live:
+                    break
+                source.taken -= 1
+            else:
                 return None
             queue = self._queues[entry.message.key]
         # ``entry`` is the oldest message of some keys, so the head of its key's queue; it
