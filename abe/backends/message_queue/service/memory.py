@@ -91,7 +91,7 @@ _COMPACT_AT = 64
 """Taken entries an :class:`_Order` may hold before it is compacted."""
 
 
-class _Order:
+class _Order(deque[_Entry]):
     """The waiting messages of a set of keys (``None``: every key), in the one queue order.
 
     A message queued under one of the keys is added at the same end as in every other order,
@@ -103,28 +103,26 @@ class _Order:
     more holds at most about twice the messages waiting under its keys.
     """
 
-    __slots__ = ("entries", "taken")
+    __slots__ = ("taken",)
 
     def __init__(self, entries: Iterable[_Entry] = ()) -> None:
-        self.entries: deque[_Entry] = deque(entries)
+        super().__init__(entries)
         self.taken = 0
-        """Entries in ``entries`` already taken elsewhere."""
-
-    def __len__(self) -> int:
-        return len(self.entries)
+        """Entries already taken elsewhere."""
 
     def drop(self, entry: _Entry) -> None:
         """Forget ``entry``, just taken elsewhere (no longer live; it is in this order)."""
-        entries = self.entries
-        if entries[0] is entry:
-            entries.popleft()
+        if self[0] is entry:
+            self.popleft()
             return
         self.taken += 1
-        while entries and not entries[0].live:  # taken entries at the head, ``entry`` among them
-            entries.popleft()
+        while self and not self[0].live:  # taken entries at the head, ``entry`` among them
+            self.popleft()
             self.taken -= 1
-        if self.taken > _COMPACT_AT and 2 * self.taken > len(entries):
-            self.entries = deque(e for e in entries if e.live)
+        if self.taken > _COMPACT_AT and 2 * self.taken > len(self):
+            live = [e for e in self if e.live]
+            self.clear()
+            self.extend(live)
             self.taken = 0
 
 
@@ -213,16 +211,16 @@ class MemoryChannel:
             queue = self._queues[item.key] = deque()
         if front:
             queue.appendleft(entry)
-            self._order.entries.appendleft(entry)
+            self._order.appendleft(entry)
         else:
             queue.append(entry)
-            self._order.entries.append(entry)
+            self._order.append(entry)
         if self._watchers:  # the orders of the named sets that hold the key
             for order in self._watchers.get(item.key, ()):
                 if front:
-                    order.entries.appendleft(entry)
+                    order.appendleft(entry)
                 else:
-                    order.entries.append(entry)
+                    order.append(entry)
         self._size += 1
         if self._waiters:
             waiters, self._waiters = self._waiters, []
@@ -266,9 +264,8 @@ class MemoryChannel:
             if source is None:
                 source = self._named(keys)
         if source is not None:  # the first live entry of the order of ``keys``
-            entries = source.entries
-            while entries:
-                entry = entries.popleft()
+            while source:
+                entry = source.popleft()
                 if entry.live:
                     break
                 source.taken -= 1
@@ -284,12 +281,13 @@ class MemoryChannel:
             del self._queues[message.key]
         self._size -= 1
         if source is not order:
-            if order.entries[0] is entry:  # the usual case, without a call
-                order.entries.popleft()
+            if order[0] is entry:  # the usual case, without a call
+                order.popleft()
             else:
                 order.drop(entry)
-        if self._watchers:
-            for other in self._watchers.get(message.key, ()):
+        sets = self._sets
+        if sets and (len(sets) > 1 or source is order or source is None):
+            for other in self._watchers.get(message.key, ()):  # no other set when one exists
                 if other is not source:
                     other.drop(entry)
         return entry.seq, message
@@ -297,7 +295,7 @@ class MemoryChannel:
     def _named(self, keys: frozenset[str]) -> _Order:
         """The order of a set of several keys, made from the order of every key."""
         order = self._sets[keys] = _Order(
-            e for e in self._order.entries if e.live and e.message.key in keys
+            e for e in self._order if e.live and e.message.key in keys
         )
         for key in keys:
             self._watchers.setdefault(key, []).append(order)
