@@ -91,7 +91,7 @@ _COMPACT_AT = 64
 """Taken entries an :class:`_Order` may hold before it is compacted."""
 
 
-class _Order(deque[_Entry]):
+class _Order:
     """The waiting messages of a set of keys (``None``: every key), in the one queue order.
 
     A message queued under one of the keys is added at the same end as in every other order,
@@ -103,26 +103,28 @@ class _Order(deque[_Entry]):
     more holds at most about twice the messages waiting under its keys.
     """
 
-    __slots__ = ("taken",)
+    __slots__ = ("entries", "taken")
 
     def __init__(self, entries: Iterable[_Entry] = ()) -> None:
-        super().__init__(entries)
+        self.entries: deque[_Entry] = deque(entries)
         self.taken = 0
-        """Entries already taken elsewhere."""
+        """Entries in ``entries`` already taken elsewhere."""
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def drop(self, entry: _Entry) -> None:
         """Forget ``entry``, just taken elsewhere (no longer live; it is in this order)."""
-        if self[0] is entry:
-            self.popleft()
+        entries = self.entries
+        if entries[0] is entry:
+            entries.popleft()
             return
         self.taken += 1
-        while self and not self[0].live:  # taken entries at the head, ``entry`` among them
-            self.popleft()
+        while entries and not entries[0].live:  # taken entries at the head, ``entry`` among them
+            entries.popleft()
             self.taken -= 1
-        if self.taken > _COMPACT_AT and 2 * self.taken > len(self):
-            live = [e for e in self if e.live]
-            self.clear()
-            self.extend(live)
+        if self.taken > _COMPACT_AT and 2 * self.taken > len(entries):
+            self.entries = deque(e for e in entries if e.live)
             self.taken = 0
 
 
@@ -211,16 +213,16 @@ class MemoryChannel:
             queue = self._queues[item.key] = deque()
         if front:
             queue.appendleft(entry)
-            self._order.appendleft(entry)
+            self._order.entries.appendleft(entry)
         else:
             queue.append(entry)
-            self._order.append(entry)
+            self._order.entries.append(entry)
         if self._watchers:  # the orders of the named sets that hold the key
             for order in self._watchers.get(item.key, ()):
                 if front:
-                    order.appendleft(entry)
+                    order.entries.appendleft(entry)
                 else:
-                    order.append(entry)
+                    order.entries.append(entry)
         self._size += 1
         if self._waiters:
             waiters, self._waiters = self._waiters, []
@@ -264,8 +266,9 @@ class MemoryChannel:
             if source is None:
                 source = self._named(keys)
         if source is not None:  # the first live entry of the order of ``keys``
-            while source:
-                entry = source.popleft()
+            entries = source.entries
+            while entries:
+                entry = entries.popleft()
                 if entry.live:
                     break
                 source.taken -= 1
@@ -281,8 +284,8 @@ class MemoryChannel:
             del self._queues[message.key]
         self._size -= 1
         if source is not order:
-            if order[0] is entry:  # the usual case, without a call
-                order.popleft()
+            if order.entries[0] is entry:  # the usual case, without a call
+                order.entries.popleft()
             else:
                 order.drop(entry)
         sets = self._sets
@@ -295,7 +298,7 @@ class MemoryChannel:
     def _named(self, keys: frozenset[str]) -> _Order:
         """The order of a set of several keys, made from the order of every key."""
         order = self._sets[keys] = _Order(
-            e for e in self._order if e.live and e.message.key in keys
+            e for e in self._order.entries if e.live and e.message.key in keys
         )
         for key in keys:
             self._watchers.setdefault(key, []).append(order)
