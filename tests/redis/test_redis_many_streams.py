@@ -52,8 +52,9 @@ class RoundTrips:
 async def test_startup_with_many_streams_takes_a_few_round_trips(
     make_backend: MakeBackend, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Creating the groups of 60 streams, reclaiming on them and the first read take a few
-    round trips in all, not one per stream."""
+    """Creating the groups of 60 streams, reclaiming on them, the delay scheduler's first check
+    and the first read take a few round trips in all, and only the group creation sends one
+    command per stream: with nothing idle, the reclaim is one script and no XAUTOCLAIM."""
     streams = [f"{prefix}s{i}" for i in range(60)]
     backend = make_backend(streams=streams)
     await backend.publish(streams[-1], {"n": 1})
@@ -61,11 +62,51 @@ async def test_startup_with_many_streams_takes_a_few_round_trips(
     stream = backend.deliveries()
     (message,) = await _take(stream)
     assert message.payload == {"n": 1}
-    assert trips.total <= 4, (trips.commands, [p[:2] for p in trips.pipelines])
+    scheduler = backend.delay_scheduler
+    assert scheduler is not None
+
+    async def checked() -> bool:
+        return not scheduler._unchecked
+
+    await eventually(checked, what="the scheduler's first check")
+    shown = (trips.commands, [p[:2] for p in trips.pipelines])
+    loads = trips.commands.count("SCRIPT LOAD")  # a script the server did not know yet ...
+    assert trips.total - 2 * loads <= 6, shown  # ... is loaded and its call sent again
     creates = [p for p in trips.pipelines if p and p[0] == "XGROUP CREATE"]
-    assert [len(p) for p in creates] == [60]
+    assert [len(p) for p in creates] == [60], shown
+    assert all(len(p) == 1 for p in trips.pipelines if p not in creates), shown
+    assert not [p for p in trips.pipelines if "XAUTOCLAIM" in p], shown
+    await closable(stream).aclose()
+
+
+async def test_reclaim_among_many_streams_claims_only_where_entries_are_idle(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of 60 streams, the two holding entries a crashed consumer left idle get an XAUTOCLAIM
+    (one pipeline of two), and their entries are delivered again with their delivery counts;
+    a stream whose entry is pending but not idle long enough is left alone."""
+    streams = [f"{prefix}s{i}" for i in range(60)]
+    crashed = make_backend(streams=streams, consumer="crashed")
+    for key in (streams[7], streams[42], streams[50]):
+        await crashed.publish(key, {"key": key})
+    await _take(crashed.deliveries(), 3)  # held by "crashed", never settled
+    for key in (streams[7], streams[42]):  # idle for 10 s, as if "crashed" had died then
+        rows = await client.xpending_range(key, "g", "-", "+", 10)
+        ids: list[Any] = [row["message_id"] for row in rows]
+        await client.xclaim(key, "g", "crashed", 0, ids, idle=10_000, justid=True)
+    backend = make_backend(streams=streams, claim_idle=5)
+    trips = RoundTrips(monkeypatch)
+    stream = backend.deliveries()
+    taken = await _take(stream, 2)
+    assert {m.payload["key"] for m in taken} == {streams[7], streams[42]}
+    assert {m.delivery_count for m in taken} == {2}
     claims = [p for p in trips.pipelines if p and p[0] == "XAUTOCLAIM"]
-    assert [len(p) for p in claims] == [60]
+    assert [len(p) for p in claims] == [2], trips.pipelines
+    assert backend.stats.reclaimed == 2
+    (row,) = await client.xpending_range(streams[50], "g", "-", "+", 10)
+    assert row["consumer"] == b"crashed"  # pending, not idle long enough: left alone
+    for message in taken:
+        await backend.ack(message)
     await closable(stream).aclose()
 
 

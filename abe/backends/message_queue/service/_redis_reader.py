@@ -30,7 +30,7 @@ from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
 from ._redis_common import LOGGER_NAME, RedisStats, Sleep, text
-from ._redis_recovery import keep_alive, reclaim, resilient, unswallowed
+from ._redis_recovery import IDLE_STREAMS_LUA, keep_alive, reclaim, resilient, unswallowed
 from ._redis_settings import is_pattern
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class StreamReader:
         self.cancel_baseline = 0
         """:attr:`owner`'s ``cancelling()`` when it started: more means a lost cancellation."""
         self._guard_reads = guard_reads
+        self._idle_script: Any = None
         self.connection = connection if connection is not None else ConnectionStatus()
         """Whether the last attempt reached Redis (shared by the backend's readers)."""
 
@@ -176,6 +177,12 @@ class StreamReader:
     def timeout(self, extra: float = 0.0) -> asyncio.Timeout:
         """A deadline of ``command_timeout`` (plus ``extra``) seconds for one Redis call."""
         return asyncio.timeout(self.settings.command_timeout + extra)
+
+    def idle_script(self) -> Any:
+        """:data:`._redis_recovery.IDLE_STREAMS_LUA`, registered with :attr:`client` (once)."""
+        if self._idle_script is None:
+            self._idle_script = self.client.register_script(IDLE_STREAMS_LUA)
+        return self._idle_script
 
     def _add_stream(self, key: str) -> None:
         self.streams.append(key)
