@@ -309,3 +309,35 @@ async def test_discover_interval_is_validated_and_read_from_the_environment() ->
         RedisSettings.from_environ({"REDIS_DISCOVER_INTERVAL_MS": "0"})
     with pytest.raises(ValueError, match="discover_interval must be a finite number"):
         RedisSettings(discover_interval=-1)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_reads_decode_the_reply_of_either_protocol(
+    make_backend: MakeBackend, prefix: str, redis_url: str, protocol: int
+) -> None:
+    """The reader takes the read's reply as the server sends it, a RESP2 list or a RESP3 map of
+    streams, with entries holding headers or poison among them, from a client the user passes
+    in."""
+    client = aioredis.Redis.from_url(redis_url, protocol=protocol, socket_timeout=None)
+    try:
+        streams = [f"{prefix}a", f"{prefix}b"]
+        backend = make_backend(streams=streams, client=client)
+        await backend.publish_message(streams[0], {"n": 1}, headers={"traceparent": "t"})
+        await client.xadd(streams[1], {"data": b"not json"})
+        await client.xadd(streams[1], {"data": b'{"n":2}'})
+        stream = backend.deliveries()
+        got = await _take(stream, 3)
+        assert [(m.key, m.payload, dict(m.headers)) for m in got] == [
+            (streams[0], {"n": 1}, {"traceparent": "t"}),
+            (streams[1], {}, {}),
+            (streams[1], {"n": 2}, {}),
+        ]
+        assert got[1].decode_error is not None
+        assert got[1].raw == b"not json"
+        for message in got:
+            await backend.ack(message)
+        await backend.flush()
+        assert await backend.pending() == 0
+        await closable(stream).aclose()
+    finally:
+        await client.aclose()
