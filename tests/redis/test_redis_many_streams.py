@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from abe.backends.message_queue.service._redis_reader import DECODE_CHUNK
+from abe.backends.message_queue.service._redis_reader import ACK_CHUNK, DECODE_CHUNK
 from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
 from tests.consume_stream import closable
 from tests.redis.redis_support import MakeBackend, eventually
@@ -138,6 +138,33 @@ async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ac
     assert await backend.pending() == 0
     assert backend.stats.acked == 2000
     assert backend.stats.ack_round_trips == 1
+    await closable(stream).aclose()
+
+
+async def test_a_very_large_read_sends_acks_in_the_background_while_it_is_handled(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """10,000 entries over 100 streams arrive in one read; handled one by one without any
+    await of their own, their first ACK_CHUNK acknowledgements reach Redis (one round trip of
+    one multi-id XACK per stream) before the read is done with, the rest with the flush."""
+    streams = [f"{prefix}s{i}" for i in range(100)]
+    backend = make_backend(streams=streams, batch_size=500, ack_delay=60)
+    pipe = client.pipeline(transaction=False)
+    for n in range(10_000):
+        pipe.xadd(streams[n // 100], {"data": f'{{"n": {n}}}'})
+    await pipe.execute()
+    stream = backend.deliveries()
+    numbers = []
+    while len(numbers) < 10_000:
+        message = stream.next_nowait() or await anext(stream)  # type: ignore[attr-defined]
+        numbers.append(message.payload["n"])
+        backend.ack_nowait(message)
+    assert numbers == list(range(10_000))  # one read, stream by stream, in order
+    assert await backend.pending() == 10_000 - ACK_CHUNK
+    assert backend.stats.ack_round_trips == 1
+    await backend.flush()
+    assert await backend.pending() == 0
+    assert backend.stats.ack_round_trips == 2
     await closable(stream).aclose()
 
 
