@@ -154,7 +154,7 @@ async def test_a_very_large_read_sends_acks_in_the_background_while_it_is_handle
         pipe.xadd(streams[n // 100], {"data": f'{{"n": {n}}}'})
     await pipe.execute()
     stream = backend.deliveries()
-    numbers = []
+    numbers: list[int] = []
     while len(numbers) < 10_000:
         message = stream.next_nowait() or await anext(stream)  # type: ignore[attr-defined]
         numbers.append(message.payload["n"])
