@@ -145,8 +145,9 @@ async def test_a_very_large_read_sends_acks_in_the_background_while_it_is_handle
     make_backend: MakeBackend, prefix: str, client: aioredis.Redis
 ) -> None:
     """10,000 entries over 100 streams arrive in one read; handled one by one without any
-    await of their own, their first ACK_CHUNK acknowledgements reach Redis (one round trip of
-    one multi-id XACK per stream) before the read is done with, the rest with the flush."""
+    await of their own, their first ACK_CHUNK acknowledgements (and the few more handed out
+    with the same decoded chunk) reach Redis in one round trip of one multi-id XACK per stream
+    before the read is done with, the rest with the flush."""
     streams = [f"{prefix}s{i}" for i in range(100)]
     backend = make_backend(streams=streams, batch_size=500, ack_delay=60)
     pipe = client.pipeline(transaction=False)
@@ -160,7 +161,9 @@ async def test_a_very_large_read_sends_acks_in_the_background_while_it_is_handle
         numbers.append(message.payload["n"])
         backend.ack_nowait(message)
     assert numbers == list(range(10_000))  # one read, stream by stream, in order
-    assert await backend.pending() == 10_000 - ACK_CHUNK
+    # One background flush of at most ACK_CHUNK (and the rest of the chunk being handed out
+    # when the count was reached; less when the read came in two parts) reached Redis.
+    assert 10_000 - ACK_CHUNK - DECODE_CHUNK <= await backend.pending() <= 10_000 // 2
     assert backend.stats.ack_round_trips == 1
     await backend.flush()
     assert await backend.pending() == 0

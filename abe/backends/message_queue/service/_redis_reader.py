@@ -117,8 +117,8 @@ class StreamReader:
         self.ack_count = 0
         self.release_pending = False
         self.yield_soon = False
-        """A background flush was started: the iterator lets the event loop run it before it
-        hands out the next delivery (a large read is otherwise handed out in one go)."""
+        """A background flush was asked for: the iterator lets the event loop run it before it
+        decodes the next chunk (a large read is otherwise handed out in one go)."""
         self.closed = False
         self._ack_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -179,11 +179,11 @@ class StreamReader:
         ``None`` when the generator has work to do first (not started, nothing waiting, a
         release to reclaim, closing)."""
         waiting = self.waiting
-        if self.owner is None or self.release_pending or self.closed or self.yield_soon:
+        if self.owner is None or self.release_pending or self.closed:
             return None
         if not waiting:
-            if not self.undecoded:
-                return None
+            if not self.undecoded or self.yield_soon:
+                return None  # (a flush to let run: at most once per decoded chunk)
             self.decode_more()
             if not waiting:
                 return None
@@ -444,12 +444,14 @@ class StreamReader:
         """Flush buffered acknowledgements in the background: one task at a time, however many
         acknowledgements ask for it (failures are logged and retried with the next read).
 
-        The iterator yields to the event loop before its next delivery, so the task sends them
-        while the rest of a large read is handled, not after it.
+        The iterator yields to the event loop before it decodes its next chunk of a read, so
+        the task sends them (and gets its reply) while the rest of a large read is handled, not
+        after it.
         """
-        if self._flushing is None or self._flushing.done():
+        flushing = self._flushing
+        if flushing is None or flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush_quietly())
-            self.yield_soon = True
+        self.yield_soon = True  # also while one is in flight: its reply needs the loop too
 
     async def _flush_quietly(self) -> None:
         try:
