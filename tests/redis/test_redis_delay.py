@@ -25,7 +25,10 @@ import redis.asyncio as aioredis
 from abe.backends.message_queue.base.extensions import DelayingBackend
 from abe.backends.message_queue.service._redis_delay import (
     DELAY_INDEX_KEY,
+    DELAY_SETS_LUA,
+    DUE_STREAMS_LUA,
     HAND_OVER_LUA,
+    MOVE_DUE_LUA,
     DelayScheduler,
     delay_key,
     run_pipelined,
@@ -419,6 +422,39 @@ async def test_idle_checks_cost_the_same_commands_for_1_and_1000_streams(
         assert await client.zscore(DELAY_INDEX_KEY, last) is None  # its delay set is empty
         stats = await client.info("commandstats")
         assert int(stats["cmdstat_evalsha"]["calls"]) == 2  # the index, then stream 999 only
+    finally:
+        await client.aclose()
+
+
+async def test_the_first_check_of_2500_streams_takes_a_few_commands(
+    redis_server: RedisServer,
+) -> None:
+    """The first check of a scheduler serving 2,500 streams (each stream's delay set is looked
+    at once, for sets written without an index entry) sends a few commands, not one per
+    stream: one script per 1,000 streams says which delay sets exist, and only the one that
+    does is visited; its due entry comes back and the stream enters the index. A stale index
+    entry of a stream whose delay set is gone is dropped."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        streams = [f"first:{n}" for n in range(2500)]
+        legacy = streams[1700]
+        await client.xgroup_create(legacy, "g", id="0", mkstream=True)
+        member = json.dumps({"id": "0-1", "f": ["data", '{"n":1}']})
+        await client.zadd(delay_key(legacy), {member: int(time.time() * 1000) - 1000})
+        await client.zadd(DELAY_INDEX_KEY, {streams[3]: int(time.time() * 1000) + 3_600_000})
+        for script in (DUE_STREAMS_LUA, DELAY_SETS_LUA, MOVE_DUE_LUA):
+            await client.script_load(script)
+        await client.config_resetstat()
+        scheduler = DelayScheduler(client, streams, backlog=0)
+        await scheduler.move_due()
+        stats = await client.info("commandstats")
+        # One check of the index, one script per 1,000 streams, the one existing set.
+        assert int(stats["cmdstat_evalsha"]["calls"]) == 1 + 3 + 1
+        assert scheduler.moved == 1
+        assert await client.xlen(legacy) == 1
+        assert await client.zcard(delay_key(legacy)) == 0
+        assert await client.zrange(DELAY_INDEX_KEY, 0, -1) == []  # stale entry dropped too
+        assert not scheduler._unchecked
     finally:
         await client.aclose()
 

@@ -180,6 +180,42 @@ def test_decode_batch_turns_every_entry_into_one_message(
         check_message(message, fields)
 
 
+@given(st.lists(field_maps(), min_size=1, max_size=6))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_flat_field_lists_decode_as_their_maps(entries: list[dict[bytes, bytes]]) -> None:
+    """Fields as the server sends them (``[name, value, ...]``, what the reader reads now) give
+    the same messages as the maps redis-py would have built of them."""
+    ids = [f"{1700000000000 + i}-{i}".encode() for i in range(len(entries))]
+    flat = [[item for pair in fields.items() for item in pair] for fields in entries]
+    as_maps: list[InboundMessage] = []
+    as_lists: list[InboundMessage] = []
+    poison = decode_batch("s", list(zip(ids, entries, strict=True)), "g", None, {}, as_maps.append)
+    assert decode_batch("s", list(zip(ids, flat, strict=True)), "g", None, {}, as_lists.append) == (
+        poison
+    )
+    for from_map, from_list, fields in zip(as_maps, as_lists, entries, strict=True):
+        check_message(from_list, fields)
+        assert (from_list.payload, from_list.raw, dict(from_list.headers)) == (
+            from_map.payload,
+            from_map.raw,
+            dict(from_map.headers),
+        )
+        assert (from_list.body_size, from_list.enqueued_at) == (
+            from_map.body_size,
+            from_map.enqueued_at,
+        )
+
+
+def test_a_flat_field_list_of_odd_length_is_poison_not_an_error() -> None:
+    """A malformed field list (a name without a value) makes its entry poison; the others in
+    the batch are decoded."""
+    entries = [(b"1-0", [b"data", b'{"n":0}']), (b"1-1", [b"data"]), (b"1-2", [b"data", b"{}"])]
+    out: list[InboundMessage] = []
+    assert decode_batch("s", entries, "g", None, {}, out.append) == 1
+    assert [m.payload for m in out] == [{"n": 0}, {}, {}]
+    assert out[1].decode_error is not None
+
+
 @pytest.mark.parametrize("depth", [1000, 10_000, 100_000])
 @pytest.mark.parametrize("opener", ["[", "{"])
 def test_deep_nesting_is_poison_with_the_parser_error_as_cause(depth: int, opener: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from abe.backends.message_queue.service._redis_reader import DECODE_CHUNK
+from abe.backends.message_queue.service._redis_reader import ACK_CHUNK, DECODE_CHUNK
 from abe.backends.message_queue.service._redis_settings import RedisSettings, is_pattern
 from tests.consume_stream import closable
 from tests.redis.redis_support import MakeBackend, eventually
@@ -52,8 +52,9 @@ class RoundTrips:
 async def test_startup_with_many_streams_takes_a_few_round_trips(
     make_backend: MakeBackend, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Creating the groups of 60 streams, reclaiming on them and the first read take a few
-    round trips in all, not one per stream."""
+    """Creating the groups of 60 streams, reclaiming on them, the delay scheduler's first check
+    and the first read take a few round trips in all, and only the group creation sends one
+    command per stream: with nothing idle, the reclaim is one script and no XAUTOCLAIM."""
     streams = [f"{prefix}s{i}" for i in range(60)]
     backend = make_backend(streams=streams)
     await backend.publish(streams[-1], {"n": 1})
@@ -61,11 +62,51 @@ async def test_startup_with_many_streams_takes_a_few_round_trips(
     stream = backend.deliveries()
     (message,) = await _take(stream)
     assert message.payload == {"n": 1}
-    assert trips.total <= 4, (trips.commands, [p[:2] for p in trips.pipelines])
+    scheduler = backend.delay_scheduler
+    assert scheduler is not None
+
+    async def checked() -> bool:
+        return not scheduler._unchecked
+
+    await eventually(checked, what="the scheduler's first check")
+    shown = (trips.commands, [p[:2] for p in trips.pipelines])
+    loads = trips.commands.count("SCRIPT LOAD")  # a script the server did not know yet ...
+    assert trips.total - 2 * loads <= 6, shown  # ... is loaded and its call sent again
     creates = [p for p in trips.pipelines if p and p[0] == "XGROUP CREATE"]
-    assert [len(p) for p in creates] == [60]
+    assert [len(p) for p in creates] == [60], shown
+    assert all(len(p) == 1 for p in trips.pipelines if p not in creates), shown
+    assert not [p for p in trips.pipelines if "XAUTOCLAIM" in p], shown
+    await closable(stream).aclose()
+
+
+async def test_reclaim_among_many_streams_claims_only_where_entries_are_idle(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of 60 streams, the two holding entries a crashed consumer left idle get an XAUTOCLAIM
+    (one pipeline of two), and their entries are delivered again with their delivery counts;
+    a stream whose entry is pending but not idle long enough is left alone."""
+    streams = [f"{prefix}s{i}" for i in range(60)]
+    crashed = make_backend(streams=streams, consumer="crashed")
+    for key in (streams[7], streams[42], streams[50]):
+        await crashed.publish(key, {"key": key})
+    await _take(crashed.deliveries(), 3)  # held by "crashed", never settled
+    for key in (streams[7], streams[42]):  # idle for 10 s, as if "crashed" had died then
+        rows = await client.xpending_range(key, "g", "-", "+", 10)
+        ids: list[Any] = [row["message_id"] for row in rows]
+        await client.xclaim(key, "g", "crashed", 0, ids, idle=10_000, justid=True)
+    backend = make_backend(streams=streams, claim_idle=5)
+    trips = RoundTrips(monkeypatch)
+    stream = backend.deliveries()
+    taken = await _take(stream, 2)
+    assert {m.payload["key"] for m in taken} == {streams[7], streams[42]}
+    assert {m.delivery_count for m in taken} == {2}
     claims = [p for p in trips.pipelines if p and p[0] == "XAUTOCLAIM"]
-    assert [len(p) for p in claims] == [60]
+    assert [len(p) for p in claims] == [2], trips.pipelines
+    assert backend.stats.reclaimed == 2
+    (row,) = await client.xpending_range(streams[50], "g", "-", "+", 10)
+    assert row["consumer"] == b"crashed"  # pending, not idle long enough: left alone
+    for message in taken:
+        await backend.ack(message)
     await closable(stream).aclose()
 
 
@@ -97,6 +138,36 @@ async def test_a_drain_across_many_streams_acks_per_stream_without_a_task_per_ac
     assert await backend.pending() == 0
     assert backend.stats.acked == 2000
     assert backend.stats.ack_round_trips == 1
+    await closable(stream).aclose()
+
+
+async def test_a_very_large_read_sends_acks_in_the_background_while_it_is_handled(
+    make_backend: MakeBackend, prefix: str, client: aioredis.Redis
+) -> None:
+    """10,000 entries over 100 streams arrive in one read; handled one by one without any
+    await of their own, their first ACK_CHUNK acknowledgements (and the few more handed out
+    with the same decoded chunk) reach Redis in one round trip of one multi-id XACK per stream
+    before the read is done with, the rest with the flush."""
+    streams = [f"{prefix}s{i}" for i in range(100)]
+    backend = make_backend(streams=streams, batch_size=500, ack_delay=60)
+    pipe = client.pipeline(transaction=False)
+    for n in range(10_000):
+        pipe.xadd(streams[n // 100], {"data": f'{{"n": {n}}}'})
+    await pipe.execute()
+    stream = backend.deliveries()
+    numbers: list[int] = []
+    while len(numbers) < 10_000:
+        message = stream.next_nowait() or await anext(stream)  # type: ignore[attr-defined]
+        numbers.append(message.payload["n"])
+        backend.ack_nowait(message)
+    assert numbers == list(range(10_000))  # one read, stream by stream, in order
+    # One background flush of at most ACK_CHUNK (and the rest of the chunk being handed out
+    # when the count was reached; less when the read came in two parts) reached Redis.
+    assert 10_000 - ACK_CHUNK - DECODE_CHUNK <= await backend.pending() <= 10_000 // 2
+    assert backend.stats.ack_round_trips == 1
+    await backend.flush()
+    assert await backend.pending() == 0
+    assert backend.stats.ack_round_trips == 2
     await closable(stream).aclose()
 
 
@@ -268,3 +339,35 @@ async def test_discover_interval_is_validated_and_read_from_the_environment() ->
         RedisSettings.from_environ({"REDIS_DISCOVER_INTERVAL_MS": "0"})
     with pytest.raises(ValueError, match="discover_interval must be a finite number"):
         RedisSettings(discover_interval=-1)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_reads_decode_the_reply_of_either_protocol(
+    make_backend: MakeBackend, prefix: str, redis_url: str, protocol: int
+) -> None:
+    """The reader takes the read's reply as the server sends it, a RESP2 list or a RESP3 map of
+    streams, with entries holding headers or poison among them, from a client the user passes
+    in."""
+    client = aioredis.Redis.from_url(redis_url, protocol=protocol, socket_timeout=None)
+    try:
+        streams = [f"{prefix}a", f"{prefix}b"]
+        backend = make_backend(streams=streams, client=client)
+        await backend.publish_message(streams[0], {"n": 1}, headers={"traceparent": "t"})
+        await client.xadd(streams[1], {"data": b"not json"})
+        await client.xadd(streams[1], {"data": b'{"n":2}'})
+        stream = backend.deliveries()
+        got = await _take(stream, 3)
+        assert [(m.key, m.payload, dict(m.headers)) for m in got] == [
+            (streams[0], {"n": 1}, {"traceparent": "t"}),
+            (streams[1], {}, {}),
+            (streams[1], {"n": 2}, {}),
+        ]
+        assert got[1].decode_error is not None
+        assert got[1].raw == b"not json"
+        for message in got:
+            await backend.ack(message)
+        await backend.flush()
+        assert await backend.pending() == 0
+        await closable(stream).aclose()
+    finally:
+        await client.aclose()

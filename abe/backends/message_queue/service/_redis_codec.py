@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import json.scanner
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -276,7 +276,7 @@ def _poison(
 
 def decode_batch(
     key: str,
-    entries: Iterable[tuple[bytes, Mapping[bytes, bytes] | None]],
+    entries: Iterable[Sequence[Any]],
     group: str,
     handle: Any,
     held: MutableMapping[str, bytes] | None,
@@ -291,7 +291,8 @@ def decode_batch(
 
     Args:
         key: The stream key.
-        entries: ``(entry id, fields)`` pairs as redis-py returns them.
+        entries: ``(entry id, fields)`` pairs, the fields either a map (as redis-py parses
+            them) or the flat ``[name, value, ...]`` list the server sends.
         group: The consumer group.
         handle: Stored on every message (the reader that settles it).
         held: Receives ``message_id -> entry id bytes`` for every message (``None``: the
@@ -315,38 +316,54 @@ def decode_batch(
         if held is not None:
             held[message_id] = entry_id
         count = 1 if counts is None else counts.get(entry_id, 2)
-        if len(fields) == 1:
+        data = None
+        if type(fields) is list:  # as the server sent it: [name, value, ...]
+            if len(fields) == 2 and fields[0] == DATA_FIELD:
+                data = fields[1]
+        elif len(fields) == 1:  # as redis-py parses it: a map
             data = fields.get(DATA_FIELD)
-            if data is not None:
-                try:
-                    text = data.decode()
-                    payload, end = scan(text, 0)
-                except Exception:  # StopIteration, ValueError, RecursionError, ...
-                    pass  # decode_entry says what is wrong
-                else:
-                    if end == len(text) and type(payload) is dict:
-                        if not entry_id.startswith(stamp_prefix):
-                            dash = entry_id.index(b"-")
-                            stamp_prefix = entry_id[: dash + 1]
-                            stamp = int(entry_id[:dash]) * 0.001
-                        append(
-                            InboundMessage(
-                                payload,
-                                key,
-                                message_id,
-                                count,
-                                no_headers,
-                                stamp,
-                                group,
-                                None,
-                                None,
-                                handle,
-                                len(data),
-                            )
+        if type(data) is bytes:
+            try:
+                text = data.decode()
+                payload, end = scan(text, 0)
+            except Exception:  # StopIteration, ValueError, RecursionError, ...
+                pass  # decode_entry says what is wrong
+            else:
+                if end == len(text) and type(payload) is dict:
+                    if not entry_id.startswith(stamp_prefix):
+                        dash = entry_id.index(b"-")
+                        stamp_prefix = entry_id[: dash + 1]
+                        stamp = int(entry_id[:dash]) * 0.001
+                    append(
+                        InboundMessage(
+                            payload,
+                            key,
+                            message_id,
+                            count,
+                            no_headers,
+                            stamp,
+                            group,
+                            None,
+                            None,
+                            handle,
+                            len(data),
                         )
-                        continue
-        message = decode_entry(key, entry_id, fields, group, count, handle)
+                    )
+                    continue
+        message = decode_entry(key, entry_id, _field_map(fields), group, count, handle)
         if message.decode_error is not None:
             poison += 1
         append(message)
     return poison
+
+
+def _field_map(fields: Any) -> Any:
+    """``fields`` as a map: a flat ``[name, value, ...]`` list paired up (what redis-py would
+    have built), anything else as it is (:func:`decode_entry` copes with what is not a map)."""
+    if type(fields) is not list:
+        return fields
+    try:
+        pairs = iter(fields)
+        return dict(zip(pairs, pairs, strict=False))
+    except Exception:  # an unhashable name: decode_entry makes the entry poison
+        return fields

@@ -40,6 +40,7 @@ _CONNECTION_ERRORS = (*TRANSIENT_ERRORS, *REFUSED_ERRORS)
 __all__ = [
     "DELAY_INDEX_KEY",
     "DELAY_KEY_PREFIX",
+    "DELAY_SETS_LUA",
     "DUE_STREAMS_LUA",
     "DELIVERIES_HEADER",
     "HAND_OVER_LUA",
@@ -163,6 +164,26 @@ many streams there are. A due stream whose delay set (ARGV[1] followed by the st
 longer exists (deleted with its stream) leaves the index."""
 
 
+DELAY_SETS_LUA = """
+local found = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    found[#found + 1] = i - 1
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i - 1])
+  end
+end
+return found
+"""
+"""Of the delay sets KEYS[2..n] (of streams ARGV[1..n-1]), the positions (1-based, in ARGV)
+of those that exist; a stream whose delay set does not exist leaves the delay index KEYS[1]
+(what :data:`MOVE_DUE_LUA` would do for it). One command checks a whole chunk of streams."""
+
+SET_CHECK_CHUNK = 1000
+"""Streams whose delay sets one :data:`DELAY_SETS_LUA` call looks at (the calls of a check go
+in one pipelined round trip); bounds the time one script holds the server."""
+
+
 def delay_key(stream: str) -> str:
     """The delay set of ``stream``."""
     return DELAY_KEY_PREFIX + stream
@@ -245,8 +266,10 @@ class DelayScheduler:
 
     A check costs one command however many streams are served: the delay index
     (:data:`DELAY_INDEX_KEY`, kept in Redis by the scripts that change the delay sets) says
-    which streams have entries due, and only those are visited. Each served stream is visited
-    once when first served, so delay sets written before the index existed are found too.
+    which streams have entries due, and only those are visited. Each served stream's delay set
+    is looked at once when first served, so sets written before the index existed are found
+    too: one command per :data:`SET_CHECK_CHUNK` streams says which sets exist, and only those
+    are visited.
 
     Args:
         client: The backend's Redis client.
@@ -276,6 +299,7 @@ class DelayScheduler:
         self._client = client
         self._script = client.register_script(MOVE_DUE_LUA)
         self._due_script = client.register_script(DUE_STREAMS_LUA)
+        self._sets_script = client.register_script(DELAY_SETS_LUA)
         self.streams: list[str] = list(dict.fromkeys(streams))
         """Streams whose delay sets are served (those of :meth:`add` and of the patterns too)."""
         self.patterns = tuple(patterns)
@@ -337,7 +361,7 @@ class DelayScheduler:
     async def move_due(self, only: Iterable[str] | None = None) -> float:
         """Move the due entries the backlogs have room for now (of ``only`` these streams, or
         of the served streams the delay index has entries due for, plus, once, every served
-        stream not checked yet); updates :attr:`held`.
+        stream not checked yet whose delay set exists); updates :attr:`held`.
 
         Returns:
             Seconds until the next entry is due (``inf`` when none waits), not counting the
@@ -348,7 +372,8 @@ class DelayScheduler:
             await self._discover()
             due, wait = await self._due_streams()
             unchecked = list(self._unchecked)
-            streams = list(dict.fromkeys([*unchecked, *due]))
+            existing = await self._existing_sets(unchecked) if unchecked else []
+            streams = list(dict.fromkeys([*existing, *due]))
             self.held.clear()
         else:
             unchecked = []
@@ -389,6 +414,25 @@ class DelayScheduler:
         for stream in unchecked:
             self._unchecked.pop(stream, None)
         return wait
+
+    async def _existing_sets(self, streams: list[str]) -> list[str]:
+        """Those of ``streams`` whose delay sets exist (one command per
+        :data:`SET_CHECK_CHUNK` streams, all in one round trip); the others leave the index.
+
+        Raises:
+            redis.exceptions.RedisError: Redis did not answer, or refused a check.
+        """
+        calls = []
+        for start in range(0, len(streams), SET_CHECK_CHUNK):
+            chunk = streams[start : start + SET_CHECK_CHUNK]
+            calls.append(((DELAY_INDEX_KEY, *map(delay_key, chunk)), chunk))
+        replies = await run_pipelined(self._client, self._sets_script, calls)
+        existing: list[str] = []
+        for (_, chunk), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            existing.extend(chunk[int(position) - 1] for position in reply)
+        return existing
 
     async def _due_streams(self) -> tuple[list[str], float]:
         """The served streams the delay index has entries due for (one command), and seconds

@@ -30,7 +30,7 @@ from abe.backends.message_queue.base.extensions import InboundMessage
 
 from ._redis_codec import decode_batch
 from ._redis_common import LOGGER_NAME, RedisStats, Sleep, text
-from ._redis_recovery import keep_alive, reclaim, resilient, unswallowed
+from ._redis_recovery import IDLE_STREAMS_LUA, keep_alive, reclaim, resilient, unswallowed
 from ._redis_settings import is_pattern
 
 if TYPE_CHECKING:
@@ -46,6 +46,17 @@ _monotonic = time.monotonic
 
 DECODE_CHUNK = 64
 """Entries of a read decoded at a time (see :meth:`StreamReader.decode_more`)."""
+
+_XREADGROUP = b"XREADGROUP"
+"""The read's command name, as bytes: redis-py looks reply callbacks up by the name as given,
+finds none for this spelling, and hands the reply over as the server sent it (stream ->
+entries, each entry ``[id, [name, value, ...]]``), so no dict is built per entry; the reader
+decodes that shape and redis-py's parsed one alike (a client that parses anyway still works)."""
+
+ACK_CHUNK = 8192
+"""Acknowledgements of one large read (across many streams) sent in the background while the
+rest of the read is handled (see :meth:`StreamReader.request_flush`): Redis applies them on
+its own core meanwhile, and only the last few wait for the next read."""
 
 
 class StreamReader:
@@ -105,6 +116,9 @@ class StreamReader:
         self._ack_limit = settings.ack_limit
         self.ack_count = 0
         self.release_pending = False
+        self.yield_soon = False
+        """A background flush was asked for: the iterator lets the event loop run it before it
+        decodes the next chunk (a large read is otherwise handed out in one go)."""
         self.closed = False
         self._ack_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -121,6 +135,7 @@ class StreamReader:
         self.cancel_baseline = 0
         """:attr:`owner`'s ``cancelling()`` when it started: more means a lost cancellation."""
         self._guard_reads = guard_reads
+        self._idle_script: Any = None
         self.connection = connection if connection is not None else ConnectionStatus()
         """Whether the last attempt reached Redis (shared by the backend's readers)."""
 
@@ -135,6 +150,9 @@ class StreamReader:
             await resilient(self, self.ensure_groups)
             self._heartbeat = asyncio.create_task(keep_alive(self))
             while True:
+                if self.yield_soon:
+                    self.yield_soon = False
+                    await asyncio.sleep(0)  # the flush task sends its XACKs, then we go on
                 if self.release_pending:
                     await resilient(self, self._reclaim)
                 if waiting:
@@ -164,8 +182,8 @@ class StreamReader:
         if self.owner is None or self.release_pending or self.closed:
             return None
         if not waiting:
-            if not self.undecoded:
-                return None
+            if not self.undecoded or self.yield_soon:
+                return None  # (a flush to let run: at most once per decoded chunk)
             self.decode_more()
             if not waiting:
                 return None
@@ -176,6 +194,12 @@ class StreamReader:
     def timeout(self, extra: float = 0.0) -> asyncio.Timeout:
         """A deadline of ``command_timeout`` (plus ``extra``) seconds for one Redis call."""
         return asyncio.timeout(self.settings.command_timeout + extra)
+
+    def idle_script(self) -> Any:
+        """:data:`._redis_recovery.IDLE_STREAMS_LUA`, registered with :attr:`client` (once)."""
+        if self._idle_script is None:
+            self._idle_script = self.client.register_script(IDLE_STREAMS_LUA)
+        return self._idle_script
 
     def _add_stream(self, key: str) -> None:
         self.streams.append(key)
@@ -297,7 +321,8 @@ class StreamReader:
         key_of = self._key_of
         unsettled = self.unsettled
         entries_read = 0
-        for stream, entries in response:
+        replies = response.items() if type(response) is dict else response  # RESP3: a map
+        for stream, entries in replies:
             key = key_of.get(stream) or stream.decode()
             held = unsettled[key]
             for entry_id, fields in entries:
@@ -307,8 +332,11 @@ class StreamReader:
             entries_read += len(entries)
         if not self.settings.ack_batch:
             # A read across many streams can be far bigger than batch_size: its acks go out
-            # with the next read rather than in early flushes of a few ids per stream.
-            self._ack_limit = max(self.settings.ack_limit, entries_read + len(self.waiting) + 1)
+            # with the next read rather than in early flushes of a few ids per stream; those
+            # of a very large read go out every ACK_CHUNK in the background meanwhile (entries
+            # come stream by stream, so each such flush holds long runs of ids per stream).
+            size = entries_read + len(self.waiting) + 1
+            self._ack_limit = max(self.settings.ack_limit, min(size, ACK_CHUNK))
 
     def decode_more(self) -> None:
         """Decode the next few entries read (at most :data:`DECODE_CHUNK`) into :attr:`waiting`.
@@ -338,7 +366,7 @@ class StreamReader:
     def _read_command(self, timeout_ms: int) -> list[Any]:
         streams = self._read_ids
         return [
-            "XREADGROUP",
+            _XREADGROUP,
             "GROUP",
             self.group,
             self.consumer,
@@ -414,9 +442,16 @@ class StreamReader:
 
     def request_flush(self) -> None:
         """Flush buffered acknowledgements in the background: one task at a time, however many
-        acknowledgements ask for it (failures are logged and retried with the next read)."""
-        if self._flushing is None or self._flushing.done():
+        acknowledgements ask for it (failures are logged and retried with the next read).
+
+        The iterator yields to the event loop before it decodes its next chunk of a read, so
+        the task sends them (and gets its reply) while the rest of a large read is handled, not
+        after it.
+        """
+        flushing = self._flushing
+        if flushing is None or flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush_quietly())
+        self.yield_soon = True  # also while one is in flight: its reply needs the loop too
 
     async def _flush_quietly(self) -> None:
         try:

@@ -34,6 +34,7 @@ from ._redis_common import (
     RedisBackendError,
     text,
 )
+from ._redis_delay import run_pipelined
 from ._redis_settings import redact
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from ._redis_settings import RedisSettings
 
 __all__ = [
+    "IDLE_STREAMS_LUA",
+    "IDLE_CHECK_CHUNK",
     "RecoverableReader",
     "keep_alive",
     "raise_if_cancel_swallowed",
@@ -82,10 +85,32 @@ class RecoverableReader(Protocol):
         """A deadline for one Redis call."""
         ...
 
+    def idle_script(self) -> Any:
+        """:data:`IDLE_STREAMS_LUA`, registered with :attr:`client`."""
+        ...
+
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream."""
         ...
 
+
+IDLE_STREAMS_LUA = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  local rows = redis.pcall('XPENDING', key, ARGV[1], 'IDLE', ARGV[2], '-', '+', 1)
+  if type(rows) ~= 'table' or rows.err or #rows > 0 then
+    found[#found + 1] = i
+  end
+end
+return found
+"""
+"""Of the streams KEYS, the positions (1-based) of those where group ARGV[1] has an entry
+pending for at least ARGV[2] ms (the ones XAUTOCLAIM would claim something from), and of those
+where the check failed (a missing group: XAUTOCLAIM then reports the error itself)."""
+
+IDLE_CHECK_CHUNK = 1000
+"""Streams one :data:`IDLE_STREAMS_LUA` call looks at (the calls of a reclaim go in one
+pipelined round trip); bounds the time one script holds the server."""
 
 _KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
@@ -139,6 +164,10 @@ async def reclaim(reader: RecoverableReader) -> None:
     """Claim entries idle longer than ``claim_idle`` for ``reader``: up to ``batch_size`` per
     stream, every stream in one pipelined round trip (one more for the delivery counts).
 
+    A first round trip (one script per :data:`IDLE_CHECK_CHUNK` streams) finds the streams with
+    an entry idle that long; only those (and those whose last scan stopped early) are sent an
+    XAUTOCLAIM, so a reclaim with nothing to take costs one command, not one per stream.
+
     Claimed entries go to the front of the reader's queue, with their delivery counts. A stream
     whose scan stops early (its count is spent) goes on from its cursor on the next turn.
     """
@@ -146,7 +175,7 @@ async def reclaim(reader: RecoverableReader) -> None:
     settings = reader.settings
     stats = reader.stats
     reader.next_reclaim = time.monotonic() + settings.claim_idle / 2
-    keys = list(reader.streams)
+    keys = await _idle_streams(reader)
     if not keys:
         return
     pipe = reader.client.pipeline(transaction=False)
@@ -205,6 +234,27 @@ async def reclaim(reader: RecoverableReader) -> None:
             reader.group,
         )
         reader.waiting.extendleft(reversed(claimed))
+
+
+async def _idle_streams(reader: RecoverableReader) -> list[str]:
+    """The streams of ``reader`` to reclaim on: an entry idle for ``claim_idle`` or more, the
+    check refused (XAUTOCLAIM says why), or a scan to go on from its cursor."""
+    streams = reader.streams
+    if not streams:
+        return []
+    group, idle = reader.group, reader.settings.claim_idle_ms
+    calls = [
+        (streams[start : start + IDLE_CHECK_CHUNK], (group, idle))
+        for start in range(0, len(streams), IDLE_CHECK_CHUNK)
+    ]
+    async with reader.timeout():
+        replies = await run_pipelined(reader.client, reader.idle_script(), calls)
+    found: set[str] = set(reader.cursors)
+    for (chunk, _), reply in zip(calls, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise reply
+        found.update(chunk[int(position) - 1] for position in reply)
+    return [key for key in streams if key in found]
 
 
 async def _delivery_counts(
