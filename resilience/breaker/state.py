@@ -92,54 +92,6 @@ class Breaker:
         clock: Time source for windows, slow-call timing and the open-state timer.
     """
 
-    # Slots: more than 30 attributes would leave the instance dictionary unshared, and every
-    # read of the success path (one per hook) would be a dictionary lookup.
-    __slots__ = (
-        "__weakref__",
-        "_consecutive",
-        "_epoch",
-        "_failure_rate",
-        "_gate_waiters",
-        "_half_open_at",
-        "_held",
-        "_held_fresh",
-        "_in_flight",
-        "_listeners",
-        "_members",
-        "_min_calls",
-        "_not_permitted",
-        "_now",
-        "_open_until",
-        "_open_wait",
-        "_probe_failed",
-        "_probe_ok",
-        "_probe_slow",
-        "_probes",
-        "_simple",
-        "_simple_epoch",
-        "_slow_duration",
-        "_slow_rate",
-        "_state",
-        "_streak",
-        "_taken",
-        "_threshold",
-        "_time_window",
-        "_timed",
-        "_timer",
-        "_timer_loop",
-        "_tripper",
-        "_trips",
-        "_untimed_epoch",
-        "_wait_initial",
-        "_wait_max",
-        "_waiters",
-        "_window",
-        "clock",
-        "config",
-        "flow",
-        "name",
-    )
-
     def __init__(self, name: str, config: BreakerConfig, clock: Clock) -> None:
         self.name = name
         self.config = config
