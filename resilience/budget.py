@@ -26,10 +26,12 @@ class RetryBudget:
     """
 
     __slots__ = (
+        "_bucket",
         "_buckets",
         "_clock",
         "_current",
         "_deposits",
+        "_edge",
         "_start",
         "_width",
         "_withdrawals",
@@ -63,9 +65,16 @@ class RetryBudget:
         self._start: float | None = None
         self._deposits = 0
         self._withdrawals = 0
+        self._bucket = self._buckets[0]
+        """The current bucket."""
+        self._edge = float("-inf")
+        """When the current bucket ends (``-inf`` before the first reading)."""
 
     def _roll(self) -> list[int]:
-        now = self._clock.monotonic()
+        return self._roll_to(self._clock.monotonic())
+
+    def _roll_to(self, now: float) -> list[int]:
+        """Move the window to ``now`` (a reading of the budget's clock); the current bucket."""
         if self._start is None:
             self._start = now
         elapsed = int((now - self._start) // self._width)
@@ -77,12 +86,28 @@ class RetryBudget:
                 self._withdrawals -= bucket[1]
                 bucket[0] = bucket[1] = 0
             self._start += elapsed * self._width
-        return self._buckets[self._current]
+        self._bucket = bucket = self._buckets[self._current]
+        self._edge = self._start + self._width
+        return bucket
 
-    def deposit(self) -> None:
-        """Count one first attempt."""
-        self._roll()[0] += 1
+    def deposit(self, now: float | None = None) -> None:
+        """Count one first attempt.
+
+        Args:
+            now: A reading of the budget's clock the caller already has (read when ``None``).
+        """
+        if now is None:
+            now = self._clock.monotonic()
+        bucket = self._bucket
+        if now >= self._edge:  # the current bucket ended (or no reading yet): move on
+            bucket = self._roll_to(now)
+        bucket[0] += 1
         self._deposits += 1
+
+    @property
+    def clock(self) -> Clock:
+        """The budget's time source."""
+        return self._clock
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; ``False`` when it is spent."""

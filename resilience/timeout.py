@@ -2,9 +2,10 @@
 
 ``async with asyncio.timeout()`` schedules and cancels a loop timer per call, which costs more
 than the whole consumer does per message (figures in ``benchmarks/README.md``). Instead each
-:class:`Timeout` keeps one watchdog: a message registers its deadline in a dict (two dict
-operations on the success path) and a single timer, armed at the earliest deadline, cancels the
-tasks whose deadline passed. The cancellation is then turned into
+:class:`Timeout` keeps one watchdog: every task that runs messages through it has one entry,
+a message writes its deadline into the entry on the way in and clears it on the way out (two
+attribute writes on the success path, no dict operation), and a single timer, armed at the
+earliest deadline, cancels the tasks whose deadline passed. The cancellation is then turned into
 :class:`~resilience.errors.AttemptTimeout` (retryable) or
 :class:`~resilience.errors.TotalTimeout` (terminal) exactly as ``asyncio.timeout`` does, with
 ``Task.uncancel()``, so a shutdown that cancels at the same moment still wins.
@@ -30,28 +31,73 @@ if TYPE_CHECKING:
 __all__ = ["Timeout"]
 
 
-class _Watchdog:
-    """Cancels overdue tasks; one timer armed at the earliest deadline among active tasks."""
+_NEVER = float("inf")
 
-    __slots__ = ("active", "armed_at", "clock", "fired", "last_task", "loop", "now", "timer")
+
+class _Entry:
+    """One task's registration with one watchdog, kept for the task's life: a message writes
+    its deadline into it on the way in and :data:`_NEVER` on the way out (two attribute writes,
+    no dict operation), and the watchdog sets :attr:`fired` when it cancelled the task."""
+
+    __slots__ = ("deadline", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.deadline = _NEVER
+        self.fired = False
+
+
+_NO_ENTRY = _Entry(None)
+"""The watchdog's last entry before any task registered (matches no task)."""
+
+
+class _Watchdog:
+    """Cancels overdue tasks; one timer armed at the earliest deadline among active tasks.
+
+    Each task that ever registered keeps one :class:`_Entry` (its deadline is :data:`_NEVER`
+    between messages). Entries of finished tasks are dropped when the timer fires; an entry is
+    found through :attr:`last` (the task of the previous message, as a sequential consumer's
+    worker always is) or, else, by the task in :attr:`entries`.
+    """
+
+    __slots__ = ("armed_at", "clock", "entries", "last", "loop", "now", "timer")
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.active: dict[asyncio.Task[Any], float] = {}
-        self.fired: set[asyncio.Task[Any]] = set()
+        self.entries: dict[asyncio.Task[Any], _Entry] = {}
+        self.last = _NO_ENTRY
         self.timer: TimerHandle | None = None
-        self.armed_at = float("inf")
+        self.armed_at = _NEVER
         self.loop: asyncio.AbstractEventLoop | None = None
         self.now: Callable[[], float] = clock.monotonic
-        self.last_task: asyncio.Task[Any] | None = None
+
+    @property
+    def active(self) -> dict[asyncio.Task[Any], float]:
+        """The tasks with a deadline registered now, and their deadlines."""
+        return {t: e.deadline for t, e in self.entries.items() if e.deadline != _NEVER}
+
+    def entry(self, task: asyncio.Task[Any]) -> _Entry:
+        """The entry of ``task`` (made on its first message), remembered as :attr:`last`."""
+        entry = self.entries.get(task)
+        if entry is None:
+            # A task never changes loops: its loop is checked once, when its entry is made.
+            loop = task.get_loop()
+            if loop is not self.loop:
+                self.bind(loop)
+            entry = self.entries[task] = _Entry(task)
+        self.last = entry
+        return entry
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start over on a new event loop (tests run one per test): old timers never fire."""
+        """Start over on a new event loop (tests run one per test): old timers never fire, and
+        the old loop's entries are forgotten (their ``fired`` flags cleared)."""
         self.loop = loop
         self.timer = None
-        self.armed_at = float("inf")
-        self.active.clear()
-        self.fired.clear()
+        self.armed_at = _NEVER
+        for old in self.entries.values():
+            old.fired = False
+        self.entries = {}
+        self.last = _NO_ENTRY
         self.now = monotonic_function(self.clock)
 
     def arm(self, when: float) -> None:
@@ -62,18 +108,26 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.timer = None
-        self.armed_at = float("inf")
+        self.armed_at = _NEVER
         now = self.now()
-        earliest = float("inf")
-        for task, deadline in self.active.items():
-            if task in self.fired:
+        earliest = _NEVER
+        entries = self.entries
+        for task, entry in list(entries.items()):
+            deadline = entry.deadline
+            if deadline == _NEVER:
+                if task.done():  # the task ended: forget it
+                    del entries[task]
+                    if self.last is entry:
+                        self.last = _NO_ENTRY
+                continue
+            if entry.fired:
                 continue
             if deadline <= now:
-                self.fired.add(task)
+                entry.fired = True
                 task.cancel()
             elif deadline < earliest:
                 earliest = deadline
-        if earliest != float("inf"):
+        if earliest != _NEVER:
             self.arm(earliest)
 
 
@@ -107,14 +161,14 @@ class Timeout(HookLayer):
         assert self.clock is not None
         object.__setattr__(self, "_watchdog", _Watchdog(self.clock))
 
-    def enter(self, delivery: Delivery) -> asyncio.Task[Any]:
-        """Register the deadline of the task running ``delivery`` with the watchdog.
+    def enter(self, delivery: Delivery) -> _Entry:
+        """Write the deadline of the task running ``delivery`` into its watchdog entry.
 
         Args:
             delivery: The message (a total limit also sets its deadline).
 
         Returns:
-            The task the watchdog cancels when the deadline passes.
+            The task's entry, which the watchdog cancels when the deadline passes.
 
         Raises:
             RuntimeError: not running inside an asyncio task.
@@ -123,49 +177,43 @@ class Timeout(HookLayer):
         if task is None:
             raise RuntimeError("Timeout middleware must run inside an asyncio task")
         watchdog = self._watchdog
-        if task is not watchdog.last_task:
-            # A task never changes loops: check the loop once per task, not per message.
-            loop = task.get_loop()
-            if loop is not watchdog.loop:
-                watchdog.bind(loop)
-            watchdog.last_task = task
+        entry = watchdog.last
+        if entry.task is not task:
+            entry = watchdog.entry(task)
         # The reading the consumer took for this message, when it is fresh and of this clock.
         now = delivery.now
         if now is None or delivery.clock is not self.clock:
             now = watchdog.now()
         deadline = now + self.seconds  # type: ignore[operator]
+        limit = delivery.deadline
         if self.total:
-            if delivery.deadline is None or deadline < delivery.deadline:
+            if limit is None or deadline < limit:
                 delivery.deadline = deadline
-        elif delivery.deadline is not None and delivery.deadline < deadline:
-            deadline = delivery.deadline
-        watchdog.active[task] = deadline
+        elif limit is not None and limit < deadline:
+            deadline = limit
+        entry.deadline = deadline
         if deadline < watchdog.armed_at:
             watchdog.arm(deadline)
-        return task
+        return entry
 
-    def leave(self, token: asyncio.Task[Any], delivery: Delivery) -> Awaitable[None] | None:
+    def leave(self, token: _Entry, delivery: Delivery) -> Awaitable[None] | None:
         """Withdraw the deadline; if the watchdog fired anyway, absorb its cancel request.
 
         Args:
-            token: The task :meth:`enter` registered.
+            token: The entry :meth:`enter` wrote.
             delivery: The message.
 
         Returns:
             ``None``, or (in the loop turn the watchdog fired) the absorption to await.
         """
-        watchdog = self._watchdog
-        try:
-            del watchdog.active[token]  # no method call on the success path
-        except KeyError:  # rebound to a new loop meanwhile: nothing of this loop can fire
-            return None
-        if watchdog.fired and token in watchdog.fired:
+        token.deadline = _NEVER
+        if token.fired:
             return self._absorb(token)
         return None
 
     async def fail(
         self,
-        token: asyncio.Task[Any],
+        token: _Entry,
         delivery: Delivery,
         exc: BaseException,
         call_next: CallNext,
@@ -176,7 +224,7 @@ class Timeout(HookLayer):
         shutdown that cancels at the same moment still wins.
 
         Args:
-            token: The task :meth:`enter` registered.
+            token: The entry :meth:`enter` wrote.
             delivery: The message.
             exc: What the rest of the pipeline raised.
             call_next: Unused.
@@ -186,21 +234,22 @@ class Timeout(HookLayer):
             TotalTimeout: a whole-message limit passed.
             BaseException: ``exc`` otherwise.
         """
-        watchdog = self._watchdog
-        watchdog.active.pop(token, None)
-        if isinstance(exc, asyncio.CancelledError) and token in watchdog.fired:
-            watchdog.fired.discard(token)
-            if token.uncancel() == 0:
+        token.deadline = _NEVER
+        if isinstance(exc, asyncio.CancelledError) and token.fired:
+            token.fired = False
+            task: asyncio.Task[Any] = token.task  # type: ignore[assignment]
+            if task.uncancel() == 0:
                 error = self._error(delivery)
                 error.__context__ = exc
                 raise error from None
         raise exc
 
-    async def _absorb(self, task: asyncio.Task[Any]) -> None:
+    async def _absorb(self, entry: _Entry) -> None:
         """The call finished although the watchdog cancelled it (the handler caught the
         cancellation, or it was still pending): withdraw the watchdog's cancel request, so
         the task's cancel count is as before (a shutdown's cancel still propagates)."""
-        self._watchdog.fired.discard(task)
+        entry.fired = False
+        task: asyncio.Task[Any] = entry.task  # type: ignore[assignment]
         try:
             await asyncio.sleep(0)
         except asyncio.CancelledError:

@@ -149,12 +149,17 @@ class CircuitBreaker(HookLayer):
             :data:`~resilience.hooks.SLOW_PATH` when
             the breaker is not closed (admission then waits or fails fast).
         """
+        token = self.breaker._untimed_epoch  # closed, untimed: one attribute read
+        if token < 0:
+            return self._admission()
+        return token
+
+    def _admission(self) -> Any:
+        """:meth:`enter` when the breaker is not closed or times slow calls."""
         breaker = self.breaker
         if breaker._state is not _CLOSED:
             return SLOW_PATH
-        if breaker._slow_duration:
-            return (breaker._epoch, breaker._now())
-        return breaker._epoch  # untimed: the epoch alone (start 0.0)
+        return (breaker._epoch, breaker._now())
 
     def leave(self, token: int | tuple[int, float], delivery: Delivery) -> None:
         """Record the successful call.
@@ -164,13 +169,19 @@ class CircuitBreaker(HookLayer):
             delivery: The message.
         """
         breaker = self.breaker
-        if breaker._simple:  # never timed: the token is the epoch
-            if breaker._epoch == token:
-                breaker._consecutive = 0
-        else:
-            epoch, start = _epoch_start(token)
-            end = breaker._now() if breaker._timed else 0.0
-            breaker._closed_success(epoch, start, end, delivery)
+        if token == breaker._simple_epoch:  # closed, same epoch, nothing but the count to reset
+            breaker._consecutive = 0
+            return
+        self._succeeded(token, delivery)
+
+    def _succeeded(self, token: int | tuple[int, float], delivery: Delivery) -> None:
+        """:meth:`leave` for a breaker with a window or timing (or whose epoch moved on)."""
+        breaker = self.breaker
+        if breaker._simple:  # the epoch moved on: the outcome is not recorded
+            return
+        epoch, start = _epoch_start(token)
+        end = breaker._now() if breaker._timed else 0.0
+        breaker._closed_success(epoch, start, end, delivery)
 
     async def fail(
         self,

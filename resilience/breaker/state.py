@@ -115,6 +115,13 @@ class Breaker:
         self._time_window = isinstance(window, TimeWindow)
         self._timed = config.slow_call_duration is not None or self._time_window
         self._simple = window is None and not self._timed
+        self._untimed_epoch = 0
+        """The token of a call admitted without timing: the epoch while closed and slow calls
+        are not timed, else -1 (the middleware's ``enter`` reads this one attribute)."""
+        self._simple_epoch = 0 if self._simple else -1
+        """The epoch while closed when a success only resets the consecutive count (no window,
+        no timing), else -1 (the middleware's ``leave`` compares its token with it)."""
+        self._fast_tokens()
         self._probes = config.half_open_probes
         self._taken = 0
         self._in_flight = 0
@@ -332,6 +339,12 @@ class Breaker:
         elif state is _HALF_OPEN:
             self._probe_outcome(code, delivery, now)
 
+    def _fast_tokens(self) -> None:
+        """Keep :attr:`_untimed_epoch` and :attr:`_simple_epoch` true for the state and epoch."""
+        closed = self._state is _CLOSED
+        self._untimed_epoch = self._epoch if closed and not self._slow_duration else -1
+        self._simple_epoch = self._epoch if closed and self._simple else -1
+
     def _closed_success(self, epoch: int, start: float, end: float, delivery: Delivery) -> None:
         """Record a success admitted while closed (the middleware's hot path).
 
@@ -463,6 +476,7 @@ class Breaker:
         self._state = to
         self.flow.steady = to is _CLOSED or to is _FORCED_CLOSED
         self._epoch += 1
+        self._fast_tokens()
         self._taken = self._in_flight = 0
         self._probe_ok = self._probe_failed = self._probe_slow = 0
         self._cancel_timer()

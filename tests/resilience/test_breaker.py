@@ -28,6 +28,7 @@ from resilience.consumer import Gate
 from resilience.delivery import Delivery
 from resilience.errors import CircuitOpen, ConfigError, DeadLetter
 from resilience.events import EventBus
+from resilience.hooks import SLOW_PATH
 from resilience.pipeline import Pipeline
 from resilience.retry import Fixed
 
@@ -986,3 +987,40 @@ def test_fast_clock_reader_matches_the_clock() -> None:
         assert abs(_fast_monotonic(loop_clock)() - loop_clock.monotonic()) < 1.0
 
     asyncio.run(inside())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"window": CountWindow(size=10, minimum_calls=10)},
+        {"window": CountWindow(size=10, minimum_calls=10), "slow_call_duration": 5.0},
+    ],
+    ids=["simple", "window", "timed"],
+)
+def test_success_hooks_record_only_calls_of_the_current_epoch(options: dict[str, Any]) -> None:
+    """``enter`` admits a closed breaker's call with one token, ``leave`` records its success;
+    a call admitted before a state change (here a reset) is not recorded after it, and a
+    breaker that is not closed sends the call to the slow path."""
+    clock = FakeClock()
+    layer = CircuitBreaker(
+        "hooks", clock=clock, registry=BreakerRegistry(), failure_threshold=3, **options
+    )
+    breaker = layer.breaker
+    d = Delivery({}, message_id="m1")
+    early = layer.enter(d)
+    breaker.reset()
+    breaker._consecutive = 2
+    layer.leave(early, d)
+    assert breaker._consecutive == 2  # admitted in the previous epoch: not recorded
+    token = layer.enter(d)
+    assert isinstance(token, tuple) == ("slow_call_duration" in options)
+    layer.leave(token, d)
+    assert breaker._consecutive == 0
+    if breaker._window is not None:
+        assert breaker._window.totals(clock.monotonic())[0] == 1
+    layer.force_open()
+    assert layer.enter(d) is SLOW_PATH
+    layer.reset()
+    token = layer.enter(d)
+    assert (token[0] if isinstance(token, tuple) else token) == breaker._epoch

@@ -467,3 +467,48 @@ async def test_retried_errors_do_not_chain_onto_earlier_ones() -> None:
             delivery(clock)
         )
     assert info.value.__context__ is None
+
+
+async def test_budget_deposits_with_a_given_reading_roll_the_window_like_clock_reads() -> None:
+    """Deposits given a reading of the budget's clock land in the same buckets as deposits that
+    read it, across bucket edges and past the window."""
+    read, given = FakeClock(), FakeClock()
+    by_clock = RetryBudget(ratio=1.0, min_per_second=0.0, window=10, clock=read)
+    by_reading = RetryBudget(ratio=1.0, min_per_second=0.0, window=10, clock=given)
+    for step in [0.0, 0.4, 0.6, 1.0, 2.5, 0.99, 7.0, 3.3, 12.0]:
+        read.advance(step)
+        given.advance(step)
+        by_clock.deposit()
+        by_reading.deposit(given.monotonic())
+        assert by_reading.available == by_clock.available
+    assert by_clock.available == 1  # the 12 s step left only the last deposit in the window
+    read.advance(9.5)
+    given.advance(9.5)
+    assert by_reading.available == by_clock.available
+
+
+class _CountingClock(FakeClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return super().monotonic()
+
+
+async def test_retry_counts_the_first_attempt_with_the_consumers_clock_reading() -> None:
+    """Retry's ``enter`` hands the budget the delivery's fresh reading of the same clock (no
+    second read); a reading of another clock is not used."""
+    clock = _CountingClock()
+    budget = RetryBudget(clock=clock)
+    retry = Retry(budget=budget, clock=clock)
+    d = Delivery({}, started_at=clock.monotonic())
+    d.now, d.clock = d.started_at, clock
+    reads = clock.reads
+    retry.enter(d)
+    assert clock.reads == reads
+    d.clock = FakeClock()
+    retry.enter(d)
+    assert clock.reads == reads + 1
+    assert budget._deposits == 2

@@ -146,3 +146,136 @@ def test_invalid_timeout_raises(value: Any) -> None:
     """A non-positive or non-numeric timeout is a ConfigError."""
     with pytest.raises(ConfigError, match="timeout"):
         Timeout(value)
+
+
+# -- the watchdog's entries: one per task, reused by every message of that task ----------------
+
+
+async def test_one_task_reuses_its_entry_and_times_out_again_after_a_timeout() -> None:
+    """Messages run one after another in one task (a consumer worker) share one watchdog entry:
+    a timed-out message leaves no stale cancel request behind, and the next slow message of
+    the same task times out again."""
+    clock = FakeClock()
+    handler = Slow(clock, 10, 0.1, 10)
+    timeout = Timeout(1.0, clock=clock)
+    call = Pipeline(timeout).build(handler)
+    with pytest.raises(AttemptTimeout):
+        await call(Delivery({}, started_at=0.0))
+    await call(Delivery({}, started_at=0.0))
+    with pytest.raises(AttemptTimeout):
+        await call(Delivery({}, started_at=0.0))
+    assert len(timeout._watchdog.entries) == 1
+    assert not timeout._watchdog.active
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    assert (handler.cancelled, handler.finished) == (2, 1)
+
+
+async def test_entries_of_finished_tasks_are_forgotten_when_the_timer_fires() -> None:
+    """Each task that ran a message keeps an entry only until the watchdog's timer next fires
+    after the task ended, so short-lived tasks (a decorator's callers) do not pile up."""
+    clock = FakeClock()
+    timeout = Timeout(1.0, clock=clock)
+    call = Pipeline(timeout).build(Slow(clock))
+    await asyncio.gather(*(asyncio.ensure_future(call(Delivery({}))) for _ in range(5)))
+    assert len(timeout._watchdog.entries) == 5
+    clock.advance(2.0)  # the timer armed by the first message fires
+    await asyncio.sleep(0)
+    assert not timeout._watchdog.entries
+
+
+async def test_attempt_limit_clamped_to_the_total_one_raises_total_timeout() -> None:
+    """When the attempt's deadline is the message's deadline (a longer attempt limit), the
+    total timeout fires and the task's cancel count goes back to zero; with a shorter attempt
+    limit the attempt times out first and is retried."""
+    clock = FakeClock()
+    handler = Slow(clock, 100)
+    call = Pipeline(
+        Timeout(2.0, total=True, clock=clock),
+        Retry(attempts=3, wait=Fixed(0.1), clock=clock),
+        Timeout(50.0, clock=clock),
+    ).build(handler)
+    d = Delivery({}, started_at=0.0)
+    with pytest.raises(TotalTimeout) as caught:
+        await call(d)
+    assert isinstance(caught.value.__context__, asyncio.CancelledError)
+    assert (handler.calls, d.reason) == (1, "timeout")
+    assert clock.monotonic() == pytest.approx(2.0)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    handler = Slow(clock, 100, 0.1)
+    call = Pipeline(
+        Timeout(20.0, total=True, clock=clock),
+        Retry(attempts=3, wait=Fixed(0.1), clock=clock),
+        Timeout(1.0, clock=clock),
+    ).build(handler)
+    d = Delivery({}, started_at=clock.monotonic())
+    await call(d)
+    assert d.failures is not None
+    assert list(d.failures) == ["AttemptTimeout"]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_shutdown_cancel_during_a_fired_timeout_still_wins() -> None:
+    """A task cancelled by a shutdown in the same loop turn as the watchdog fired ends with
+    CancelledError, not a timeout; the watchdog's own request is withdrawn."""
+    clock = FakeClock()
+    started = asyncio.Event()
+
+    async def handler(payload: dict[str, Any]) -> None:
+        started.set()
+        await clock.sleep(100)
+
+    call = Pipeline(Timeout(1.0, clock=clock)).build(handler)
+    task = asyncio.ensure_future(call(Delivery({})))
+    await started.wait()
+    clock.advance(1.0)  # the watchdog cancels the task...
+    task.cancel()  # ...and so does a shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelling() == 1  # the shutdown's request only
+
+
+async def test_a_handler_that_swallows_the_cancellation_is_absorbed() -> None:
+    """A handler that catches the watchdog's cancellation and returns succeeds; the cancel
+    request is withdrawn and the next message of the same task can time out again."""
+    clock = FakeClock()
+    swallowed = 0
+
+    async def handler(payload: dict[str, Any]) -> None:
+        nonlocal swallowed
+        try:
+            await clock.sleep(payload["sleep"])
+        except asyncio.CancelledError:
+            swallowed += 1
+
+    call = Pipeline(Timeout(1.0, clock=clock)).build(handler)
+    await call(Delivery({"sleep": 10}))
+    assert swallowed == 1
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await call(Delivery({"sleep": 10}))
+    assert swallowed == 2
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+def test_a_timeout_used_on_a_new_event_loop_starts_over() -> None:
+    """A Timeout used by one event loop and then another forgets the first loop's entries and
+    timer, and still cancels on the second loop."""
+    timeout = Timeout(0.01)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        await asyncio.sleep(payload["sleep"])
+
+    call = Pipeline(timeout).build(handler)
+
+    async def run(sleep: float) -> str:
+        try:
+            await call(Delivery({"sleep": sleep}))
+        except AttemptTimeout:
+            return "timeout"
+        return "ok"
+
+    assert asyncio.run(run(0)) == "ok"
+    first = dict(timeout._watchdog.entries)
+    assert asyncio.run(run(5)) == "timeout"
+    assert not set(first) & set(timeout._watchdog.entries)
+    assert asyncio.run(run(0)) == "ok"
