@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import ast
 import builtins
+import copy
 import functools
 import inspect
 import sys
-import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,53 +138,55 @@ class _NotSimple(Exception):
 
 
 def _definition(function: types.FunctionType) -> ast.FunctionDef | None:
-    """The parsed ``def`` of ``function``, checked to compile to the code it runs."""
+    """A copy of the parsed ``def`` of ``function``, checked to compile to the code it runs."""
     code = function.__code__
     if code.co_freevars or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return None
     if code.co_flags & (inspect.CO_COROUTINE | inspect.CO_GENERATOR):
         return None
-    try:
-        source = textwrap.dedent(inspect.getsource(function))
-        module = ast.parse(source)
-    except (OSError, TypeError, SyntaxError):
+    parsed = _module(function.__module__)
+    if parsed is None:
         return None
-    if len(module.body) != 1 or not isinstance(module.body[0], ast.FunctionDef):
+    tree, module_code = parsed
+    found = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and node.lineno == code.co_firstlineno
+        and node.name == code.co_name
+    ]
+    if len(found) != 1 or found[0].decorator_list:
         return None
-    definition = module.body[0]
-    if definition.decorator_list:
-        return None
+    definition = found[0]
     arguments = definition.args
     if arguments.posonlyargs or arguments.kwonlyargs or arguments.vararg or arguments.kwarg:
         return None
     # The source on disk may have changed since the module was imported: inline only a body
     # that the module's source compiles to exactly the instructions the function runs.
-    twin = _twin(function.__module__, code)
+    twin = _twin(module_code, code)
     if twin is None or not _same_code(twin, code):
         return None
-    return definition
+    return copy.deepcopy(definition)
 
 
 @functools.lru_cache(maxsize=64)
-def _module_code(module_name: str) -> types.CodeType | None:
-    """The code of ``module_name``'s source as it reads now (``None``: no source)."""
+def _module(module_name: str) -> tuple[ast.Module, types.CodeType] | None:
+    """The parsed source of ``module_name`` as it reads now and its code (``None``: no source)."""
     module = sys.modules.get(module_name)
     if module is None:
         return None
     try:
-        source = inspect.getsource(module)
-        return compile(source, inspect.getfile(module), "exec", dont_inherit=True)
-    except (OSError, TypeError, SyntaxError):
+        tree = ast.parse(inspect.getsource(module))
+        return tree, compile(tree, inspect.getfile(module), "exec", dont_inherit=True)
+    except (OSError, TypeError, SyntaxError, ValueError):
         return None
 
 
-def _twin(module_name: str, code: types.CodeType) -> types.CodeType | None:
+def _twin(module_code: types.CodeType, code: types.CodeType) -> types.CodeType | None:
     """The code object of the module's source at the line where ``code`` starts."""
-    pending = [_module_code(module_name)]
+    pending = [module_code]
     while pending:
         current = pending.pop()
-        if current is None:
-            continue
         for const in current.co_consts:
             if isinstance(const, types.CodeType):
                 if const.co_firstlineno == code.co_firstlineno and const.co_name == code.co_name:
@@ -205,13 +207,10 @@ def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
 @functools.lru_cache(maxsize=64)
 def _constant_names(module_name: str) -> frozenset[str]:
     """Module-level names of ``module_name`` bound exactly once and never declared global."""
-    module = sys.modules.get(module_name)
-    if module is None:
+    parsed = _module(module_name)
+    if parsed is None:
         return frozenset()
-    try:
-        tree = ast.parse(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):
-        return frozenset()
+    tree = parsed[0]
     counts: dict[str, int] = {}
 
     def bind(name: str) -> None:
