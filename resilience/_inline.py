@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import ast
 import builtins
-import copy
 import functools
 import inspect
 import sys
+import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,61 +138,66 @@ class _NotSimple(Exception):
 
 
 def _definition(function: types.FunctionType) -> ast.FunctionDef | None:
-    """A copy of the parsed ``def`` of ``function``, checked to compile to the code it runs."""
+    """The parsed ``def`` of ``function``, checked to compile to the code it runs."""
     code = function.__code__
     if code.co_freevars or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return None
     if code.co_flags & (inspect.CO_COROUTINE | inspect.CO_GENERATOR):
         return None
-    parsed = _module(function.__module__)
-    if parsed is None:
-        return None
-    tree, module_code = parsed
-    found = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef)
-        and node.lineno == code.co_firstlineno
-        and node.name == code.co_name
-    ]
-    if len(found) != 1 or found[0].decorator_list:
-        return None
-    definition = found[0]
-    arguments = definition.args
-    if arguments.posonlyargs or arguments.kwonlyargs or arguments.vararg or arguments.kwarg:
+    module = _module(function.__module__)
+    if module is None:
         return None
     # The source on disk may have changed since the module was imported: inline only a body
     # that the module's source compiles to exactly the instructions the function runs.
-    twin = _twin(module_code, code)
+    twin = module.code_at.get((code.co_firstlineno, code.co_name))
     if twin is None or not _same_code(twin, code):
         return None
-    return copy.deepcopy(definition)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    definition = tree.body[0]
+    arguments = definition.args
+    if definition.decorator_list or definition.name != code.co_name:
+        return None
+    if arguments.posonlyargs or arguments.kwonlyargs or arguments.vararg or arguments.kwarg:
+        return None
+    return definition
+
+
+@dataclass(frozen=True, slots=True)
+class _Module:
+    """What the inliner needs of a module's source (kept small: no syntax tree is cached, so
+    the collector has no extra objects to walk)."""
+
+    code_at: dict[tuple[int, str], types.CodeType]
+    """The source's code objects by first line and name."""
+    constants: frozenset[str]
+    """Module-level names bound exactly once and never declared ``global``."""
 
 
 @functools.lru_cache(maxsize=64)
-def _module(module_name: str) -> tuple[ast.Module, types.CodeType] | None:
-    """The parsed source of ``module_name`` as it reads now and its code (``None``: no source)."""
+def _module(module_name: str) -> _Module | None:
+    """The source of ``module_name`` as it reads now, compiled (``None``: no source)."""
     module = sys.modules.get(module_name)
     if module is None:
         return None
     try:
         tree = ast.parse(inspect.getsource(module))
-        return tree, compile(tree, inspect.getfile(module), "exec", dont_inherit=True)
+        code = compile(tree, inspect.getfile(module), "exec", dont_inherit=True)
     except (OSError, TypeError, SyntaxError, ValueError):
         return None
-
-
-def _twin(module_code: types.CodeType, code: types.CodeType) -> types.CodeType | None:
-    """The code object of the module's source at the line where ``code`` starts."""
-    pending = [module_code]
+    code_at: dict[tuple[int, str], types.CodeType] = {}
+    pending = [code]
     while pending:
         current = pending.pop()
         for const in current.co_consts:
             if isinstance(const, types.CodeType):
-                if const.co_firstlineno == code.co_firstlineno and const.co_name == code.co_name:
-                    return const
+                code_at.setdefault((const.co_firstlineno, const.co_name), const)
                 pending.append(const)
-    return None
+    return _Module(code_at, _constant_names(tree))
 
 
 def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
@@ -204,13 +209,8 @@ def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _constant_names(module_name: str) -> frozenset[str]:
-    """Module-level names of ``module_name`` bound exactly once and never declared global."""
-    parsed = _module(module_name)
-    if parsed is None:
-        return frozenset()
-    tree = parsed[0]
+def _constant_names(tree: ast.Module) -> frozenset[str]:
+    """Module-level names of ``tree`` bound exactly once and never declared global."""
     counts: dict[str, int] = {}
 
     def bind(name: str) -> None:
@@ -341,7 +341,8 @@ class _Translation:
     def _rename(self, body: list[ast.stmt], locals_: set[str]) -> None:
         """Parameters to the run's names, locals and globals to prefixed names."""
         function = self.function
-        constants = _constant_names(function.__module__)
+        module = _module(function.__module__)
+        constants = module.constants if module is not None else frozenset()
         names = self.params
         prefix = self.prefix
         for statement in body:

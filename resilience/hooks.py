@@ -22,6 +22,18 @@ innermost first. Only when something goes wrong does it await the layers' ``fail
 innermost first, exactly as nested frames would have seen the exception. A layer written with
 :class:`HookLayer` links itself with the same function (a run of one), so the hooks are the
 layer's only code: nothing is written twice.
+
+A hook call is a Python frame of its own, several per message. When an ``enter`` or ``leave``
+hook is simple (no loops, ``with``, ``await``, nested functions, comprehensions, ...), the run
+contains its body instead of the call: the compiler reads the exact function found on the
+layer's class from its source, as it builds the pipeline, and pastes a mechanical translation
+of it in (``self`` bound to the layer, locals renamed, ``return`` turned into the token).
+Module-level names such a body reads (a bound-once constant, function, class or import) and
+builtins are **read once, at build time**; a body reading a name its module rebinds, a hook
+overridden on a subclass or replaced on the instance, or anything else the translation does not
+recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
+the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
+``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
 """
 
 from __future__ import annotations
