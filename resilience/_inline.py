@@ -92,7 +92,7 @@ class Inlined:
             assigns the result name); when ``False`` the statements assign nothing.
     """
 
-    lines: list[str]
+    lines: tuple[str, ...]
     namespace: dict[str, Any] = field(default_factory=dict)
     returns_value: bool = True
 
@@ -118,15 +118,27 @@ def inline_hook(
         return None
     if bound.__func__ is not function or bound.__self__ is not layer:
         return None  # replaced on the instance, or a wrapper: call what is there
+    translated = _translate(function, args, result, prefix)
+    if translated is None:
+        return None
+    namespace = dict(translated.namespace)
+    namespace[prefix + "self"] = layer
+    return Inlined(translated.lines, namespace, translated.returns_value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _translate(
+    function: types.FunctionType, args: tuple[str, ...], result: str, prefix: str
+) -> Inlined | None:
+    """``function``'s body for a run (every layer of a class shares it: building a pipeline
+    translates each hook once, whatever the number of pipelines and runs)."""
     definition = _definition(function)
     if definition is None:
         return None
     try:
-        inlined = _Translation(function, definition, args, result, prefix).run()
+        return _Translation(function, definition, args, result, prefix).run()
     except _NotSimple:
         return None
-    inlined.namespace[prefix + "self"] = layer
-    return inlined
 
 
 _Assign = Callable[[ast.expr | None], list[ast.stmt]]
@@ -185,7 +197,8 @@ def _module(module_name: str) -> _Module | None:
     if module is None:
         return None
     try:
-        tree = ast.parse(inspect.getsource(module))
+        source = inspect.getsource(module)
+        tree = ast.parse(source)
         code = compile(tree, inspect.getfile(module), "exec", dont_inherit=True)
     except (OSError, TypeError, SyntaxError, ValueError):
         return None
@@ -197,7 +210,7 @@ def _module(module_name: str) -> _Module | None:
             if isinstance(const, types.CodeType):
                 code_at.setdefault((const.co_firstlineno, const.co_name), const)
                 pending.append(const)
-    return _Module(code_at, _constant_names(tree))
+    return _Module(code_at, _constant_names(tree, "global" in source))
 
 
 def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
@@ -209,8 +222,10 @@ def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
     )
 
 
-def _constant_names(tree: ast.Module) -> frozenset[str]:
-    """Module-level names of ``tree`` bound exactly once and never declared global."""
+def _constant_names(tree: ast.Module, declares: bool) -> frozenset[str]:
+    """Module-level names of ``tree`` bound exactly once and never declared global
+    (``declares``: the source contains the word ``global`` anywhere, so look for the
+    statement)."""
     counts: dict[str, int] = {}
 
     def bind(name: str) -> None:
@@ -222,9 +237,10 @@ def _constant_names(tree: ast.Module) -> frozenset[str]:
                 bind(child.id)
 
     declared: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Global):
-            declared.update(node.names)
+    if declares:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                declared.update(node.names)
 
     def top(statements: list[ast.stmt]) -> None:
         for node in statements:
@@ -289,7 +305,7 @@ class _Translation:
         if not statements:
             statements = [ast.Pass()]
         module = ast.fix_missing_locations(ast.Module(body=statements, type_ignores=[]))
-        return Inlined(ast.unparse(module).splitlines(), self.namespace, self.returns_value)
+        return Inlined(tuple(ast.unparse(module).splitlines()), self.namespace, self.returns_value)
 
     # -- checks --------------------------------------------------------------------------------
 
