@@ -13,8 +13,8 @@ The translation is conservative; anything it does not recognise stays a call:
   whose source is available and compiles to the code the function runs;
 * a body without loops, ``with``, ``await``, ``yield``, ``lambda``, nested functions or classes,
   comprehensions, ``global`` / ``nonlocal``, imports, ``match``, ``:=``, star-arguments,
-  ``super()`` / ``__class__`` or the frame builtins (``locals``, ``vars``, ``eval``, ...), and
-  that never rebinds a parameter;
+  ``super()`` / ``__class__``, private (mangled) ``__names`` or the frame builtins
+  (``locals``, ``vars``, ``eval``, ...), and that never rebinds a parameter;
 * every name it reads that is not a parameter or local is a builtin, or a module-level name
   its module binds exactly once (a ``def``, ``class``, import or single assignment at the top
   level, never named in a ``global`` statement). Such names are **read once, when the
@@ -156,6 +156,9 @@ def _definition(function: types.FunctionType) -> ast.FunctionDef | None:
         return None
     if code.co_flags & (inspect.CO_COROUTINE | inspect.CO_GENERATOR):
         return None
+    home = sys.modules.get(function.__module__)
+    if home is None or vars(home) is not function.__globals__:
+        return None  # not defined by its module's source (``exec``, a copied function)
     module = _module(function.__module__)
     if module is None:
         return None
@@ -337,6 +340,12 @@ class _Translation:
                     raise _NotSimple  # nested in a block the plain pass missed
                 if isinstance(node, ast.keyword) and node.arg is None:
                     raise _NotSimple  # **kwargs
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr.startswith("__")
+                    and not node.attr.endswith("__")
+                ):
+                    raise _NotSimple  # a private name, mangled only inside its class
                 if isinstance(node, ast.Try) and any(
                     isinstance(n, ast.Return) for s in node.finalbody for n in ast.walk(s)
                 ):

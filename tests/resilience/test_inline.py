@@ -298,8 +298,8 @@ async def test_a_hook_the_inliner_rejects_falls_back_to_a_call() -> None:
 
 
 def test_hooks_without_source_or_unsafe_shapes_are_not_inlined() -> None:
-    """A hook defined with no source file, one using ``super()`` or a closure, a lambda, an
-    ``await``-free loop or ``**kwargs``, or one replaced on the instance, stays a call."""
+    """A hook defined with no source file, one using ``super()``, a closure, ``**kwargs`` or a
+    private (mangled) attribute, or one replaced on the instance, stays a call."""
     namespace: dict[str, Any] = {"HookLayer": HookLayer}
     exec(
         textwrap.dedent(
@@ -322,6 +322,14 @@ def test_hooks_without_source_or_unsafe_shapes_are_not_inlined() -> None:
             options: dict[str, Any] = {"sep": ""}
             print(token, **options)
 
+    class Private(HookLayer):
+        def __init__(self) -> None:
+            self.__seen = 0
+
+        def enter(self, delivery: Delivery) -> Any:
+            self.__seen += 1  # ``self._Private__seen``: mangled only inside the class
+            return self.__seen
+
     replaced = _Recorder()
     replaced.enter = lambda delivery: 1  # type: ignore[method-assign]
     for layer, name in [
@@ -329,6 +337,7 @@ def test_hooks_without_source_or_unsafe_shapes_are_not_inlined() -> None:
         (Shapes(), "enter"),
         (Shapes(), "leave"),
         (replaced, "enter"),
+        (Private(), "enter"),
         (_Overridden(1.0), "enter"),
     ]:
         assert inline_hook(layer, name, ("delivery",), "t0", "_0e_") is None, (layer, name)
