@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Inlined", "inline_hook"]
+__all__ = ["Inlined", "inline_hook", "splice_run"]
 
 _REJECTED: tuple[type[ast.AST], ...] = (
     ast.For,
@@ -456,3 +456,124 @@ def _fold(statements: list[ast.stmt], assign: _Assign) -> list[ast.stmt] | None:
         out.append(ast.If(test=statement.test, body=body or [ast.Pass()], orelse=orelse))
         return out
     return out + assign(None)
+
+
+def splice_run(
+    function: types.FunctionType, call: str, argument: str, source: str, namespace: dict[str, Any]
+) -> types.FunctionType | None:
+    """A copy of the coroutine function ``function`` whose one statement ``await
+    call(argument)`` is replaced by the body of the compiled run ``source`` (``async def
+    run(argument): ...``), so the run's success path takes no coroutine frame of its own.
+
+    Every ``return`` of the run becomes a ``break`` out of a ``while True:`` block around its
+    body (``return await x``: ``await x`` first), so an exception leaves the spliced body
+    exactly as it left the awaited call. The copy reads ``function``'s module globals as they
+    are now, plus the run's names.
+
+    Args:
+        function: The coroutine function awaiting the run (a method: ``self`` stays a parameter).
+        call: The name ``function`` calls the run by.
+        argument: The name of the one argument it passes (the run's parameter must be named so).
+        source: The run's source.
+        namespace: The run's names.
+
+    Returns:
+        The spliced copy, or ``None`` (then await the run as before) when ``function`` has no
+        such statement, is not defined by its module's source, or a name would collide.
+    """
+    code = function.__code__
+    if code.co_freevars or not code.co_flags & inspect.CO_COROUTINE:
+        return None
+    home = sys.modules.get(function.__module__)
+    module = _module(function.__module__)
+    if home is None or vars(home) is not function.__globals__ or module is None:
+        return None
+    twin = module.code_at.get((code.co_firstlineno, code.co_name))
+    if twin is None or not _same_code(twin, code):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        run_tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    definition, run = tree.body[0], run_tree.body[0]
+    if not isinstance(definition, ast.AsyncFunctionDef) or definition.decorator_list:
+        return None
+    if not isinstance(run, ast.AsyncFunctionDef) or [a.arg for a in run.args.args] != [argument]:
+        return None
+    used = {n.id for n in ast.walk(definition) if isinstance(n, ast.Name)}
+    used |= {a.arg for a in ast.walk(definition.args) if isinstance(a, ast.arg)}
+    globals_ = function.__globals__
+    if used & namespace.keys() or any(
+        globals_[name] is not namespace[name] for name in globals_.keys() & namespace.keys()
+    ):
+        return None
+    sites = [
+        (parent, field_name, index)
+        for parent in ast.walk(definition)
+        for field_name in ("body", "orelse", "finalbody")
+        for index, statement in enumerate(getattr(parent, field_name, None) or [])
+        if isinstance(statement, ast.stmt) and _awaits_call(statement, call, argument)
+    ]
+    if len(sites) != 1 or any(
+        isinstance(node, ast.Return)
+        for loop in ast.walk(run)
+        if isinstance(loop, ast.While)
+        for node in ast.walk(loop)
+    ):
+        return None
+
+    class Returns(ast.NodeTransformer):
+        def visit_Return(self, node: ast.Return) -> list[ast.stmt]:
+            value = node.value
+            done: list[ast.stmt] = [] if value is None or _is_none(value) else [ast.Expr(value)]
+            return [*done, ast.Break()]
+
+    body = [Returns().visit(statement) for statement in run.body]
+    flat: list[ast.stmt] = []
+    for statement in body:
+        flat.extend(statement if isinstance(statement, list) else [statement])
+    flat.append(ast.Break())
+    parent, field_name, index = sites[0]
+    # The run's locals now outlive it in ``function``'s frame: drop the one that can hold a
+    # failure (its traceback, its frames) once the run is over, as the run's own frame did.
+    held = {n.id for n in ast.walk(run) if isinstance(n, ast.Name) and n.id == "error"}
+    spliced_run: ast.stmt = ast.While(test=ast.Constant(value=True), body=flat, orelse=[])
+    if held:
+        spliced_run = ast.Try(
+            body=[spliced_run],
+            handlers=[],
+            orelse=[],
+            finalbody=[
+                ast.Assign(
+                    targets=[ast.Name(id="error", ctx=ast.Store())],
+                    value=ast.Constant(value=None),
+                )
+            ],
+        )
+    getattr(parent, field_name)[index] = spliced_run
+    spliced = ast.fix_missing_locations(ast.Module(body=[definition], type_ignores=[]))
+    scope = {**function.__globals__, **namespace}
+    try:
+        exec(compile(spliced, f"<spliced {function.__qualname__}>", "exec"), scope)
+    except SyntaxError:
+        return None
+    result: types.FunctionType = scope[definition.name]
+    result.__qualname__ = function.__qualname__
+    return result
+
+
+def _awaits_call(statement: ast.stmt, call: str, argument: str) -> bool:
+    """Whether ``statement`` is ``await call(argument)``."""
+    if not isinstance(statement, ast.Expr) or not isinstance(statement.value, ast.Await):
+        return False
+    awaited = statement.value.value
+    return (
+        isinstance(awaited, ast.Call)
+        and isinstance(awaited.func, ast.Name)
+        and awaited.func.id == call
+        and not awaited.keywords
+        and len(awaited.args) == 1
+        and isinstance(awaited.args[0], ast.Name)
+        and awaited.args[0].id == argument
+    )
