@@ -503,6 +503,19 @@ def splice_run(
         return None
     used = {n.id for n in ast.walk(definition) if isinstance(n, ast.Name)}
     used |= {a.arg for a in ast.walk(definition.args) if isinstance(a, ast.arg)}
+    # The run's locals get a prefix of their own: they now live in ``function``'s frame.
+    stored = {
+        n.id for n in ast.walk(run) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
+    stored |= {h.name for h in ast.walk(run) if isinstance(h, ast.ExceptHandler) and h.name}
+    stored.discard(argument)
+    for node in ast.walk(run):
+        if isinstance(node, ast.Name) and node.id in stored:
+            node.id = "_run_" + node.id
+        elif isinstance(node, ast.ExceptHandler) and node.name in stored:
+            node.name = "_run_" + node.name
+    if used & {"_run_" + name for name in stored}:
+        return None
     globals_ = function.__globals__
     if used & namespace.keys() or any(
         globals_[name] is not namespace[name] for name in globals_.keys() & namespace.keys()
@@ -537,7 +550,7 @@ def splice_run(
     parent, field_name, index = sites[0]
     # The run's locals now outlive it in ``function``'s frame: drop the one that can hold a
     # failure (its traceback, its frames) once the run is over, as the run's own frame did.
-    held = {n.id for n in ast.walk(run) if isinstance(n, ast.Name) and n.id == "error"}
+    held = "error" in stored
     spliced_run: ast.stmt = ast.While(test=ast.Constant(value=True), body=flat, orelse=[])
     if held:
         spliced_run = ast.Try(
@@ -546,7 +559,7 @@ def splice_run(
             orelse=[],
             finalbody=[
                 ast.Assign(
-                    targets=[ast.Name(id="error", ctx=ast.Store())],
+                    targets=[ast.Name(id="_run_error", ctx=ast.Store())],
                     value=ast.Constant(value=None),
                 )
             ],

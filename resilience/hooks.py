@@ -34,6 +34,12 @@ overridden on a subclass or replaced on the instance, or anything else the trans
 recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
 the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
 ``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
+
+The run itself is one more coroutine frame per message, under the consumer's worker loop.
+:func:`splice` removes it: given a coroutine function with exactly one statement
+``await call(delivery)`` (the consumer's worker loop), it returns a copy of that function, read
+from its source, with the run's body in place of the statement, each ``return`` of the run a
+``break`` out of the pasted block. A run compiled with ``inline=False`` is not spliced.
 """
 
 from __future__ import annotations
