@@ -23,7 +23,6 @@ from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError, Unsettled
 from .events import EventBus, Outcome, message_settled
-from .hooks import splice
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
 from .types import CallNext, Flow, Gate, Handler, Middleware
@@ -165,13 +164,9 @@ class ResilientConsumer(AsyncLoopConsumer):
         pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
-        # The worker loop with the pipeline's outermost compiled run pasted in place of its
-        # ``await call(delivery)`` (one coroutine frame fewer per message), when it can be.
-        spliced = splice(type(self)._work, call, "call")
-        work = self._work if spliced is None else spliced.__get__(self)
         tasks = []
         for worker in workers:
-            task = asyncio.create_task(work(worker, pull, call, settle, gates, settling))
+            task = asyncio.create_task(self._work(worker, pull, call, settle, gates, settling))
             worker.task = task
             tasks.append(task)
         try:

@@ -34,27 +34,20 @@ overridden on a subclass or replaced on the instance, or anything else the trans
 recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
 the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
 ``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
-
-The run itself is one more coroutine frame per message, under the consumer's worker loop.
-:func:`splice` removes it: given a coroutine function with exactly one statement
-``await call(delivery)`` (the consumer's worker loop), it returns a copy of that function, read
-from its source, with the run's body in place of the statement, each ``return`` of the run a
-``break`` out of the pasted block. A run compiled with ``inline=False`` is not spliced.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._inline import inline_hook, splice_run
+from ._inline import inline_hook
 
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .types import CallNext, Handler
 
-__all__ = ["SLOW_PATH", "HookLayer", "Hooks", "compile_hooks", "has_hooks", "splice"]
+__all__ = ["SLOW_PATH", "HookLayer", "Hooks", "compile_hooks", "has_hooks"]
 
 
 class _Slow:
@@ -334,35 +327,9 @@ def _run(
     ]
     source = "\n".join(lines) + "\n"
     names = ", ".join(type(h).__name__ for h in hooks)
-    names_only = dict(namespace)
     exec(compile(source, f"<resilience.hooks run: {names}>", "exec"), namespace)
     run: CallNext = namespace["run"]
-    if inline:
-        run.__dict__["resilience_run"] = (source, names_only)  # for splice()
     return run
-
-
-def splice(function: Callable[..., Any], call: CallNext, name: str) -> Any:
-    """``function`` (a coroutine function that awaits ``call``) with the compiled run's body in
-    place of that await, so the run's success path needs no coroutine frame of its own; or
-    ``None`` when ``call`` is not a compiled run or ``function`` cannot take it in.
-
-    ``function`` must contain exactly one statement ``await <name>(delivery)``; the copy
-    behaves as the original awaiting the run (see :func:`resilience._inline.splice_run`).
-
-    Args:
-        function: The coroutine function, as defined by its module's source.
-        call: What it awaits (the pipeline, from :meth:`~resilience.pipeline.Pipeline.build`).
-        name: The name ``function`` calls it by.
-
-    Returns:
-        The spliced copy, or ``None``.
-    """
-    body = getattr(call, "__dict__", {}).get("resilience_run")
-    if body is None or not isinstance(function, types.FunctionType):
-        return None
-    source, namespace = body
-    return splice_run(function, name, "delivery", source, namespace)
 
 
 async def _slow(

@@ -4,10 +4,7 @@ exactly as the same run calling its hooks (differential tests, every built-in la
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import textwrap
-import weakref
 from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
@@ -15,17 +12,14 @@ from typing import Any
 import pytest
 
 from abe.backends.message_queue.base import InboundMessage
-from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience._inline import inline_hook
 from resilience.breaker import CircuitBreaker, CountWindow
 from resilience.clock import FakeClock
-from resilience.consumer import ResilientConsumer
 from resilience.dead_letter import DeadLetterRouter, MemoryStore
 from resilience.delivery import Delivery
-from resilience.hooks import SLOW_PATH, HookLayer, compile_hooks, splice
+from resilience.hooks import SLOW_PATH, HookLayer, compile_hooks
 from resilience.logging import LogContext
 from resilience.pipeline import CallNext, Pipeline
-from resilience.policy import Policy
 from resilience.retry import Fixed, Retry
 from resilience.telemetry import Telemetry
 from resilience.timeout import Timeout
@@ -365,118 +359,3 @@ async def test_compile_hooks_can_call_every_hook() -> None:
     await called(Delivery({}))
     await inlined(Delivery({}))
     assert layer.calls == Counter(enter=2, leave=2)
-
-
-async def _awaits_once(call: CallNext, delivery: Delivery, log: list[str]) -> str:
-    log.append("before")
-    try:
-        await call(delivery)
-    except LookupError as exc:
-        return f"failed: {exc}"
-    log.append("after")
-    return "ok"
-
-
-async def _awaits_twice(call: CallNext, delivery: Delivery, log: list[str]) -> str:
-    await call(delivery)
-    await call(delivery)
-    return "twice"
-
-
-@pytest.mark.parametrize("mode", ["", "raise on enter", "decline", "awaitable leave"])
-@pytest.mark.parametrize("handler_fails", [False, True], ids=["success", "failure"])
-async def test_a_spliced_run_behaves_as_the_awaited_run(mode: str, handler_fails: bool) -> None:
-    """A coroutine function with the run pasted in place of its ``await call(delivery)``
-    returns, raises and runs the hooks exactly as the original awaiting the run."""
-
-    async def outcome(spliced: bool) -> tuple[str, list[str], list[Counter[str]], int]:
-        layers = [_Recorder(), _Recorder(mode)]
-
-        async def handler(payload: dict[str, Any]) -> None:
-            if handler_fails:
-                raise LookupError("down")
-
-        call = Pipeline(*layers).build(handler)
-        function: Any = _awaits_once
-        if spliced:
-            function = splice(_awaits_once, call, "call")
-            assert function is not None
-            assert function is not _awaits_once
-        log: list[str] = []
-        try:
-            ended = await function(call, Delivery({"n": 1}), log)
-        except Exception as exc:
-            ended = type(exc).__name__
-        return ended, log, [layer.calls for layer in layers], layers[1].finished
-
-    assert await outcome(True) == await outcome(False)
-
-
-async def _loops(call: CallNext, deliveries: list[Delivery], after: Any) -> None:
-    for delivery in deliveries:
-        with contextlib.suppress(LookupError):
-            await call(delivery)
-        after()
-
-
-async def test_a_spliced_run_keeps_no_failure_alive() -> None:
-    """Once a failed run is over, the frame it was spliced into (which goes on, as a worker
-    loop does) holds no reference to the exception, as the run's own frame held none."""
-    seen: list[weakref.ref[BaseException]] = []
-    alive: list[bool] = []
-
-    class Traced(LookupError):
-        pass
-
-    async def handler(payload: dict[str, Any]) -> None:
-        error = Traced("down")
-        seen.append(weakref.ref(error))
-        raise error
-
-    def after() -> None:
-        gc.collect()
-        alive.append(seen[-1]() is not None)
-
-    call = Pipeline(_Recorder()).build(handler)
-    function = splice(_loops, call, "call")
-    assert function is not None
-    await function(call, [Delivery({"n": 1}), Delivery({"n": 2})], after)
-    assert alive == [False, False]
-
-
-def test_only_one_plain_await_of_a_compiled_run_is_spliced() -> None:
-    """Two awaits of the run, a run built with ``inline=False`` or a plain function is left
-    alone (``None``: await the run as before)."""
-    call = Pipeline(_Recorder()).build(_ok)
-    assert splice(_awaits_twice, call, "call") is None
-    assert splice(_awaits_once, Pipeline(_Recorder()).build(_ok, inline=False), "call") is None
-    assert splice(_awaits_once, _ok, "call") is None  # type: ignore[arg-type]
-    assert splice(_awaits_once, call, "other") is None
-
-
-async def test_the_consumer_runs_its_pipeline_spliced_into_its_workers() -> None:
-    """Every worker of a consumer with a compiled pipeline runs the spliced loop (its
-    coroutine's code is the copy, not ``ResilientConsumer._work``) and handles messages."""
-    backend = MemoryBackend.isolated()
-    for i in range(5):
-        await backend.publish("jobs", {"i": i})
-    seen: list[int] = []
-
-    async def handler(payload: dict[str, Any]) -> None:
-        seen.append(payload["i"])
-
-    consumer = ResilientConsumer(backend, policy=Policy(), concurrency=2)
-    task = asyncio.create_task(consumer.run(handler))
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if len(seen) == 5:
-            break
-    files = {
-        w.task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
-        for w in consumer._workers
-        if w.task
-    }
-    await consumer.shutdown()
-    await task
-    assert sorted(seen) == [0, 1, 2, 3, 4]
-    assert files == {"<spliced ResilientConsumer._work>"}
