@@ -22,12 +22,26 @@ innermost first. Only when something goes wrong does it await the layers' ``fail
 innermost first, exactly as nested frames would have seen the exception. A layer written with
 :class:`HookLayer` links itself with the same function (a run of one), so the hooks are the
 layer's only code: nothing is written twice.
+
+A hook call is a Python frame of its own, several per message. When an ``enter`` or ``leave``
+hook is simple (no loops, ``with``, ``await``, nested functions, comprehensions, ...), the run
+contains its body instead of the call: the compiler reads the exact function found on the
+layer's class from its source, as it builds the pipeline, and pastes a mechanical translation
+of it in (``self`` bound to the layer, locals renamed, ``return`` turned into the token).
+Module-level names such a body reads (a bound-once constant, function, class or import) and
+builtins are **read once, at build time**; a body reading a name its module rebinds, a hook
+overridden on a subclass or replaced on the instance, or anything else the translation does not
+recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
+the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
+``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from ._inline import inline_hook
 
 if TYPE_CHECKING:
     from .delivery import Delivery
@@ -190,6 +204,7 @@ def compile_hooks(
     handler: Handler | None = None,
     *,
     fresh: bool = False,
+    inline: bool = True,
 ) -> CallNext:
     """One ``CallNext`` running ``layers`` (outermost first) in front of ``below``.
 
@@ -202,6 +217,9 @@ def compile_hooks(
             delivery was made: its ``enter`` hooks may use the delivery's clock reading
             (:attr:`~resilience.delivery.Delivery.now`). Any other run clears that reading
             before its hooks run (something may have waited before calling it).
+        inline: Paste the bodies of simple ``enter`` / ``leave`` hooks into the run instead of
+            calling them (see :mod:`resilience._inline`); ``False`` calls every hook. The
+            behaviour is the same either way.
 
     Returns:
         ``async (delivery) -> None``.
@@ -213,12 +231,16 @@ def compile_hooks(
     # entered again after a failure (a retry, a replay), when the reading is stale.
     runs: list[CallNext] = [below]
     for i in range(len(layers) - 1, -1, -1):
-        runs.insert(0, _run(layers[i:], tuple(runs), handler, fresh and i == 0))
+        runs.insert(0, _run(layers[i:], tuple(runs), handler, fresh and i == 0, inline))
     return runs[0]
 
 
 def _run(
-    hooks: tuple[Hooks, ...], below: tuple[CallNext, ...], handler: Handler | None, fresh: bool
+    hooks: tuple[Hooks, ...],
+    below: tuple[CallNext, ...],
+    handler: Handler | None,
+    fresh: bool,
+    inline: bool,
 ) -> CallNext:
     """The coroutine function for one run: straight-line code calling each hook in turn.
 
@@ -246,15 +268,25 @@ def _run(
     if not fresh:
         lines.append("    delivery.now = None  # the clock reading may be stale here")
     for k, hook in enumerate(hooks):
-        namespace[f"e{k}"] = hook.enter
+        body = inline_hook(hook, "enter", ("delivery",), f"t{k}", f"_{k}e_") if inline else None
+        lines.append("    try:")
+        if body is None:
+            namespace[f"e{k}"] = hook.enter
+            lines.append(f"        t{k} = e{k}(delivery)")
+        else:
+            namespace.update(body.namespace)
+            if not body.returns_value:
+                lines.append(f"        t{k} = None")
+            lines += ["        " + line for line in body.lines]
         lines += [
-            "    try:",
-            f"        t{k} = e{k}(delivery)",
             "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
             f"        return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
-            f"    if t{k} is SLOW_PATH:",
-            f"        return await slow(hooks, below, {entered(k)}, {k}, delivery)",
         ]
+        if body is None or body.returns_value:
+            lines += [
+                f"    if t{k} is SLOW_PATH:",
+                f"        return await slow(hooks, below, {entered(k)}, {k}, delivery)",
+            ]
     call = "handler(delivery.payload)" if handler is not None else "inner(delivery)"
     lines += [
         "    try:",
@@ -266,12 +298,24 @@ def _run(
     for k in range(n - 1, -1, -1):
         if getattr(type(hooks[k]), "leave", None) is _BASE_LEAVE:
             continue
-        namespace[f"l{k}"] = hooks[k].leave
+        body = (
+            inline_hook(hooks[k], "leave", (f"t{k}", "delivery"), "pending", f"_{k}l_")
+            if inline
+            else None
+        )
+        lines.append("        try:")
+        if body is None:
+            namespace[f"l{k}"] = hooks[k].leave
+            lines.append(f"            pending = l{k}(t{k}, delivery)")
+        else:
+            namespace.update(body.namespace)
+            lines += ["            " + line for line in body.lines]
+        if body is None or body.returns_value:
+            lines += [
+                "            if pending is not None:",
+                "                await pending",
+            ]
         lines += [
-            "        try:",
-            f"            pending = l{k}(t{k}, delivery)",
-            "            if pending is not None:",
-            "                await pending",
             "        except BaseException as exc:  # escapes this layer: the outer ones see it",
             f"            return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
         ]

@@ -181,7 +181,7 @@ class Pipeline:
         """
         return self.use(Idempotency(store, **options))
 
-    def build(self, handler: Handler, *, fuse: bool = True) -> CallNext:
+    def build(self, handler: Handler, *, fuse: bool = True, inline: bool = True) -> CallNext:
         """Freeze the pipeline and compose it around ``handler``.
 
         Args:
@@ -189,6 +189,10 @@ class Pipeline:
             fuse: Run each stretch of neighbouring layers that offer the success-path hooks
                 (:mod:`resilience.hooks`) in one coroutine frame; the behaviour is the same
                 either way, ``False`` links every layer as its own frame.
+            inline: In those runs, paste the body of each simple ``enter`` / ``leave`` hook
+                into the run instead of calling it (read from the hook's source, see
+                :mod:`resilience.hooks`); the behaviour is the same either way, ``False``
+                calls every hook.
 
         Returns:
             ``async (delivery) -> None`` running every layer and finally
@@ -217,7 +221,11 @@ class Pipeline:
             if start < end:
                 run: list[Any] = layers[start:end]
                 call = compile_hooks(
-                    run, call, handler if innermost else None, fresh=fuse and start == 0
+                    run,
+                    call,
+                    handler if innermost else None,
+                    fresh=fuse and start == 0,
+                    inline=inline,
                 )
                 end = start
             else:
@@ -226,16 +234,17 @@ class Pipeline:
             innermost = False
         return call
 
-    def compile(self, handler: Handler) -> CallNext:
+    def compile(self, handler: Handler, *, inline: bool = True) -> CallNext:
         """:meth:`build` with the hooks compiled (the default).
 
         Args:
             handler: The user's handler.
+            inline: Paste simple hook bodies into the compiled runs (see :meth:`build`).
 
         Returns:
             ``async (delivery) -> None``.
         """
-        return self.build(handler)
+        return self.build(handler, inline=inline)
 
     def __repr__(self) -> str:
         inner = ", ".join(type(layer).__name__ for layer in self._layers)

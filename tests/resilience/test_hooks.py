@@ -35,19 +35,32 @@ def _unfuse(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every pipeline link each layer as its own frame (``build(fuse=False)``)."""
     build = Pipeline.build
 
-    def unfused(self: Pipeline, handler: Handler) -> CallNext:
+    def unfused(self: Pipeline, handler: Handler, *, inline: bool = True) -> CallNext:
         return build(self, handler, fuse=False)
 
     monkeypatch.setattr(Pipeline, "compile", unfused)
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "linked"])
-def fusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Run a test with the hooks compiled (the default) and with every layer linked."""
-    fuse: bool = request.param
-    if not fuse:
+def _uninline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every compiled run call its hooks (``build(inline=False)``)."""
+    build = Pipeline.build
+
+    def called(self: Pipeline, handler: Handler, *, inline: bool = True) -> CallNext:
+        return build(self, handler, inline=False)
+
+    monkeypatch.setattr(Pipeline, "compile", called)
+
+
+@pytest.fixture(params=["inlined", "called", "linked"])
+def fusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the hooks compiled and simple ones inlined (the default), compiled
+    and every hook called, and with every layer linked."""
+    mode: str = request.param
+    if mode == "called":
+        _uninline(monkeypatch)
+    elif mode == "linked":
         _unfuse(monkeypatch)
-    return fuse
+    return mode
 
 
 async def _noop(delivery: Delivery, call_next: CallNext) -> None:
@@ -76,7 +89,7 @@ def test_every_built_in_layer_offers_the_hooks() -> None:
     assert not has_hooks(MyRetry())
 
 
-async def test_plain_middleware_anywhere_splits_the_run_and_still_runs(fusing: bool) -> None:
+async def test_plain_middleware_anywhere_splits_the_run_and_still_runs(fusing: str) -> None:
     """A plain middleware between hook layers runs on every attempt, inside retry and outside
     the attempt timeout, exactly where it is listed."""
     seen: list[str] = []
@@ -99,15 +112,20 @@ async def test_plain_middleware_anywhere_splits_the_run_and_still_runs(fusing: b
 def test_compiling_changes_no_simulated_result(
     concurrency: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every built-in policy against every fault scenario gives the same numbers compiled and
-    linked: calls to the dependency, outcomes, simulated latencies, breaker open time."""
+    """Every built-in policy against every fault scenario gives the same numbers compiled (with
+    hook bodies inlined, and with every hook called) and linked: calls to the dependency,
+    outcomes, simulated latencies, breaker open time."""
     policies = list(builtin_policies().values())
     scenarios = [parse_scenario(spec) for spec in SCENARIOS]
     workload = Workload(messages=300, rate=1.0, concurrency=concurrency, seed=7)
     fused = compare(policies, scenarios, workload)
+    with monkeypatch.context() as patch:
+        _uninline(patch)
+        called = compare(policies, scenarios, workload)
     _unfuse(monkeypatch)
     linked = compare(policies, scenarios, workload)
     strip = [dataclasses.replace(r, wall=0.0) for r in fused]
+    assert strip == [dataclasses.replace(r, wall=0.0) for r in called]
     assert strip == [dataclasses.replace(r, wall=0.0) for r in linked]
     assert sum(r.dead_lettered for r in fused) > 0  # the failure paths did run
     assert sum(r.calls for r in fused) > sum(r.succeeded + r.dead_lettered for r in fused)
@@ -123,7 +141,7 @@ async def _drain(consumer: ResilientConsumer, handler: Handler, until: Any) -> N
     await task
 
 
-async def test_a_listener_added_during_a_message_sees_it_settle(fusing: bool) -> None:
+async def test_a_listener_added_during_a_message_sees_it_settle(fusing: str) -> None:
     """The fast path notices a listener subscribed while the handler ran."""
     backend = MemoryBackend.isolated()
     await backend.publish("jobs", {"i": 1})
@@ -139,7 +157,7 @@ async def test_a_listener_added_during_a_message_sees_it_settle(fusing: bool) ->
 
 
 async def test_a_failing_ack_is_logged_and_the_loop_goes_on(
-    fusing: bool, caplog: pytest.LogCaptureFixture
+    fusing: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An ack that raises is logged with the message id; the next message is still handled."""
     backend = MemoryBackend.isolated()
@@ -165,7 +183,7 @@ async def test_a_failing_ack_is_logged_and_the_loop_goes_on(
     assert [m.payload["i"] for m in backend.unacked()] == [0]
 
 
-async def test_a_handler_that_swallows_the_timeout_still_succeeds(fusing: bool) -> None:
+async def test_a_handler_that_swallows_the_timeout_still_succeeds(fusing: str) -> None:
     """A handler that catches the attempt timeout's cancellation and returns has succeeded:
     the message is acked once and the consumer goes on, cancelled by nothing."""
     clock = FakeClock()
@@ -196,7 +214,7 @@ async def test_a_handler_that_swallows_the_timeout_still_succeeds(fusing: bool) 
     await task  # a graceful stop: the swallowed timeout left no cancel request behind
 
 
-async def test_an_open_breaker_pauses_the_consumer(fusing: bool) -> None:
+async def test_an_open_breaker_pauses_the_consumer(fusing: str) -> None:
     """In pause mode the consumer stops pulling while the breaker is open, then goes on."""
     clock = FakeClock()
     backend = MemoryBackend.isolated()
@@ -286,10 +304,14 @@ class _Counting(HookLayer):
         raise ValueError("declined and failed")
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["compiled", "linked"])
+@pytest.mark.parametrize(
+    ("fuse", "inline"),
+    [(True, True), (True, False), (False, True)],
+    ids=["inlined", "called", "linked"],
+)
 @pytest.mark.parametrize("inner_kind", ["declines", "raises on enter"])
 async def test_an_inner_layers_own_failure_reaches_each_outer_layer_once(
-    fuse: bool, inner_kind: str
+    fuse: bool, inline: bool, inner_kind: str
 ) -> None:
     """When an inner layer's slow path or enter hook raises, every outer layer sees the
     exception exactly once (its ``fail``), compiled or linked."""
@@ -299,7 +321,7 @@ async def test_an_inner_layers_own_failure_reaches_each_outer_layer_once(
     async def handler(payload: dict[str, Any]) -> None:
         raise AssertionError("never reached")
 
-    call = Pipeline(outer, middle, inner).build(handler, fuse=fuse)
+    call = Pipeline(outer, middle, inner).build(handler, fuse=fuse, inline=inline)
     with pytest.raises((ValueError, LookupError)):
         await call(Delivery({"n": 1}))
     assert outer.calls == Counter(enter=1, fail=1)

@@ -87,6 +87,8 @@ async def usage() -> None:
     assert entry is not None
     linked: CallNext = Pipeline().retry(attempts=2).build(handler, fuse=False)
     assert linked is not None
+    called: CallNext = Pipeline().retry(attempts=2).compile(handler, inline=False)
+    assert called is not None
     waits = (Fixed(1), Exponential(0.1, 10))
     assert waits
     tiered_backend = MemoryBackend.isolated(clock=FakeClock())

@@ -1,0 +1,458 @@
+"""Inline a simple hook's body into a compiled run (see :mod:`resilience.hooks`).
+
+A compiled run calls each layer's ``enter`` and ``leave`` hook; each call is a Python frame
+(tens of nanoseconds, about 150-200 interpreter instructions), several per message. For a hook
+whose body is simple, the run can instead contain the body itself, read from the hook's source
+when the pipeline is built: the hook function stays the one place its logic is written, and
+the run is a mechanical translation of it.
+
+The translation is conservative; anything it does not recognise stays a call:
+
+* only the exact function found on the layer's class (``type(layer).enter``), a plain
+  ``def`` without decorators, closure, defaults in use, ``*args`` or keyword-only parameters,
+  whose source is available and compiles to the code the function runs;
+* a body without loops, ``with``, ``await``, ``yield``, ``lambda``, nested functions or classes,
+  comprehensions, ``global`` / ``nonlocal``, imports, ``match``, ``:=``, star-arguments,
+  ``super()`` / ``__class__``, private (mangled) ``__names`` or the frame builtins
+  (``locals``, ``vars``, ``eval``, ...), and that never rebinds a parameter;
+* every name it reads that is not a parameter or local is a builtin, or a module-level name
+  its module binds exactly once (a ``def``, ``class``, import or single assignment at the top
+  level, never named in a ``global`` statement). Such names are **read once, when the
+  pipeline is built**, and bound into the run's namespace.
+
+``self`` becomes a name bound to the layer, the parameters the run's own values, and the
+locals are renamed with a prefix unique to the hook. ``return X`` becomes an assignment of
+``X`` to the hook's result: an ``if`` that returns has the rest of the body copied into its
+branches, and a return anywhere else (inside ``try``) makes the body a ``while True:`` block
+left by ``break``.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import inspect
+import sys
+import textwrap
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Inlined", "inline_hook"]
+
+_REJECTED: tuple[type[ast.AST], ...] = (
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+    ast.With,
+    ast.AsyncWith,
+    ast.Await,
+    ast.Yield,
+    ast.YieldFrom,
+    ast.Lambda,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+    ast.Global,
+    ast.Nonlocal,
+    ast.Import,
+    ast.ImportFrom,
+    ast.Match,
+    ast.NamedExpr,
+    ast.Starred,
+    ast.Break,
+    ast.Continue,
+    ast.TryStar,
+)
+
+_FRAME_NAMES = frozenset(
+    {"super", "__class__", "locals", "vars", "dir", "eval", "exec", "globals", "compile"}
+)
+"""Names whose meaning depends on the frame they are called in."""
+
+_GROWTH = 4
+"""How many times its own size a body may grow when returns are folded into ``if`` branches."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inlined:
+    """A hook body ready to paste into a run.
+
+    Attributes:
+        lines: Statements, unindented, that compute the hook (its result assigned to the
+            result name, when it may return something other than ``None``).
+        namespace: Names the statements read that the run's namespace must bind.
+        returns_value: Whether some path returns something other than ``None`` (and so
+            assigns the result name); when ``False`` the statements assign nothing.
+    """
+
+    lines: tuple[str, ...]
+    namespace: dict[str, Any] = field(default_factory=dict)
+    returns_value: bool = True
+
+
+def inline_hook(
+    layer: object, name: str, args: tuple[str, ...], result: str, prefix: str
+) -> Inlined | None:
+    """The body of ``layer``'s hook ``name`` written for a run, or ``None`` to call it.
+
+    Args:
+        layer: The layer.
+        name: ``"enter"`` or ``"leave"``.
+        args: The run's names for the hook's parameters after ``self``.
+        result: The run's name for the hook's return value.
+        prefix: Prefix unique to this hook in the run, for its locals and bound names.
+
+    Returns:
+        The inlined form, or ``None`` when the hook is not simple enough (see the module text).
+    """
+    function = getattr(type(layer), name, None)
+    bound = getattr(layer, name, None)
+    if not isinstance(function, types.FunctionType) or not isinstance(bound, types.MethodType):
+        return None
+    if bound.__func__ is not function or bound.__self__ is not layer:
+        return None  # replaced on the instance, or a wrapper: call what is there
+    translated = _translate(function, args, result, prefix)
+    if translated is None:
+        return None
+    namespace = dict(translated.namespace)
+    namespace[prefix + "self"] = layer
+    return Inlined(translated.lines, namespace, translated.returns_value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _translate(
+    function: types.FunctionType, args: tuple[str, ...], result: str, prefix: str
+) -> Inlined | None:
+    """``function``'s body for a run (every layer of a class shares it: building a pipeline
+    translates each hook once, whatever the number of pipelines and runs)."""
+    definition = _definition(function)
+    if definition is None:
+        return None
+    try:
+        return _Translation(function, definition, args, result, prefix).run()
+    except _NotSimple:
+        return None
+
+
+_Assign = Callable[[ast.expr | None], list[ast.stmt]]
+"""Statements storing a returned value (``None``: a bare return) in the hook's result."""
+
+
+class _NotSimple(Exception):
+    """The body uses something the translation does not handle."""
+
+
+def _definition(function: types.FunctionType) -> ast.FunctionDef | None:
+    """The parsed ``def`` of ``function``, checked to compile to the code it runs."""
+    code = function.__code__
+    if code.co_freevars or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        return None
+    if code.co_flags & (inspect.CO_COROUTINE | inspect.CO_GENERATOR):
+        return None
+    home = sys.modules.get(function.__module__)
+    if home is None or vars(home) is not function.__globals__:
+        return None  # not defined by its module's source (``exec``, a copied function)
+    module = _module(function.__module__)
+    if module is None:
+        return None
+    # The source on disk may have changed since the module was imported: inline only a body
+    # that the module's source compiles to exactly the instructions the function runs.
+    twin = module.code_at.get((code.co_firstlineno, code.co_name))
+    if twin is None or not _same_code(twin, code):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    definition = tree.body[0]
+    arguments = definition.args
+    if definition.decorator_list or definition.name != code.co_name:
+        return None
+    if arguments.posonlyargs or arguments.kwonlyargs or arguments.vararg or arguments.kwarg:
+        return None
+    return definition
+
+
+@dataclass(frozen=True, slots=True)
+class _Module:
+    """What the inliner needs of a module's source (kept small: no syntax tree is cached, so
+    the collector has no extra objects to walk)."""
+
+    code_at: dict[tuple[int, str], types.CodeType]
+    """The source's code objects by first line and name."""
+    constants: frozenset[str]
+    """Module-level names bound exactly once and never declared ``global``."""
+
+
+@functools.lru_cache(maxsize=64)
+def _module(module_name: str) -> _Module | None:
+    """The source of ``module_name`` as it reads now, compiled (``None``: no source)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    try:
+        source = inspect.getsource(module)
+        tree = ast.parse(source)
+        code = compile(tree, inspect.getfile(module), "exec", dont_inherit=True)
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    code_at: dict[tuple[int, str], types.CodeType] = {}
+    pending = [code]
+    while pending:
+        current = pending.pop()
+        for const in current.co_consts:
+            if isinstance(const, types.CodeType):
+                code_at.setdefault((const.co_firstlineno, const.co_name), const)
+                pending.append(const)
+    return _Module(code_at, _constant_names(tree, "global" in source))
+
+
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    return (
+        a.co_code == b.co_code
+        and a.co_names == b.co_names
+        and a.co_varnames == b.co_varnames
+        and a.co_consts == b.co_consts
+    )
+
+
+def _constant_names(tree: ast.Module, declares: bool) -> frozenset[str]:
+    """Module-level names of ``tree`` bound exactly once and never declared global
+    (``declares``: the source contains the word ``global`` anywhere, so look for the
+    statement)."""
+    counts: dict[str, int] = {}
+
+    def bind(name: str) -> None:
+        counts[name] = counts.get(name, 0) + 1
+
+    def targets(node: ast.AST) -> None:
+        for child in ast.walk(node):
+            if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
+                bind(child.id)
+
+    declared: set[str] = set()
+    if declares:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                declared.update(node.names)
+
+    def top(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bind(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    bind((alias.asname or alias.name).split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try)):
+                # Conditional bindings (``if TYPE_CHECKING:``, ``try: import``) count everywhere.
+                for block in ("body", "orelse", "finalbody"):
+                    top(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    top(handler.body)
+            else:
+                targets(node)
+
+    top(tree.body)
+    return frozenset(name for name, count in counts.items() if count == 1 and name not in declared)
+
+
+class _Translation:
+    """One hook's body rewritten for a run."""
+
+    def __init__(
+        self,
+        function: types.FunctionType,
+        definition: ast.FunctionDef,
+        args: tuple[str, ...],
+        result: str,
+        prefix: str,
+    ) -> None:
+        self.function = function
+        self.definition = definition
+        self.result = result
+        self.prefix = prefix
+        params = [a.arg for a in definition.args.args]
+        if len(params) != len(args) + 1:
+            raise _NotSimple
+        self.params = dict(zip(params, (prefix + "self", *args), strict=True))
+        self.namespace: dict[str, Any] = {}
+        self.returns_value = False
+
+    def run(self) -> Inlined:
+        body = self.definition.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring
+        body = [self._plain(statement) for statement in body]
+        locals_ = self._check(body)
+        self._rename(body, locals_)
+        self.returns_value = any(
+            isinstance(node, ast.Return) and not _is_none(node.value)
+            for statement in body
+            for node in ast.walk(statement)
+        )
+        folded = _fold(body, self._assign)
+        size = sum(1 for s in body for _ in ast.walk(s)) or 1
+        if folded is not None and sum(1 for s in folded for _ in ast.walk(s)) <= _GROWTH * size:
+            statements = folded
+        else:
+            statements = [self._loop(body)]
+        if not statements:
+            statements = [ast.Pass()]
+        module = ast.fix_missing_locations(ast.Module(body=statements, type_ignores=[]))
+        return Inlined(tuple(ast.unparse(module).splitlines()), self.namespace, self.returns_value)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _plain(statement: ast.stmt) -> ast.stmt:
+        """A local annotation (never evaluated in a function) dropped: ``x: T = v`` -> ``x = v``."""
+        if isinstance(statement, ast.AnnAssign):
+            if statement.value is None or not statement.simple:
+                raise _NotSimple
+            return ast.copy_location(
+                ast.Assign(targets=[statement.target], value=statement.value), statement
+            )
+        for name in ("body", "orelse", "finalbody"):
+            block = getattr(statement, name, None)
+            if isinstance(block, list):
+                setattr(statement, name, [_Translation._plain(s) for s in block])
+        for handler in getattr(statement, "handlers", []):
+            handler.body = [_Translation._plain(s) for s in handler.body]
+        return statement
+
+    def _check(self, body: list[ast.stmt]) -> set[str]:
+        """The body's locals; raises :class:`_NotSimple` for anything not handled."""
+        locals_: set[str] = set()
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, _REJECTED):
+                    raise _NotSimple
+                if isinstance(node, ast.AnnAssign):
+                    raise _NotSimple  # nested in a block the plain pass missed
+                if isinstance(node, ast.keyword) and node.arg is None:
+                    raise _NotSimple  # **kwargs
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr.startswith("__")
+                    and not node.attr.endswith("__")
+                ):
+                    raise _NotSimple  # a private name, mangled only inside its class
+                if isinstance(node, ast.Try) and any(
+                    isinstance(n, ast.Return) for s in node.finalbody for n in ast.walk(s)
+                ):
+                    raise _NotSimple
+                if isinstance(node, ast.Name):
+                    if node.id in _FRAME_NAMES:
+                        raise _NotSimple
+                    if isinstance(node.ctx, (ast.Store, ast.Del)):
+                        if node.id in self.params:
+                            raise _NotSimple  # rebinding a parameter would rebind the run's
+                        locals_.add(node.id)
+                elif isinstance(node, ast.ExceptHandler) and node.name is not None:
+                    if node.name in self.params:
+                        raise _NotSimple
+                    locals_.add(node.name)
+        return locals_
+
+    def _rename(self, body: list[ast.stmt], locals_: set[str]) -> None:
+        """Parameters to the run's names, locals and globals to prefixed names."""
+        function = self.function
+        module = _module(function.__module__)
+        constants = module.constants if module is not None else frozenset()
+        names = self.params
+        prefix = self.prefix
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, ast.ExceptHandler) and node.name is not None:
+                    node.name = prefix + node.name
+                if not isinstance(node, ast.Name):
+                    continue
+                name = node.id
+                if name in names:
+                    node.id = names[name]
+                elif name in locals_:
+                    node.id = prefix + name
+                elif name.startswith("__"):
+                    raise _NotSimple
+                elif name in function.__globals__:
+                    if name not in constants:
+                        raise _NotSimple  # the module may rebind it: read it at each call
+                    node.id = prefix + name
+                    self.namespace[node.id] = function.__globals__[name]
+                elif hasattr(builtins, name):
+                    node.id = prefix + name
+                    self.namespace[node.id] = getattr(builtins, name)
+                else:
+                    raise _NotSimple  # a NameError when called: let the call raise it
+
+    # -- returns -------------------------------------------------------------------------------
+
+    def _assign(self, value: ast.expr | None) -> list[ast.stmt]:
+        if not self.returns_value:
+            if value is None or _is_none(value):
+                return []
+            return [ast.Expr(value=value)]  # unreachable: returns_value would be set
+        return [
+            ast.Assign(
+                targets=[ast.Name(id=self.result, ctx=ast.Store())],
+                value=value if value is not None else ast.Constant(value=None),
+            )
+        ]
+
+    def _loop(self, body: list[ast.stmt]) -> ast.stmt:
+        """``while True:`` around the body, each ``return`` an assignment and ``break``."""
+
+        class Returns(ast.NodeTransformer):
+            def __init__(self, assign: _Assign) -> None:
+                self.assign = assign
+
+            def visit_Return(self, node: ast.Return) -> list[ast.stmt]:
+                return [*self.assign(node.value), ast.Break()]
+
+        ends = bool(body) and isinstance(body[-1], ast.Return)
+        rewritten = [Returns(self._assign).visit(statement) for statement in body]
+        flat: list[ast.stmt] = []
+        for statement in rewritten:
+            flat.extend(statement if isinstance(statement, list) else [statement])
+        if not ends:
+            flat += [*self._assign(None), ast.Break()]
+        return ast.While(test=ast.Constant(value=True), body=flat, orelse=[])
+
+
+def _is_none(value: ast.expr | None) -> bool:
+    return value is None or (isinstance(value, ast.Constant) and value.value is None)
+
+
+def _has_return(statement: ast.stmt) -> bool:
+    return any(isinstance(node, ast.Return) for node in ast.walk(statement))
+
+
+def _fold(statements: list[ast.stmt], assign: _Assign) -> list[ast.stmt] | None:
+    """``statements`` (the rest of the body) without ``return``: an ``if`` that returns gets the
+    statements after it copied into both branches; ``None`` when a return sits elsewhere."""
+    out: list[ast.stmt] = []
+    for i, statement in enumerate(statements):
+        if isinstance(statement, ast.Return):
+            return out + assign(statement.value)
+        if not _has_return(statement):
+            out.append(statement)
+            continue
+        if not isinstance(statement, ast.If):
+            return None
+        rest = statements[i + 1 :]
+        body = _fold([*statement.body, *rest], assign)
+        orelse = _fold([*statement.orelse, *rest], assign)
+        if body is None or orelse is None:
+            return None
+        out.append(ast.If(test=statement.test, body=body or [ast.Pass()], orelse=orelse))
+        return out
+    return out + assign(None)
