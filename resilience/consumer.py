@@ -381,13 +381,15 @@ class ResilientConsumer(AsyncLoopConsumer):
             outcome = delivery.outcome = _RETRIED if retried else _SUCCESS
         events.emit(
             message_settled(
-                message.message_id,
-                message.key or None,
-                outcome,
-                delivery.attempt - count + 1,
-                self._now() - delivery.started_at,
-                delivery.reason,
-                None if exc is None else type(exc).__qualname__,
+                (
+                    message.message_id,
+                    message.key or None,
+                    outcome,
+                    delivery.attempt - count + 1,
+                    self._now() - delivery.started_at,
+                    delivery.reason,
+                    None if exc is None else type(exc).__qualname__,
+                )
             )
         )
 
