@@ -8,7 +8,6 @@ logged and never breaks message processing.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -22,7 +21,7 @@ __all__ = [
     "Outcome",
     "RetryScheduled",
     "SettledFields",
-    "message_settled",
+    "new_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class MessageSettled(Event, tuple[Any, ...]):
     A frozen dataclass like every record (its fields, ``repr``, equality, hash and
     immutability are a frozen dataclass's), stored as a tuple of its fields in order: one is
     built per settled message whenever a listener is subscribed, and a tuple is filled by one
-    C call (:func:`message_settled`) where slots are written one descriptor call at a time
+    C call (:data:`new_record`) where slots are written one descriptor call at a time
     (about four times the cost). It also behaves as that tuple (``tuple(record)``, ``len``,
     indexing, unpacking), but it equals only records of its own class and has no order, as a
     dataclass.
@@ -187,14 +186,9 @@ for _index, _field in enumerate(fields(MessageSettled)):
     setattr(MessageSettled, _field.name, _tuplegetter(_index, f"Field {_field.name!r}."))
 del _index, _field
 
-message_settled: Callable[[SettledFields], MessageSettled] = functools.partial(
-    _new_tuple, MessageSettled
-)
-"""``message_settled(fields)`` is ``MessageSettled(*fields)`` in one C call, without the
-constructor's Python frame (the consumer's settlement path).
-
-Args:
-    fields: Every field of the record, in order.
+new_record: Callable[[type[MessageSettled], SettledFields], MessageSettled] = _new_tuple
+"""``new_record(MessageSettled, fields)`` is ``MessageSettled(*fields)`` (every field, in
+order) in one C call, without the constructor's Python frame: the consumer's settlement path.
 """
 
 
