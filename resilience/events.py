@@ -11,7 +11,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AttemptFailed",
@@ -140,9 +140,10 @@ class MessageSettled(Event, tuple[Any, ...]):
         """
         return _new_tuple(cls, (message_id, key, outcome, attempts, duration, reason, error_type))
 
-    # Filled by __new__: not the base's dataclass __init__ (``object``'s, which takes the
-    # constructor's arguments and does nothing here, as a tuple's does).
-    __init__ = object.__init__
+    if not TYPE_CHECKING:  # the checkers read the signature of __new__
+        # Filled by __new__: not the base's dataclass __init__ (``object``'s, which takes the
+        # constructor's arguments and does nothing here, as a tuple's does).
+        __init__ = object.__init__
 
     def __getnewargs__(self) -> SettledFields:
         # What copy and pickle hand back to __new__: the fields (a tuple's would be one tuple).
