@@ -572,3 +572,50 @@ async def test_settlement_records_of_bare_payloads_use_the_delivery_defaults() -
         (None, None, Outcome.SUCCESS, 1),
         (None, None, Outcome.SUCCESS, 1),
     ]
+
+
+async def test_each_settle_path_reports_one_record_with_its_fields() -> None:
+    """The fast path (success) and the slow ones (failed, dropped, cancelled) report through the
+    same function: outcome, attempts, reason and error type as each path decided."""
+    backend = MemoryBackend.isolated()
+    for kind in ("ok", "bad", "drop", "hang"):
+        await backend.publish("jobs", {"kind": kind})
+    hanging = asyncio.Event()
+
+    async def handler(payload: dict[str, Any]) -> None:
+        kind = payload["kind"]
+        if kind == "bad":
+            raise KeyError("missing")
+        if kind == "drop":
+            raise Drop("not for us")
+        if kind == "hang":
+            hanging.set()
+            await asyncio.sleep(3600)
+
+    consumer = ResilientConsumer(backend, policy=FAST)
+    records: list[MessageSettled] = []
+    consumer.events.subscribe(
+        lambda event: records.append(event) if isinstance(event, MessageSettled) else None
+    )
+    task = asyncio.create_task(consumer.run(handler))
+    await hanging.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    by_outcome = {record.outcome: record for record in records}
+    assert [record.outcome for record in records] == [
+        Outcome.SUCCESS,
+        Outcome.FAILED,
+        Outcome.DROPPED,
+        Outcome.CANCELLED,
+    ]
+    assert all(record.key == "jobs" for record in records)
+    assert all(record.duration >= 0 for record in records)
+    ok = by_outcome[Outcome.SUCCESS]
+    assert (ok.attempts, ok.reason, ok.error_type) == (1, None, None)
+    failed = by_outcome[Outcome.FAILED]
+    assert failed.error_type == "KeyError"
+    assert failed.reason is not None
+    assert by_outcome[Outcome.DROPPED].error_type == "Drop"
+    cancelled = by_outcome[Outcome.CANCELLED]
+    assert (cancelled.reason, cancelled.error_type) == (None, None)
