@@ -223,7 +223,7 @@ class _Overridden(Timeout):
 
     entered: int = 0
 
-    def enter(self, delivery: Delivery) -> asyncio.Task[Any]:
+    def enter(self, delivery: Delivery) -> Any:
         type(self).entered += 1
         return super().enter(delivery)
 
