@@ -25,7 +25,7 @@ import fnmatch
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "DELAY_KEY_PREFIX",
     "DELAY_SETS_LUA",
     "DUE_STREAMS_LUA",
+    "STREAMS_PER_SCRIPT",
     "DELIVERIES_HEADER",
     "HAND_OVER_LUA",
     "MOVE_DUE_LUA",
@@ -179,9 +180,9 @@ return found
 of those that exist; a stream whose delay set does not exist leaves the delay index KEYS[1]
 (what :data:`MOVE_DUE_LUA` would do for it). One command checks a whole chunk of streams."""
 
-SET_CHECK_CHUNK = 1000
-"""Streams whose delay sets one :data:`DELAY_SETS_LUA` call looks at (the calls of a check go
-in one pipelined round trip); bounds the time one script holds the server."""
+STREAMS_PER_SCRIPT = 1000
+"""Streams one selecting script looks at (:func:`select_streams`; the calls for more streams go
+in one pipelined round trip): bounds the time one script holds the server."""
 
 
 def delay_key(stream: str) -> str:
@@ -248,6 +249,33 @@ async def run_pipelined(
     return replies
 
 
+async def select_streams(
+    client: aioredis.Redis,
+    script: Any,
+    streams: Sequence[str],
+    call: Callable[[Sequence[str]], tuple[Sequence[Any], Sequence[Any]]],
+) -> list[str]:
+    """Those of ``streams`` a selecting script names, in order: ``script`` runs once per
+    :data:`STREAMS_PER_SCRIPT` streams with the ``(keys, args)`` that ``call`` makes of them (all
+    calls in one round trip, :func:`run_pipelined`) and returns the 1-based positions, in that
+    chunk, of the streams it selects.
+
+    Raises:
+        redis.exceptions.RedisError: the round trip failed, or Redis refused a call.
+    """
+    chunks = [
+        streams[start : start + STREAMS_PER_SCRIPT]
+        for start in range(0, len(streams), STREAMS_PER_SCRIPT)
+    ]
+    replies = await run_pipelined(client, script, [call(chunk) for chunk in chunks])
+    selected: list[str] = []
+    for chunk, reply in zip(chunks, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise reply
+        selected.extend(chunk[int(position) - 1] for position in reply)
+    return selected
+
+
 class DelayScheduler:
     """Moves due entries of the delay sets of ``streams`` back into their streams.
 
@@ -268,7 +296,7 @@ class DelayScheduler:
     (:data:`DELAY_INDEX_KEY`, kept in Redis by the scripts that change the delay sets) says
     which streams have entries due, and only those are visited. Each served stream's delay set
     is looked at once when first served, so sets written before the index existed are found
-    too: one command per :data:`SET_CHECK_CHUNK` streams says which sets exist, and only those
+    too: one command per :data:`STREAMS_PER_SCRIPT` streams says which sets exist, and only those
     are visited.
 
     Args:
@@ -417,22 +445,16 @@ class DelayScheduler:
 
     async def _existing_sets(self, streams: list[str]) -> list[str]:
         """Those of ``streams`` whose delay sets exist (one command per
-        :data:`SET_CHECK_CHUNK` streams, all in one round trip); the others leave the index.
+        :data:`STREAMS_PER_SCRIPT` streams, all in one round trip); the others leave the index.
 
         Raises:
             redis.exceptions.RedisError: Redis did not answer, or refused a check.
         """
-        calls = []
-        for start in range(0, len(streams), SET_CHECK_CHUNK):
-            chunk = streams[start : start + SET_CHECK_CHUNK]
-            calls.append(((DELAY_INDEX_KEY, *map(delay_key, chunk)), chunk))
-        replies = await run_pipelined(self._client, self._sets_script, calls)
-        existing: list[str] = []
-        for (_, chunk), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, BaseException):
-                raise reply
-            existing.extend(chunk[int(position) - 1] for position in reply)
-        return existing
+
+        def call(chunk: Sequence[str]) -> tuple[Sequence[Any], Sequence[Any]]:
+            return (DELAY_INDEX_KEY, *map(delay_key, chunk)), chunk
+
+        return await select_streams(self._client, self._sets_script, streams, call)
 
     async def _due_streams(self) -> tuple[list[str], float]:
         """The served streams the delay index has entries due for (one command), and seconds

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis.exceptions import ResponseError
@@ -34,7 +34,7 @@ from ._redis_common import (
     RedisBackendError,
     text,
 )
-from ._redis_delay import run_pipelined
+from ._redis_delay import select_streams
 from ._redis_settings import redact
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IDLE_STREAMS_LUA",
-    "IDLE_CHECK_CHUNK",
     "RecoverableReader",
     "keep_alive",
     "raise_if_cancel_swallowed",
@@ -108,9 +107,6 @@ return found
 pending for at least ARGV[2] ms (the ones XAUTOCLAIM would claim something from), and of those
 where the check failed (a missing group: XAUTOCLAIM then reports the error itself)."""
 
-IDLE_CHECK_CHUNK = 1000
-"""Streams one :data:`IDLE_STREAMS_LUA` call looks at (the calls of a reclaim go in one
-pipelined round trip); bounds the time one script holds the server."""
 
 _KEEP_ALIVE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
@@ -164,9 +160,10 @@ async def reclaim(reader: RecoverableReader) -> None:
     """Claim entries idle longer than ``claim_idle`` for ``reader``: up to ``batch_size`` per
     stream, every stream in one pipelined round trip (one more for the delivery counts).
 
-    A first round trip (one script per :data:`IDLE_CHECK_CHUNK` streams) finds the streams with
-    an entry idle that long; only those (and those whose last scan stopped early) are sent an
-    XAUTOCLAIM, so a reclaim with nothing to take costs one command, not one per stream.
+    A first round trip (one script per :data:`~._redis_delay.STREAMS_PER_SCRIPT` streams) finds
+    the streams with an entry idle that long; only those (and those whose last scan stopped
+    early) are sent an XAUTOCLAIM, so a reclaim with nothing to take costs one command, not one
+    per stream.
 
     Claimed entries go to the front of the reader's queue, with their delivery counts. A stream
     whose scan stops early (its count is spent) goes on from its cursor on the next turn.
@@ -242,18 +239,14 @@ async def _idle_streams(reader: RecoverableReader) -> list[str]:
     streams = reader.streams
     if not streams:
         return []
-    group, idle = reader.group, reader.settings.claim_idle_ms
-    calls = [
-        (streams[start : start + IDLE_CHECK_CHUNK], (group, idle))
-        for start in range(0, len(streams), IDLE_CHECK_CHUNK)
-    ]
+    args = (reader.group, reader.settings.claim_idle_ms)
+
+    def call(chunk: Sequence[str]) -> tuple[Sequence[Any], Sequence[Any]]:
+        return chunk, args
+
     async with reader.timeout():
-        replies = await run_pipelined(reader.client, reader.idle_script(), calls)
-    found: set[str] = set(reader.cursors)
-    for (chunk, _), reply in zip(calls, replies, strict=True):
-        if isinstance(reply, BaseException):
-            raise reply
-        found.update(chunk[int(position) - 1] for position in reply)
+        idle = await select_streams(reader.client, reader.idle_script(), streams, call)
+    found = {*idle, *reader.cursors}
     return [key for key in streams if key in found]
 
 
