@@ -115,10 +115,10 @@ class Breaker:
         self._time_window = isinstance(window, TimeWindow)
         self._timed = config.slow_call_duration is not None or self._time_window
         self._simple = window is None and not self._timed
-        self._untimed_epoch = 0
+        self._untimed_epoch = -1  # set by _fast_tokens, below and at every state change
         """The token of a call admitted without timing: the epoch while closed and slow calls
         are not timed, else -1 (the middleware's ``enter`` reads this one attribute)."""
-        self._simple_epoch = 0 if self._simple else -1
+        self._simple_epoch = -1  # likewise
         """The epoch while closed when a success only resets the consecutive count (no window,
         no timing), else -1 (the middleware's ``leave`` compares its token with it)."""
         self._fast_tokens()
