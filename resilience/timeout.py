@@ -47,6 +47,9 @@ class _Entry:
         self.fired = False
 
 
+_SWEEP_MIN = 64
+"""Entries a watchdog holds before a new one first sweeps out those of finished tasks."""
+
 _NO_ENTRY = _Entry(None)
 """The watchdog's last entry before any task registered (matches no task)."""
 
@@ -54,13 +57,16 @@ _NO_ENTRY = _Entry(None)
 class _Watchdog:
     """Cancels overdue tasks; one timer armed at the earliest deadline among active tasks.
 
-    Each task that ever registered keeps one :class:`_Entry` (its deadline is :data:`_NEVER`
-    between messages). Entries of finished tasks are dropped when the timer fires; an entry is
-    found through :attr:`last` (the task of the previous message, as a sequential consumer's
-    worker always is) or, else, by the task in :attr:`entries`.
+    Each task that registered keeps one :class:`_Entry` (its deadline is :data:`_NEVER` between
+    messages) until it ends. Entries of finished tasks are dropped when the timer fires, and
+    when new entries have doubled their number since the last sweep (so a task per call, as a
+    ``@resilient`` handler called from request handlers gets, keeps no more entries than about
+    twice the tasks alive). An entry is found through :attr:`last` (the task of the previous
+    message, as a sequential consumer's worker always is) or, else, by the task in
+    :attr:`entries`.
     """
 
-    __slots__ = ("armed_at", "clock", "entries", "last", "loop", "now", "timer")
+    __slots__ = ("armed_at", "clock", "entries", "last", "loop", "now", "sweep_at", "timer")
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -70,6 +76,8 @@ class _Watchdog:
         self.armed_at = _NEVER
         self.loop: asyncio.AbstractEventLoop | None = None
         self.now: Callable[[], float] = clock.monotonic
+        self.sweep_at = _SWEEP_MIN
+        """Entries at which the next new one sweeps out those of finished tasks first."""
 
     @property
     def active(self) -> dict[asyncio.Task[Any], float]:
@@ -84,9 +92,21 @@ class _Watchdog:
             loop = task.get_loop()
             if loop is not self.loop:
                 self.bind(loop)
+            if len(self.entries) >= self.sweep_at:
+                self.forget_finished()
+                self.sweep_at = max(_SWEEP_MIN, 2 * len(self.entries))
             entry = self.entries[task] = _Entry(task)
         self.last = entry
         return entry
+
+    def forget_finished(self) -> None:
+        """Drop the entries of tasks that ended with no deadline registered."""
+        entries = self.entries
+        for task, entry in list(entries.items()):
+            if entry.deadline == _NEVER and task.done():
+                del entries[task]
+                if self.last is entry:
+                    self.last = _NO_ENTRY
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start over on a new event loop (tests run one per test): old timers never fire, and
@@ -97,6 +117,7 @@ class _Watchdog:
         for old in self.entries.values():
             old.fired = False
         self.entries = {}
+        self.sweep_at = _SWEEP_MIN
         self.last = _NO_ENTRY
         self.now = monotonic_function(self.clock)
 
@@ -111,16 +132,10 @@ class _Watchdog:
         self.armed_at = _NEVER
         now = self.now()
         earliest = _NEVER
-        entries = self.entries
-        for task, entry in list(entries.items()):
+        self.forget_finished()
+        for task, entry in self.entries.items():
             deadline = entry.deadline
-            if deadline == _NEVER:
-                if task.done():  # the task ended: forget it
-                    del entries[task]
-                    if self.last is entry:
-                        self.last = _NO_ENTRY
-                continue
-            if entry.fired:
+            if deadline == _NEVER or entry.fired:
                 continue
             if deadline <= now:
                 entry.fired = True

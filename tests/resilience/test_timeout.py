@@ -183,6 +183,21 @@ async def test_entries_of_finished_tasks_are_forgotten_when_the_timer_fires() ->
     assert not timeout._watchdog.entries
 
 
+async def test_short_lived_tasks_do_not_pile_up_before_the_timer_fires() -> None:
+    """A task per call (a ``@resilient`` handler called from request handlers): entries of
+    finished tasks are swept out as new ones come, long before the timer fires, so the watchdog
+    holds no more than about twice the tasks alive."""
+    clock = FakeClock()
+    timeout = Timeout(60.0, clock=clock)
+    call = Pipeline(timeout).build(Slow(clock))
+    most = 0
+    for _ in range(1000):
+        await asyncio.ensure_future(call(Delivery({})))
+        most = max(most, len(timeout._watchdog.entries))
+    assert most <= 128
+    assert clock.monotonic() == 0.0  # the timer never fired: the sweeps did it
+
+
 async def test_attempt_limit_clamped_to_the_total_one_raises_total_timeout() -> None:
     """When the attempt's deadline is the message's deadline (a longer attempt limit), the
     total timeout fires and the task's cancel count goes back to zero; with a shorter attempt
