@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import functools
 import inspect
+import math
+import operator
 import sys
 import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-__all__ = ["Inlined", "inline_hook"]
+__all__ = ["FixedAttributes", "Inlined", "fold_fixed", "inline_hook"]
 
 _REJECTED: tuple[type[ast.AST], ...] = (
     ast.For,
@@ -123,7 +126,7 @@ def inline_hook(
         return None
     namespace = dict(translated.namespace)
     namespace[prefix + "self"] = layer
-    return Inlined(translated.lines, namespace, translated.returns_value)
+    return fold_fixed(layer, Inlined(translated.lines, namespace, translated.returns_value), prefix)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -456,3 +459,493 @@ def _fold(statements: list[ast.stmt], assign: _Assign) -> list[ast.stmt] | None:
         out.append(ast.If(test=statement.test, body=body or [ast.Pass()], orelse=orelse))
         return out
     return out + assign(None)
+
+
+# -- fixed configuration -------------------------------------------------------------------------
+
+
+class FixedAttributes:
+    """Mixin for a layer whose attributes named in :attr:`fixed_attributes` never change once
+    written: each may be assigned once (in ``__init__``) and never again, nor deleted.
+
+    An inlined hook body reads such an attribute of ``self`` once, when the pipeline is built
+    (:func:`fold_fixed`), as it does the fields of a frozen dataclass layer. The guard costs an
+    attribute assignment a Python call, so it suits a layer that assigns its attributes when it
+    is built (its hot path only reads them). Like a frozen dataclass, it is bypassed only by
+    ``object.__setattr__``; a run built before such a write keeps the value it read.
+    """
+
+    __slots__ = ()
+
+    fixed_attributes: ClassVar[frozenset[str]] = frozenset()
+    """The attributes written once; a subclass that declares its own set names all of them."""
+
+    if not TYPE_CHECKING:  # (a declared __setattr__ would let the type checker accept any name)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name in type(self).fixed_attributes and _is_set(self, name):
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} is fixed once the layer is built"
+                )
+            object.__setattr__(self, name, value)
+
+        def __delattr__(self, name: str) -> None:
+            if name in type(self).fixed_attributes:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} is fixed once the layer is built"
+                )
+            object.__delattr__(self, name)
+
+
+def _is_set(instance: object, name: str) -> bool:
+    try:
+        object.__getattribute__(instance, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _owner(kind: type, name: str) -> type | None:
+    """The class in ``kind``'s MRO whose own namespace holds ``name``."""
+    for klass in kind.__mro__:
+        if name in vars(klass):
+            return klass
+    return None
+
+
+def _fixed_names(kind: type) -> frozenset[str]:
+    """The attributes of ``kind``'s instances that nothing but ``object.__setattr__`` can change
+    once written: the fields of a frozen dataclass, or the names a :class:`FixedAttributes`
+    class declares (and only while the class keeps that class's ``__setattr__``,
+    ``__delattr__`` and the plain ``__getattribute__``)."""
+    if _owner(kind, "__getattribute__") is not object:
+        return frozenset()
+    setter = _owner(kind, "__setattr__")
+    if setter is None or setter is not _owner(kind, "__delattr__"):
+        return frozenset()
+    params = vars(setter).get("__dataclass_params__")
+    if params is not None and params.frozen:
+        return frozenset(f.name for f in dataclasses.fields(setter))
+    if setter is FixedAttributes:
+        declared: object = getattr(kind, "fixed_attributes", None)
+        return declared if isinstance(declared, frozenset) else frozenset()
+    return frozenset()
+
+
+_MISSING: Any = object()
+
+
+def _fixed_value(layer: object, name: str) -> Any:
+    """What ``layer.name`` reads whenever a hook runs, read now (``_MISSING``: not fixed).
+
+    The read must find the instance's own value: a slot, or the instance ``__dict__`` when no
+    data descriptor (a property) on the class comes first."""
+    kind = type(layer)
+    if name not in _fixed_names(kind):
+        return _MISSING
+    owner = _owner(kind, name)
+    static = vars(owner)[name] if owner is not None else _MISSING
+    if not isinstance(static, types.MemberDescriptorType):
+        if hasattr(type(static), "__set__") or hasattr(type(static), "__delete__"):
+            return _MISSING  # a property or other data descriptor: not a stored value
+        try:
+            instance_dict = object.__getattribute__(layer, "__dict__")
+        except AttributeError:
+            return _MISSING
+        if name not in instance_dict:
+            return _MISSING  # the class's value, which the class may rebind
+    try:
+        return object.__getattribute__(layer, name)
+    except AttributeError:
+        return _MISSING  # never written: the run's read raises, as the call's would
+
+
+_LITERAL_TYPES = (type(None), bool, int, float, str)
+
+_ORDERS: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+
+
+def _is_literal(node: ast.expr) -> bool:
+    """A constant whose truth, equality and order are known now and cost nothing to compute."""
+    return isinstance(node, ast.Constant) and type(node.value) in _LITERAL_TYPES
+
+
+def _writable(value: Any) -> bool:
+    """``value`` can be written as a literal (a negative number or ``-0.0`` cannot: the
+    unparser writes ``-1 ** 2`` for ``(-1) ** 2``; ``inf`` and ``nan`` have no literal)."""
+    if type(value) in (type(None), bool, str):
+        return True
+    if type(value) is int:
+        return bool(value >= 0)
+    if type(value) is float:
+        return math.isfinite(value) and math.copysign(1.0, value) > 0
+    return False
+
+
+def fold_fixed(layer: object, inlined: Inlined, prefix: str) -> Inlined:
+    """``inlined`` (a hook body of ``layer``) with the layer's fixed configuration folded in.
+
+    Each ``self.NAME`` read of a fixed attribute (see :func:`_fixed_names`) becomes its value,
+    read now: ``None``, a bool, a non-negative number or a string as a literal, anything else
+    as a name bound to the very object. Then constant tests are decided: ``not C``,
+    ``C is None``, ``C is not None``, comparisons of two literals, ``and`` / ``or`` with
+    constant operands (keeping Python's short circuit and values), ``if`` / ``elif`` and
+    ``x if C else y``, and a local assigned a literal once and read only after it is replaced
+    by the literal. Dead branches are dropped.
+
+    Args:
+        layer: The layer the hook belongs to.
+        inlined: Its translated body (``self`` is the name ``prefix + "self"``).
+        prefix: The hook's prefix in the run.
+
+    Returns:
+        The folded body, or ``inlined`` itself when nothing is fixed.
+    """
+    source = "\n".join(inlined.lines)
+    tree = ast.parse(source)
+    folder = _Folder(layer, prefix, tree, inlined.namespace)
+    body = folder.run(tree.body)
+    if not folder.namespace and not folder.changed:
+        return inlined
+    module = ast.fix_missing_locations(ast.Module(body=body or [ast.Pass()], type_ignores=[]))
+    return Inlined(
+        tuple(ast.unparse(module).splitlines()),
+        {**inlined.namespace, **folder.namespace},
+        inlined.returns_value,
+    )
+
+
+class _Folder:
+    """One hook body of one layer, its fixed reads replaced and its constant tests decided."""
+
+    def __init__(
+        self, layer: object, prefix: str, tree: ast.Module, namespace: dict[str, Any]
+    ) -> None:
+        self.layer = layer
+        self.prefix = prefix
+        self.self_name = prefix + "self"
+        self.used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | set(namespace)
+        self.namespace: dict[str, Any] = {}
+        """Names bound to fixed values that are not written as literals."""
+        self.bound: dict[str, str] = {}
+        """Attribute -> the name bound to its value."""
+        self.known: dict[str, Any] = {}
+        """Names (bound values, and locals assigned one once) whose value is known now."""
+        self.literals: dict[str, ast.Constant] = {}
+        """Locals assigned a literal once and read only after: replaced by the literal."""
+        self.changed = False
+
+    def run(self, body: list[ast.stmt]) -> list[ast.stmt]:
+        body = self._block(body)
+        for _ in range(8):  # each round may decide tests that make more locals known
+            if not self._propagate(body):
+                break
+            body = self._block(body)
+        return body
+
+    # -- fixed reads ----------------------------------------------------------------------------
+
+    def _fixed_read(self, node: ast.expr) -> Any:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Load)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == self.self_name
+        ):
+            return _fixed_value(self.layer, node.attr)
+        return _MISSING
+
+    def _bind(self, attr: str, value: Any) -> ast.Name:
+        name = self.bound.get(attr)
+        if name is None:
+            name = f"{self.prefix}self_{attr}"
+            while name in self.used:
+                name += "_"
+            self.used.add(name)
+            self.bound[attr] = name
+            self.namespace[name] = value
+            self.known[name] = value
+        return ast.Name(id=name, ctx=ast.Load())
+
+    def _replace(self, node: ast.Attribute, value: Any, literal: bool) -> ast.expr:
+        self.changed = True
+        if literal and _writable(value):
+            return ast.Constant(value=value)
+        return self._bind(node.attr, value)
+
+    # -- expressions ------------------------------------------------------------------------------
+
+    def _expr(self, node: ast.expr, test: bool = False) -> ast.expr:
+        """``node`` folded; ``test``: only its truth is used, tested once (an ``if`` test)."""
+        value = self._fixed_read(node)
+        if value is not _MISSING:
+            assert isinstance(node, ast.Attribute)
+            return self._replace(node, value, literal=True)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            constant = self.literals.get(node.id)
+            if constant is not None:
+                self.changed = True
+                return ast.Constant(value=constant.value)
+            return node
+        if isinstance(node, ast.BoolOp):
+            values = [self._expr(v, test) for v in node.values]
+            return self._bool_op(node, values, test)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            # ``not`` tests its operand once; in a test, so does the jump on its result.
+            operand = self._expr(node.operand, test)
+            if _is_literal(operand):
+                self.changed = True
+                assert isinstance(operand, ast.Constant)
+                return ast.Constant(value=not operand.value)
+            node.operand = operand
+            return node
+        if isinstance(node, ast.IfExp):
+            condition = self._expr(node.test, True)
+            if _is_literal(condition):
+                self.changed = True
+                assert isinstance(condition, ast.Constant)
+                return self._expr(node.body if condition.value else node.orelse, test)
+            node.test = condition
+            node.body = self._expr(node.body, test)
+            node.orelse = self._expr(node.orelse, test)
+            return node
+        if isinstance(node, ast.Compare):
+            return self._compare(node)
+        self._children(node)
+        return node
+
+    def _children(self, node: ast.AST) -> None:
+        """Fold the expressions directly below ``node`` (any kind of node)."""
+        for name, value in ast.iter_fields(node):
+            if isinstance(value, ast.expr):
+                setattr(node, name, self._expr(value))
+            elif isinstance(value, list):
+                setattr(
+                    node,
+                    name,
+                    [self._expr(v) if isinstance(v, ast.expr) else v for v in value],
+                )
+                for item in value:
+                    if isinstance(item, ast.keyword):
+                        item.value = self._expr(item.value)
+            elif isinstance(value, ast.keyword):
+                value.value = self._expr(value.value)
+
+    def _bool_op(self, node: ast.BoolOp, values: list[ast.expr], test: bool) -> ast.expr:
+        """``a or b or ...`` (``and`` alike) with constant operands decided: a constant that
+        decides the result ends it (later operands never run); one that does not is skipped,
+        unless it is the last (it is then the value), or in a test."""
+        decides = isinstance(node.op, ast.Or)  # the truth that ends the chain
+        out: list[ast.expr] = []
+        for i, value in enumerate(values):
+            if not _is_literal(value):
+                out.append(value)
+                continue
+            assert isinstance(value, ast.Constant)
+            if bool(value.value) is decides:
+                out.append(value)
+                break
+            if i == len(values) - 1:
+                out.append(value)
+        if (
+            test and len(out) > 1 and _is_literal(out[-1]) and bool(out[-1].value) is not decides  # type: ignore[attr-defined]
+        ):
+            out.pop()  # a test reads only the truth, which the operands before decide
+        if len(out) != len(node.values):
+            self.changed = True
+        if len(out) == 1:
+            return out[0]
+        node.values = out
+        return node
+
+    def _compare(self, node: ast.Compare) -> ast.expr:
+        """``C is None`` / ``C is not None`` for a known ``C``, and ``==``, ``!=`` or an order
+        between two literals, decided; other comparisons folded inside."""
+        if len(node.ops) != 1:
+            self._children(node)
+            return node
+        op = node.ops[0]
+        identity = isinstance(op, (ast.Is, ast.IsNot))
+        sides = []
+        for side in (node.left, node.comparators[0]):
+            value = self._fixed_read(side)
+            if value is not _MISSING:
+                assert isinstance(side, ast.Attribute)
+                # Identity needs the very object, and only None and the bools are singletons.
+                literal = not identity or value is None or type(value) is bool
+                sides.append(self._replace(side, value, literal))
+            else:
+                sides.append(self._expr(side))
+        left, right = sides
+        node.left, node.comparators = left, [right]
+        decided = self._decide(op, left, right)
+        if decided is _MISSING:
+            return node
+        self.changed = True
+        return ast.Constant(value=decided)
+
+    def _known(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in self.known:
+            return self.known[node.id]
+        return _MISSING
+
+    def _decide(self, op: ast.cmpop, left: ast.expr, right: ast.expr) -> Any:
+        if isinstance(op, (ast.Is, ast.IsNot)):
+            first, second = self._known(left), self._known(right)
+            if first is _MISSING or second is _MISSING:
+                return _MISSING
+            if not (
+                first is None or second is None or (type(first) is bool and type(second) is bool)
+            ):
+                return _MISSING  # two objects: only the singletons None and the bools are sure
+            return (first is second) is isinstance(op, ast.Is)
+        if not (_is_literal(left) and _is_literal(right)):
+            return _MISSING
+        assert isinstance(left, ast.Constant)
+        assert isinstance(right, ast.Constant)
+        a: Any = left.value
+        b: Any = right.value
+        if isinstance(op, ast.Eq):
+            return a == b
+        if isinstance(op, ast.NotEq):
+            return a != b
+        numbers = (bool, int, float)
+        if not (
+            (isinstance(a, numbers) and isinstance(b, numbers))
+            or (isinstance(a, str) and isinstance(b, str))
+        ):
+            return _MISSING  # ``None < 1`` raises: leave it to the run
+        order = _ORDERS.get(type(op))
+        return _MISSING if order is None else order(a, b)
+
+    # -- statements -----------------------------------------------------------------------------
+
+    def _block(self, statements: list[ast.stmt]) -> list[ast.stmt]:
+        out: list[ast.stmt] = []
+        for statement in statements:
+            out.extend(self._stmt(statement))
+        return out
+
+    def _stmt(self, node: ast.stmt) -> list[ast.stmt]:
+        if isinstance(node, ast.If):
+            condition = self._expr(node.test, True)
+            if _is_literal(condition):
+                self.changed = True
+                assert isinstance(condition, ast.Constant)
+                return self._block(node.body if condition.value else node.orelse)
+            node.test = condition
+            node.body = self._block(node.body) or [ast.Pass()]
+            node.orelse = self._block(node.orelse)
+            return [node]
+        if isinstance(node, ast.Assign) and _is_name_target(node):
+            target = node.targets[0]
+            assert isinstance(target, ast.Name)
+            if target.id in self.literals:
+                self.changed = True
+                return []  # a literal every later read now writes itself
+        if isinstance(node, ast.Expr):
+            value = self._expr(node.value)
+            if isinstance(value, ast.Constant):
+                self.changed = True
+                return []  # a constant alone does nothing
+            node.value = value
+            return [node]
+        if isinstance(node, ast.Try):
+            node.body = self._block(node.body) or [ast.Pass()]
+            for handler in node.handlers:
+                if handler.type is not None:
+                    handler.type = self._expr(handler.type)
+                handler.body = self._block(handler.body) or [ast.Pass()]
+            node.orelse = self._block(node.orelse)
+            node.finalbody = self._block(node.finalbody)
+            return [node]
+        if isinstance(node, ast.While):
+            node.test = self._expr(node.test, True)
+            node.body = self._block(node.body) or [ast.Pass()]
+            node.orelse = self._block(node.orelse)
+            return [node]
+        self._children(node)
+        return [node]
+
+    # -- locals ---------------------------------------------------------------------------------
+
+    def _propagate(self, body: list[ast.stmt]) -> bool:
+        """Learn the locals assigned a known value exactly once and read only in the
+        statements after that assignment (which it therefore precedes); ``True`` when some
+        local is new."""
+        stores: dict[str, int] = {}
+        loads: dict[str, int] = {}
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Name):
+                    counts = loads if isinstance(node.ctx, ast.Load) else stores
+                    counts[node.id] = counts.get(node.id, 0) + 1
+                elif isinstance(node, ast.ExceptHandler) and node.name is not None:
+                    stores[node.name] = stores.get(node.name, 0) + 2
+        identities = {
+            side.id
+            for statement in body
+            for node in ast.walk(statement)
+            if isinstance(node, ast.Compare)
+            and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops)
+            for side in (node.left, *node.comparators)
+            if isinstance(side, ast.Name)
+        }
+        learned = False
+        for statements in _blocks(body):
+            for i, statement in enumerate(statements):
+                if not (isinstance(statement, ast.Assign) and _is_name_target(statement)):
+                    continue
+                target = statement.targets[0]
+                assert isinstance(target, ast.Name)
+                name = target.id
+                if (
+                    not name.startswith(self.prefix)
+                    or name in self.known
+                    or name in self.literals
+                    or stores.get(name) != 1
+                ):
+                    continue
+                value = self._known(statement.value)
+                if value is _MISSING:
+                    continue
+                after = sum(
+                    1
+                    for later in statements[i + 1 :]
+                    for node in ast.walk(later)
+                    if isinstance(node, ast.Name) and node.id == name
+                )
+                if after != loads.get(name, 0):
+                    continue  # read before it is assigned (or by its own assignment)
+                if _is_literal(statement.value) and (
+                    value is None or type(value) is bool or name not in identities
+                ):
+                    # (Identity needs the very object: a number compared with ``is`` stays.)
+                    assert isinstance(statement.value, ast.Constant)
+                    self.literals[name] = statement.value
+                self.known[name] = value
+                learned = True
+        return learned
+
+
+def _is_name_target(node: ast.Assign) -> bool:
+    return len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+
+
+def _blocks(body: list[ast.stmt]) -> list[list[ast.stmt]]:
+    """``body`` and every statement list nested in it."""
+    found = [body]
+    for statement in body:
+        for node in ast.walk(statement):
+            for name in ("body", "orelse", "finalbody"):
+                block = getattr(node, name, None)
+                if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                    found.append(block)
+    return found

@@ -41,13 +41,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._inline import inline_hook
+from ._inline import FixedAttributes, inline_hook
 
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .types import CallNext, Handler
 
-__all__ = ["SLOW_PATH", "HookLayer", "Hooks", "compile_hooks", "has_hooks"]
+__all__ = ["SLOW_PATH", "FixedAttributes", "HookLayer", "Hooks", "compile_hooks", "has_hooks"]
 
 
 class _Slow:

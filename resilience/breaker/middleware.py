@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack
 from ..classify import Classifier, Verdict, default_classifier
 from ..clock import Clock
 from ..errors import CircuitOpen, ConfigError
-from ..hooks import SLOW_PATH, HookLayer
+from ..hooks import SLOW_PATH, FixedAttributes, HookLayer
 from ..types import Flow
 from .config import (
     GATES_EXTRA,
@@ -74,7 +74,7 @@ _IGNORED = Verdict.IGNORED
 _RETRYABLE = Verdict.RETRYABLE
 
 
-class CircuitBreaker(HookLayer):
+class CircuitBreaker(FixedAttributes, HookLayer):
     """Circuit-breaker middleware: ``Pipeline().use(CircuitBreaker("payments", ...))``.
 
     Put it inside retry (so each attempt is one breaker call) and outside the per-attempt
@@ -99,6 +99,9 @@ class CircuitBreaker(HookLayer):
     """
 
     __slots__ = ("__weakref__", "_pause", "breaker", "classifier", "events", "flow", "mode")
+
+    fixed_attributes = frozenset({"breaker"})
+    """``breaker`` is set once, when the layer is built: an inlined hook reads it then."""
 
     def __init__(
         self,

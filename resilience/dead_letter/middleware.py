@@ -16,7 +16,7 @@ from ..classify import Classifier, Verdict, default_classifier, terminal_reason
 from ..clock import Clock, default_clock
 from ..errors import DeadLetterWriteError, ResilienceError, Unsettled
 from ..events import Event, Outcome
-from ..hooks import SLOW_PATH, HookLayer
+from ..hooks import SLOW_PATH, FixedAttributes, HookLayer
 from ..types import GATES_EXTRA
 from ._pending import PendingWrite, PendingWrites, identity
 from .envelope import EnvelopeBuilder, EnvelopeOptions, exception_name
@@ -131,7 +131,7 @@ class DeadLetterStats:
         )
 
 
-class DeadLetterRouter(HookLayer):
+class DeadLetterRouter(FixedAttributes, HookLayer):
     """Middleware that sends terminal failures and poison messages to a dead-letter sink.
 
     * A delivery whose payload could not be decoded (``message.decode_error``), or that fails
@@ -194,6 +194,9 @@ class DeadLetterRouter(HookLayer):
         "write_attempts",
         "write_failure_backoff",
     )
+
+    fixed_attributes = frozenset({"_validate"})
+    """``_validate`` is set once, when the layer is built: an inlined hook reads it then."""
 
     def __init__(
         self,
