@@ -21,7 +21,19 @@ The translation is conservative; anything it does not recognise stays a call:
   pipeline is built**, and bound into the run's namespace.
 
 ``self`` becomes a name bound to the layer, the parameters the run's own values, and the
-locals are renamed with a prefix unique to the hook. ``return X`` becomes an assignment of
+locals are renamed with a prefix unique to the hook.
+
+The layer's fixed configuration is **read once, when the pipeline is built**, too
+(:func:`fold_fixed`, a pass over the translated body): a read ``self.NAME`` of an attribute
+that cannot change once written (a field of a frozen dataclass layer, or a name a
+:class:`FixedAttributes` layer declares in ``fixed_attributes``, which it then refuses to
+assign again or delete) becomes its value, a literal for ``None``, a bool, a non-negative
+number or a string and otherwise a name bound to the very object. Tests that are then
+constant (``not``, ``is None``, comparisons of literals, ``and`` / ``or`` with Python's short
+circuit and values, ``if`` / ``elif``, ``x if C else y``) are decided and their dead branches
+dropped; a local assigned a literal once, and read only after that, is replaced by it. Only
+``object.__setattr__`` changes such an attribute behind the guard, and a run built before
+keeps the value it read. ``return X`` becomes an assignment of
 ``X`` to the hook's result: an ``if`` that returns has the rest of the body copied into its
 branches, and a return anywhere else (inside ``try``) makes the body a ``while True:`` block
 left by ``break``.

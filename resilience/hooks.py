@@ -28,10 +28,14 @@ hook is simple (no loops, ``with``, ``await``, nested functions, comprehensions,
 contains its body instead of the call: the compiler reads the exact function found on the
 layer's class from its source, as it builds the pipeline, and pastes a mechanical translation
 of it in (``self`` bound to the layer, locals renamed, ``return`` turned into the token).
-Module-level names such a body reads (a bound-once constant, function, class or import) and
-builtins are **read once, at build time**; a body reading a name its module rebinds, a hook
-overridden on a subclass or replaced on the instance, or anything else the translation does not
-recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
+Module-level names such a body reads (a bound-once constant, function, class or import),
+builtins, and the layer's fixed configuration (the fields of a frozen dataclass layer, and
+the attributes a :class:`FixedAttributes` layer declares written once: ``self.total`` of a
+``Timeout``, ``self.budget`` of a ``Retry``) are **read once, at build time**, and the tests
+they decide are decided then (``if self.total:`` keeps only the branch taken); any other
+attribute of ``self`` is read at each call. A body reading a name its module rebinds, a hook
+overridden on a subclass or replaced on the instance, or anything else the translation does
+not recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
 the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
 ``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
 """
