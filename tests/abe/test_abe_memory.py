@@ -291,6 +291,25 @@ async def test_deliveries_stay_unacked_until_acked(backend: MemoryBackend) -> No
     assert backend.size() == 0
 
 
+@pytest.mark.parametrize("group", [None, "workers"])
+async def test_next_nowait_records_each_delivery_as_unacked(
+    backend: MemoryBackend, group: str | None
+) -> None:
+    """next_nowait() (with or without a group) hands out each waiting message once, records it
+    as unacked before returning it, and returns None once nothing waits."""
+    for n in range(3):
+        await backend.publish("k", {"n": n})
+    stream = backend.deliveries(group=group)
+    taken = [stream.next_nowait() for _ in range(3)]
+    assert stream.next_nowait() is None
+    assert [m.payload["n"] for m in taken if m is not None] == [0, 1, 2]
+    assert [m.group for m in taken if m is not None] == [group] * 3
+    assert backend.unacked() == taken
+    backend.ack_nowait(taken[1])  # type: ignore[arg-type]
+    assert backend.unacked() == [taken[0], taken[2]]
+    await stream.aclose()
+
+
 async def test_release_redelivers_first_with_a_raised_delivery_count(
     backend: MemoryBackend,
 ) -> None:

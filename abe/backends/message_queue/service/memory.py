@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -28,7 +29,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
-from typing import Any, ClassVar, Protocol, overload
+from typing import Any, ClassVar, Protocol, cast, overload
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.types import ConsumerGroup, MessageQueueKey, MessageQueueMessage, MessageQueuePayload
@@ -241,8 +242,27 @@ class MemoryChannel:
         """
         return self._key_sets.setdefault(keys, keys)
 
-    def pop_nowait(self, keys: frozenset[str] | None) -> tuple[int, InboundMessage] | None:
-        """Remove and return the oldest message of ``keys`` (all when ``None``), or ``None``.
+    @overload
+    def pop_nowait(
+        self, keys: frozenset[str] | None, unacked: None = None
+    ) -> tuple[int, InboundMessage] | None: ...
+
+    @overload
+    def pop_nowait(
+        self, keys: frozenset[str] | None, unacked: dict[str, tuple[int, InboundMessage]]
+    ) -> InboundMessage | None: ...
+
+    def pop_nowait(
+        self,
+        keys: frozenset[str] | None,
+        unacked: dict[str, tuple[int, InboundMessage]] | None = None,
+    ) -> tuple[int, InboundMessage] | InboundMessage | None:
+        """Remove and return the oldest message of ``keys`` (all when ``None``) with its
+        sequence number, or ``None``.
+
+        With ``unacked`` (the channel's table of deliveries handed out and not settled), the
+        message is also recorded there, under its id, and returned alone: what a deliveries
+        iterator hands out, in one call (:meth:`MemoryDeliveries.next_nowait`).
 
         The cost does not grow with the number of keys (for a set of several keys, once it is
         the channel's :meth:`key_set`); the first read of a set of several keys also makes its
@@ -293,6 +313,9 @@ class MemoryChannel:
             for other in self._watchers.get(message.key, ()):  # no other set when one exists
                 if other is not source:
                     other.drop(entry)
+        if unacked is not None:
+            unacked[message.message_id] = (entry.seq, message)  # type: ignore[index]
+            return message
         return entry.seq, message
 
     def _named(self, keys: frozenset[str]) -> _Order:
@@ -473,12 +496,14 @@ class MemoryChannel:
 class MemoryDeliveries:
     """The iterator of :meth:`MemoryBackend.deliveries`.
 
-    ``async for`` waits for messages; :meth:`next_nowait` takes one that is ready without
-    waiting (the consumer's fast path while a backlog is queued). Either way the delivery is
-    recorded as unacked before it is handed out.
+    ``async for`` waits for messages; ``next_nowait()`` takes one that is ready without
+    waiting, or returns ``None`` (the consumer's fast path while a backlog is queued). Either
+    way the delivery is recorded as unacked before it is handed out. Without a consumer group,
+    ``next_nowait`` is the channel's :meth:`MemoryChannel.pop_nowait` bound to this reader's
+    keys and the unacked table (one call per message, no frame of this class).
     """
 
-    __slots__ = ("_channel", "_group", "_keys", "_unacked")
+    __slots__ = ("_channel", "_group", "_keys", "_unacked", "next_nowait")
 
     def __init__(
         self, channel: MemoryChannel, keys: frozenset[str] | None, group: ConsumerGroup
@@ -487,6 +512,16 @@ class MemoryDeliveries:
         self._keys = keys
         self._group = group
         self._unacked = channel._unacked
+        self.next_nowait: Callable[[], InboundMessage | None] = (
+            # With the table, pop_nowait returns the message alone (its second overload).
+            cast(
+                "Callable[[], InboundMessage | None]",
+                functools.partial(channel.pop_nowait, keys, channel._unacked),
+            )
+            if group is None
+            else self._next_in_group
+        )
+        """The next delivery if one is queued now (recorded as unacked), else ``None``."""
 
     def __aiter__(self) -> MemoryDeliveries:
         return self
@@ -497,15 +532,9 @@ class MemoryDeliveries:
             item = await self._channel.wait_pop(self._keys)
         return self._track(item)
 
-    def next_nowait(self) -> InboundMessage | None:
-        """The next delivery if one is queued now (recorded as unacked), else ``None``."""
+    def _next_in_group(self) -> InboundMessage | None:
         item = self._channel.pop_nowait(self._keys)
-        if item is None:
-            return None
-        if self._group is not None:
-            return self._track(item)
-        self._unacked[item[1].message_id] = item  # type: ignore[index]  # _track, inlined
-        return item[1]
+        return None if item is None else self._track(item)
 
     def _track(self, item: tuple[int, InboundMessage]) -> InboundMessage:
         seq, message = item
