@@ -26,12 +26,12 @@ class RetryBudget:
     """
 
     __slots__ = (
-        "_bucket",
         "_buckets",
         "_clock",
         "_current",
         "_deposits",
         "_edge",
+        "_opened",
         "_start",
         "_width",
         "_withdrawals",
@@ -64,9 +64,12 @@ class RetryBudget:
         self._current = 0
         self._start: float | None = None
         self._deposits = 0
+        """First attempts in the window, the current bucket's included."""
         self._withdrawals = 0
-        self._bucket = self._buckets[0]
-        """The current bucket."""
+        self._opened = 0
+        """:attr:`_deposits` when the current bucket opened: the current bucket's own first
+        attempts are the difference, written into the bucket when it closes (so a deposit is
+        one counter increment)."""
         self._edge = float("-inf")
         """When the current bucket ends (``-inf`` before the first reading)."""
 
@@ -79,6 +82,7 @@ class RetryBudget:
             self._start = now
         elapsed = int((now - self._start) // self._width)
         if elapsed > 0:
+            self._buckets[self._current][0] = self._deposits - self._opened
             for _ in range(min(elapsed, self._SLOTS)):
                 self._current = (self._current + 1) % self._SLOTS
                 bucket = self._buckets[self._current]
@@ -86,22 +90,23 @@ class RetryBudget:
                 self._withdrawals -= bucket[1]
                 bucket[0] = bucket[1] = 0
             self._start += elapsed * self._width
-        self._bucket = bucket = self._buckets[self._current]
+            self._opened = self._deposits
         self._edge = self._start + self._width
-        return bucket
+        return self._buckets[self._current]
 
-    def deposit(self, now: float | None = None) -> None:
+    def deposit(self, now: float | None = None, clock: Clock | None = None) -> None:
         """Count one first attempt.
 
         Args:
-            now: A reading of the budget's clock the caller already has (read when ``None``).
+            now: A reading of the clock the caller already has (the budget reads its own
+                clock when ``None``).
+            clock: The clock ``now`` was read from (``None``: the budget's); a reading of
+                another clock is not used.
         """
-        if now is None:
+        if now is None or (clock is not self._clock and clock is not None):
             now = self._clock.monotonic()
-        bucket = self._bucket
         if now >= self._edge:  # the current bucket ended (or no reading yet): move on
-            bucket = self._roll_to(now)
-        bucket[0] += 1
+            self._roll_to(now)
         self._deposits += 1
 
     @property

@@ -181,8 +181,8 @@ class Retry(HookLayer):
             return SLOW_PATH
         budget = self.budget
         if budget is not None:
-            # The consumer's reading of the clock for this message, when it is the budget's.
-            budget.deposit(delivery.now if delivery.clock is budget.clock else None)
+            # The consumer's reading of the clock for this message (used if it is the budget's).
+            budget.deposit(delivery.now, delivery.clock)
         return None
 
     async def slow(self, delivery: Delivery, call_next: CallNext) -> None:

@@ -14,7 +14,7 @@ earliest deadline, cancels the tasks whose deadline passed. The cancellation is 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,21 +37,40 @@ _NEVER = float("inf")
 class _Entry:
     """One task's registration with one watchdog, kept for the task's life: a message writes
     its deadline into it on the way in and :data:`_NEVER` on the way out (two attribute writes,
-    no dict operation), and the watchdog sets :attr:`fired` when it cancelled the task."""
+    no dict operation).
+
+    When the watchdog cancels the task it sets :attr:`fired` to the entry itself (``None``
+    otherwise): a call that finished anyway awaits it, which withdraws that cancel request.
+    """
 
     __slots__ = ("deadline", "fired", "task")
 
-    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.deadline = _NEVER
-        self.fired = False
+        self.fired: _Entry | None = None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Absorb the watchdog's cancel request: the call finished although the watchdog
+        cancelled it (the handler caught the cancellation, or it was still pending), so the
+        request is withdrawn and the task's cancel count is as before (a shutdown's cancel
+        still propagates)."""
+        self.fired = None
+        task = self.task
+        try:
+            yield from asyncio.sleep(0).__await__()
+        except asyncio.CancelledError:
+            if task.uncancel() > 0:
+                raise
+            return
+        task.uncancel()
 
 
 _SWEEP_MIN = 64
 """Entries a watchdog holds before a new one first sweeps out those of finished tasks."""
 
-_NO_ENTRY = _Entry(None)
-"""The watchdog's last entry before any task registered (matches no task)."""
+_NO_ENTRY = _Entry(object())  # type: ignore[arg-type]
+"""The watchdog's last entry before any task registered (matches no task, nor ``None``)."""
 
 
 class _Watchdog:
@@ -84,8 +103,14 @@ class _Watchdog:
         """The tasks with a deadline registered now, and their deadlines."""
         return {t: e.deadline for t, e in self.entries.items() if e.deadline != _NEVER}
 
-    def entry(self, task: asyncio.Task[Any]) -> _Entry:
-        """The entry of ``task`` (made on its first message), remembered as :attr:`last`."""
+    def entry(self, task: asyncio.Task[Any] | None) -> _Entry:
+        """The entry of ``task`` (made on its first message), remembered as :attr:`last`.
+
+        Raises:
+            RuntimeError: ``task`` is ``None`` (not running inside an asyncio task).
+        """
+        if task is None:
+            raise RuntimeError("Timeout middleware must run inside an asyncio task")
         entry = self.entries.get(task)
         if entry is None:
             # A task never changes loops: its loop is checked once, when its entry is made.
@@ -110,12 +135,12 @@ class _Watchdog:
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start over on a new event loop (tests run one per test): old timers never fire, and
-        the old loop's entries are forgotten (their ``fired`` flags cleared)."""
+        the old loop's entries are forgotten (their :attr:`_Entry.fired` cleared)."""
         self.loop = loop
         self.timer = None
         self.armed_at = _NEVER
         for old in self.entries.values():
-            old.fired = False
+            old.fired = None
         self.entries = {}
         self.sweep_at = _SWEEP_MIN
         self.last = _NO_ENTRY
@@ -135,10 +160,10 @@ class _Watchdog:
         self.forget_finished()
         for task, entry in self.entries.items():
             deadline = entry.deadline
-            if deadline == _NEVER or entry.fired:
+            if deadline == _NEVER or entry.fired is not None:
                 continue
             if deadline <= now:
-                entry.fired = True
+                entry.fired = entry
                 task.cancel()
             elif deadline < earliest:
                 earliest = deadline
@@ -188,17 +213,16 @@ class Timeout(HookLayer):
         Raises:
             RuntimeError: not running inside an asyncio task.
         """
+        # The task's entry: the previous message's, as a consumer worker's always is, or else
+        # found (and made) by the watchdog, which raises when there is no task (None).
         task = delivery.task or asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Timeout middleware must run inside an asyncio task")
-        watchdog = self._watchdog
-        entry = watchdog.last
+        entry = self._watchdog.last
         if entry.task is not task:
-            entry = watchdog.entry(task)
+            entry = self._watchdog.entry(task)
         # The reading the consumer took for this message, when it is fresh and of this clock.
         now = delivery.now
         if now is None or delivery.clock is not self.clock:
-            now = watchdog.now()
+            now = self._watchdog.now()
         deadline = now + self.seconds  # type: ignore[operator]
         limit = delivery.deadline
         if self.total:
@@ -207,8 +231,8 @@ class Timeout(HookLayer):
         elif limit is not None and limit < deadline:
             deadline = limit
         entry.deadline = deadline
-        if deadline < watchdog.armed_at:
-            watchdog.arm(deadline)
+        if deadline < self._watchdog.armed_at:
+            self._watchdog.arm(deadline)
         return entry
 
     def leave(self, token: _Entry, delivery: Delivery) -> Awaitable[None] | None:
@@ -219,12 +243,11 @@ class Timeout(HookLayer):
             delivery: The message.
 
         Returns:
-            ``None``, or (in the loop turn the watchdog fired) the absorption to await.
+            ``None``, or (in the loop turn the watchdog fired) the entry, to await: that
+            withdraws the watchdog's cancel request.
         """
         token.deadline = _NEVER
-        if token.fired:
-            return self._absorb(token)
-        return None
+        return token.fired
 
     async def fail(
         self,
@@ -250,28 +273,13 @@ class Timeout(HookLayer):
             BaseException: ``exc`` otherwise.
         """
         token.deadline = _NEVER
-        if isinstance(exc, asyncio.CancelledError) and token.fired:
-            token.fired = False
-            task: asyncio.Task[Any] = token.task  # type: ignore[assignment]
-            if task.uncancel() == 0:
+        if isinstance(exc, asyncio.CancelledError) and token.fired is not None:
+            token.fired = None
+            if token.task.uncancel() == 0:
                 error = self._error(delivery)
                 error.__context__ = exc
                 raise error from None
         raise exc
-
-    async def _absorb(self, entry: _Entry) -> None:
-        """The call finished although the watchdog cancelled it (the handler caught the
-        cancellation, or it was still pending): withdraw the watchdog's cancel request, so
-        the task's cancel count is as before (a shutdown's cancel still propagates)."""
-        entry.fired = False
-        task: asyncio.Task[Any] = entry.task  # type: ignore[assignment]
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            if task.uncancel() > 0:
-                raise
-            return
-        task.uncancel()
 
     def _error(self, delivery: Delivery) -> TimeoutError:
         limit: float = self.seconds  # type: ignore[assignment]

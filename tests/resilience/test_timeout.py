@@ -294,3 +294,29 @@ def test_a_timeout_used_on_a_new_event_loop_starts_over() -> None:
     assert asyncio.run(run(5)) == "timeout"
     assert not set(first) & set(timeout._watchdog.entries)
     assert asyncio.run(run(0)) == "ok"
+
+
+async def test_enter_outside_a_task_raises_and_registers_nothing() -> None:
+    """Entering a timeout where no asyncio task runs (a loop callback) raises RuntimeError,
+    both before any task registered and after one did (its entry is not taken for the missing
+    task)."""
+    timeout = Timeout(1.0, clock=FakeClock())
+    loop = asyncio.get_running_loop()
+
+    def enter() -> str:
+        try:
+            timeout.enter(Delivery({}))
+        except RuntimeError as exc:
+            return str(exc)
+        return "entered"
+
+    async def from_a_callback() -> str:
+        result: asyncio.Future[str] = loop.create_future()
+        loop.call_soon(lambda: result.set_result(enter()))
+        return await result
+
+    assert "inside an asyncio task" in await from_a_callback()
+    await Pipeline(timeout).build(Slow(FakeClock()))(Delivery({}))
+    assert len(timeout._watchdog.entries) == 1
+    assert "inside an asyncio task" in await from_a_callback()
+    assert not timeout._watchdog.active
