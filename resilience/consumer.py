@@ -57,7 +57,13 @@ async def work(self, worker, pull, settle, gates, settling):
     take = pull.take
     # Each gate with the flag it keeps (see Flow): the flag is one attribute read per message.
     flows = tuple((gate, getattr(gate, "flow", ASK)) for gate in gates)
-    while not self._stopping:
+    # ``while True`` and a test, not ``while not self._stopping``: CPython 3.11 specializes a
+    # function's instructions once its loop jumped back a few times, and only the
+    # unconditional jump counts (a ``while`` test is repeated at the loop's end instead).
+    # This loop runs until the consumer stops, with the run's steps in it.
+    while True:
+        if self._stopping:
+            return
         try:
             for gate, flow in flows:
                 if not flow.steady and gate.paused:
