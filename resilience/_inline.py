@@ -327,6 +327,9 @@ class _Translation:
         self.returns_value = False
         self.assigned: dict[str, list[ast.expr] | None] = {}
         """Each local's assigned values (``None``: bound some other way too)."""
+        self.ordered: dict[int, frozenset[str]] = {}
+        """By returned expression (its ``id``): names an ordering test has seen (see
+        :meth:`_order`)."""
 
     def run(self) -> Inlined:
         body = self.definition.body
@@ -344,8 +347,9 @@ class _Translation:
         sentinel = self.sentinel
         if sentinel is not None:
             self._collect(body)
+            self._order(body, frozenset())
         # ``maybe``: returns whose value may be the sentinel, taking the exit or a check.
-        maybe = sentinel is not None and any(not self._other(value) for value in returned)
+        maybe = sentinel is not None and any(not self._returns_other(value) for value in returned)
         self.returns_value = any(
             not _is_none(value) and not self._is_sentinel(value) for value in returned
         )
@@ -489,8 +493,47 @@ class _Translation:
             and self.namespace[value.id] is sentinel.value
         )
 
-    def _other(self, value: ast.expr | None, seen: frozenset[str] = frozenset()) -> bool:
-        """Whether ``value`` is known not to be the sentinel (see the module text)."""
+    def _order(self, statements: list[ast.stmt], ordered: frozenset[str]) -> frozenset[str]:
+        """Fill :attr:`ordered` for the returns in ``statements``, reached with ``ordered``
+        (names compared with a number on every path here and not rebound since); the names so
+        known after the statements."""
+        for statement in statements:
+            if isinstance(statement, ast.Return):
+                self.ordered[id(statement.value)] = ordered
+            elif isinstance(statement, ast.If):
+                ordered |= _ordered(statement.test)  # the test runs on every path through
+                after = [
+                    self._order(statement.body, ordered),
+                    self._order(statement.orelse, ordered),
+                ]
+                ordered = after[0] & after[1]
+            elif isinstance(statement, ast.Try):
+                for block in (statement.body, statement.orelse, statement.finalbody):
+                    self._order(block, frozenset())
+                for handler in statement.handlers:
+                    self._order(handler.body, frozenset())
+                ordered = frozenset()  # conservative: what a try block leaves known is not kept
+            else:
+                bound = {
+                    node.id
+                    for node in ast.walk(statement)
+                    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)
+                }
+                ordered -= bound
+        return ordered
+
+    def _returns_other(self, value: ast.expr | None) -> bool:
+        """Whether the returned ``value`` is known not to be the sentinel."""
+        return self._other(value, ordered=self.ordered.get(id(value), frozenset()))
+
+    def _other(
+        self,
+        value: ast.expr | None,
+        seen: frozenset[str] = frozenset(),
+        ordered: frozenset[str] = frozenset(),
+    ) -> bool:
+        """Whether ``value`` is known not to be the sentinel (see the module text); the names
+        in ``ordered`` are (an ordering test with a number saw them)."""
         if value is None or isinstance(value, (ast.Constant, ast.JoinedStr)):
             return True
         if isinstance(value, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
@@ -500,15 +543,17 @@ class _Translation:
         if isinstance(value, ast.Compare):
             return all(isinstance(op, (ast.Is, ast.IsNot, ast.In, ast.NotIn)) for op in value.ops)
         if isinstance(value, ast.BoolOp):
-            return all(self._other(operand, seen) for operand in value.values)
+            return all(self._other(operand, seen, ordered) for operand in value.values)
         if isinstance(value, ast.IfExp):
-            return self._other(value.body, seen) and self._other(value.orelse, seen)
+            return self._other(value.body, seen, ordered) and self._other(
+                value.orelse, seen, ordered
+            )
         if isinstance(value, ast.Name):
             name = value.id
             if name in self.namespace:  # read at build time: its value is known
                 return self.sentinel is None or self.namespace[name] is not self.sentinel.value
-            if name == self.prefix + "self":
-                return True  # the layer
+            if name == self.prefix + "self" or name in ordered:
+                return True  # the layer; a name an ordering test with a number has seen
             values = self.assigned.get(name)
             if values is None or not values or name in seen:
                 return False  # a parameter, or bound some other way
@@ -520,7 +565,7 @@ class _Translation:
         if sentinel is not None:
             if self._is_sentinel(value):
                 return ast.parse("\n".join(sentinel.exit)).body
-            if not self._other(value):
+            if not self._returns_other(value):
                 check = ast.If(
                     test=ast.Compare(
                         left=ast.Name(id=self.result, ctx=ast.Load()),
@@ -563,6 +608,25 @@ class _Translation:
         if not ends:
             flat += [*self._plain_assign(None), ast.Break()]
         return ast.While(test=ast.Constant(value=True), body=flat, orelse=[])
+
+
+def _ordered(test: ast.expr) -> frozenset[str]:
+    """The name in ``test`` when it is ``name < number`` (or ``<=``, ``>``, ``>=``, either way
+    round): had the name held the sentinel, which has no order, the test would have raised."""
+    if (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE))
+    ):
+        sides = (test.left, test.comparators[0])
+        for name, number in (sides, sides[::-1]):
+            if (
+                isinstance(name, ast.Name)
+                and isinstance(number, ast.Constant)
+                and type(number.value) in (int, float)
+            ):
+                return frozenset({name.id})
+    return frozenset()
 
 
 def _is_none(value: ast.expr | None) -> bool:

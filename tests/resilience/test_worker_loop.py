@@ -342,3 +342,37 @@ async def test_the_compiled_run_takes_the_slow_path(kind: type[_Layer], inline: 
     assert handled == [0, 1]
     assert inner.calls == Counter(enter=2, slow=1, leave=1)
     assert outer.calls == Counter(enter=2, leave=2)
+
+
+class _Ordered(_Layer):
+    """Returns a number it compared with a number (never ``SLOW_PATH``), or a helper's result."""
+
+    def enter(self, delivery: Delivery) -> Any:
+        self.calls["enter"] += 1
+        token = delivery.payload["i"] - self.slow_when
+        if token == 0:
+            return self._decide(delivery)
+        if token < 0:
+            return None
+        return token
+
+    def _decide(self, delivery: Delivery) -> Any:
+        return SLOW_PATH
+
+
+async def test_a_value_an_ordering_test_has_seen_is_not_checked() -> None:
+    """``if token < 0: ... return token``: the sentinel has no order, so the test would have
+    raised; only the helper's result is checked, and it still takes the slow path."""
+    run = compile_hooks([_Ordered(slow_when=1)], terminal(_noop_handler), _noop_handler)
+    assert _is_ops(run) == 1
+    layer = _Ordered(slow_when=1)
+    handled: list[int] = []
+
+    async def handler(payload: dict[str, Any]) -> None:
+        handled.append(payload["i"])
+
+    call = Pipeline(layer).build(handler)
+    for i in range(3):
+        await call(Delivery({"i": i}))
+    assert handled == [0, 1, 2]
+    assert layer.calls == Counter(enter=3, slow=1, leave=2)
