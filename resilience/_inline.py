@@ -25,6 +25,25 @@ locals are renamed with a prefix unique to the hook. ``return X`` becomes an ass
 ``X`` to the hook's result: an ``if`` that returns has the rest of the body copied into its
 branches, and a return anywhere else (inside ``try``) makes the body a ``while True:`` block
 left by ``break``.
+
+Given a :class:`Sentinel` (an ``enter`` hook: the run's ``SLOW_PATH``), returns in the
+``if``-folded form are translated by what they return:
+
+* a name read at build time whose value *is* the sentinel (``return SLOW_PATH``): the
+  sentinel's exit statements, in place of the return (no assignment, no check);
+* a value known not to be the sentinel: the assignment alone. Known are constants, new
+  containers (tuple, list, set, dict displays, f-strings), ``not x``, ``is`` / ``is not`` /
+  ``in`` / ``not in`` tests, ``and`` / ``or`` / ``x if c else y`` of known values, ``self``,
+  a build-time name bound to anything else, a local whose every binding is a plain assignment
+  of a known value, and a name that an ``if`` test ``name < number`` (``<=``, ``>``, ``>=``,
+  either side; ``number`` an int or float literal) evaluated on every path to the return
+  without the name being rebound since (the sentinel has no order: the test would have raised);
+* anything else (a call's result, an attribute, a subscript, arithmetic, a parameter): the
+  assignment, then ``if result is <sentinel name>:`` and the exit statements.
+
+In the ``while True:`` form the exit statements could not leave the run (a ``break`` in them
+would leave the inner block), so every value is assigned and :attr:`Inlined.unchecked` asks
+the caller to check the result after the block.
 """
 
 from __future__ import annotations

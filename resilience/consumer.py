@@ -4,6 +4,10 @@ Concurrency ``N`` is ``N`` long-lived worker coroutines taking messages from one
 iterator (``next_nowait()`` first, an awaited pull otherwise); each runs one message at a time
 through the pipeline and settles it with :meth:`ResilientConsumer._settle`, the one place that
 acknowledges, releases and reports.
+
+The workers run one loop, :data:`_WORKER_LOOP`, compiled when the consumer starts with the
+steps of the pipeline's outermost compiled run pasted in (:func:`resilience.hooks.host`): on
+the success path a message awaits no coroutine but the handler's.
 """
 
 from __future__ import annotations

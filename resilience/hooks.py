@@ -34,6 +34,26 @@ overridden on a subclass or replaced on the instance, or anything else the trans
 recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
 the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
 ``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
+
+**Where the slow path is taken.** A token is checked against :data:`SLOW_PATH` only where it
+may be it: after a called ``enter``; in an inlined body, a ``return SLOW_PATH`` (the name, read
+at build time as the sentinel) *is* the slow path's exit, a ``return`` of a value known not to
+be the sentinel (a constant, a new tuple / list / dict / set / f-string, ``not x``, an ``is`` /
+``in`` test, a local only ever assigned such values, ``self``, a build-time name bound to
+something else, or a name an ordering test with a number saw, since the sentinel has no order)
+just sets the token, and any other ``return`` (a call's result, an attribute, arithmetic, a
+parameter) sets it and checks it right there. The exit sits inside the ``enter``'s ``try``
+block; that block's handler lets the slow path's own outcome (an exception coming straight out
+of :func:`_slow`, which has been through the outer layers already) go on instead of handing it
+to the outer layers a second time. A body the inliner can only write as a ``while True:`` block
+assigns every value and the check follows it.
+
+**Hosted runs.** The steps of a compiled run (or of :func:`terminal`, the handler's own call)
+can be pasted into another function instead of awaited: :func:`host` compiles a template
+containing the line ``await run(delivery)`` with that line replaced by the run's body in a
+``while True:`` block, every ``return`` of the run a ``break``. The consumer's worker loop is
+such a template (:data:`resilience.consumer._WORKER_LOOP`): a message then awaits only the
+handler's coroutine on its success path. The run's code is written once, here, for both uses.
 """
 
 from __future__ import annotations
