@@ -503,7 +503,10 @@ def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str
         raise ValueError(f"the template must contain {_PLACEHOLDER!r} once, on its own line")
     site = sites[0]
     indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
-    steps = _STEPS.get(call)
+    try:
+        steps = _STEPS.get(call)
+    except TypeError:  # not weakly referable: no compiled run
+        steps = None
     names: dict[str, Any]
     if steps is None:
         pasted, names = [_PLACEHOLDER], {"run": call}
@@ -515,12 +518,13 @@ def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str
             *("    " + line for line in steps.lines(_breaking)),
         ]
         names = steps.namespace
-        ours, theirs = _names("\n".join(pasted)), _names(template)
-        clash = (ours[0] & (theirs[0] | theirs[1])) | (theirs[0] & ours[1])
-        clash |= (theirs[1] & names.keys()) | (ours[1] & namespace.keys())
-        clash -= {"delivery"}
-        if clash:
-            raise ValueError(f"the template uses the run's names {sorted(clash)}")
+    ours = _names("\n".join(pasted))
+    theirs = _names("\n".join([*lines[:site], indent + "pass", *lines[site + 1 :]]))
+    clash = (ours[0] & (theirs[0] | theirs[1])) | (theirs[0] & ours[1])
+    clash |= (theirs[1] & names.keys()) | (ours[1] & namespace.keys())
+    clash -= {"delivery"}
+    if clash:
+        raise ValueError(f"the template uses the run's names {sorted(clash)}")
     source = "\n".join([*lines[:site], *(indent + line for line in pasted), *lines[site + 1 :]])
     scope = {**namespace, **names}
     exec(compile(source + "\n", filename, "exec"), scope)

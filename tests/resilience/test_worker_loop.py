@@ -305,6 +305,10 @@ def test_host_refuses_a_template_that_uses_the_runs_names() -> None:
         host("async def work(delivery):\n    pass\n", run, {}, "<test>")
     fine = host("async def work(delivery):\n    await run(delivery)\n", run, {}, "<test>")
     assert callable(fine["work"])
+    handler_named = "async def work(delivery, handler):\n    await run(delivery)\n"
+    with pytest.raises(ValueError, match="handler"):
+        host(handler_named, terminal(_noop_handler), {}, "<test>")
+    assert host(handler_named, run.__call__, {}, "<test>")["run"] == run.__call__  # plain
 
 
 async def _noop_handler(payload: Any) -> None:
