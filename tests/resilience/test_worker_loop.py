@@ -308,7 +308,15 @@ def test_host_refuses_a_template_that_uses_the_runs_names() -> None:
     handler_named = "async def work(delivery, handler):\n    await run(delivery)\n"
     with pytest.raises(ValueError, match="handler"):
         host(handler_named, terminal(_noop_handler), {}, "<test>")
-    assert host(handler_named, run.__call__, {}, "<test>")["run"] == run.__call__  # plain
+    plain = _Slotted()  # a plain callable, not weakly referable: awaited as it is
+    assert host(handler_named, plain, {}, "<test>")["run"] is plain
+
+
+class _Slotted:
+    __slots__ = ()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        return None
 
 
 async def _noop_handler(payload: Any) -> None:
