@@ -51,7 +51,7 @@ _NO_MESSAGE = InboundMessage({}, "")
 
 
 _WORKER_LOOP = """\
-async def work(self, worker, pull, settle, gates, settling):
+async def work(self, worker, pull, settle, settling):
     # One worker: take a message, run it through the pipeline, settle it; until the source
     # ends or the consumer stops.
     now = self._now
@@ -59,8 +59,6 @@ async def work(self, worker, pull, settle, gates, settling):
     events = self.events
     task = worker.task
     take = pull.take
-    # Each gate with the flag it keeps (see Flow): the flag is one attribute read per message.
-    flows = tuple((gate, getattr(gate, "flow", ASK)) for gate in gates)
     # ``while True`` and a test, not ``while not self._stopping``: CPython 3.11 specializes a
     # function's instructions once its loop jumped back a few times, and only the
     # unconditional jump counts (a ``while`` test is repeated at the loop's end instead).
@@ -69,9 +67,7 @@ async def work(self, worker, pull, settle, gates, settling):
         if self._stopping:
             return
         try:
-            for gate, flow in flows:
-                if not flow.steady and gate.paused:
-                    await gate.wait_resumed()
+            GATES  # for each gate: wait while it is paused (see ResilientConsumer._worker_loop)
             message = take()
             if message is None:
                 message = await pull.wait()
@@ -102,7 +98,7 @@ async def work(self, worker, pull, settle, gates, settling):
         else:
             worker.delivery = None
 """
-"""The workers' loop: ``work(consumer, worker, pull, settle, gates, settling)`` takes a message,
+"""The workers' loop: ``work(consumer, worker, pull, settle, settling)`` takes a message,
 runs it through the pipeline and settles it (with the consumer's one settle function, see
 :meth:`ResilientConsumer._settler`), until the source ends or the consumer stops.
 
@@ -234,10 +230,10 @@ class ResilientConsumer(AsyncLoopConsumer):
         pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
-        work = self._worker_loop(pipeline, call)
+        work = self._worker_loop(pipeline, call, gates)
         tasks = []
         for worker in workers:
-            task = asyncio.create_task(work(self, worker, pull, settle, gates, settling))
+            task = asyncio.create_task(work(self, worker, pull, settle, settling))
             worker.task = task
             tasks.append(task)
         try:
@@ -259,20 +255,37 @@ class ResilientConsumer(AsyncLoopConsumer):
                     await aclose()
 
     def _worker_loop(
-        self, pipeline: Pipeline, call: CallNext
+        self, pipeline: Pipeline, call: CallNext, gates: tuple[Gate, ...]
     ) -> Callable[..., Coroutine[Any, Any, None]]:
         """The workers' loop (:data:`_WORKER_LOOP`) with the pipeline ``call`` in it: its
         outermost compiled run's steps pasted in place of ``await run(delivery)``, so a message
         awaits no coroutine but the handler's on its success path (see
-        :func:`resilience.hooks.host`)."""
-        namespace = {
+        :func:`resilience.hooks.host`).
+
+        Its line ``GATES`` becomes one check per gate, before each message: wait while the
+        gate is paused, asking it only when the flag it keeps (its ``flow``, see
+        :class:`~resilience.types.Flow`) is not steady: one attribute read per message.
+        """
+        namespace: dict[str, Any] = {
             "asyncio": asyncio,
             "Delivery": Delivery,
             "new_delivery": new_delivery,
-            "ASK": _ASK,
         }
+        checks: list[str] = []
+        for i, gate in enumerate(gates):
+            namespace[f"gate_{i}"] = gate
+            namespace[f"flow_{i}"] = getattr(gate, "flow", _ASK)
+            checks += [
+                f"if not flow_{i}.steady and gate_{i}.paused:",
+                f"    await gate_{i}.wait_resumed()",
+            ]
+        lines = _WORKER_LOOP.splitlines()
+        (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith("GATES")]
+        indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
+        lines[site : site + 1] = [indent + check for check in checks]
         names = ", ".join(type(layer).__name__ for layer in pipeline.layers)
-        scope = host(_WORKER_LOOP, call, namespace, f"<resilience.consumer worker: {names}>")
+        filename = f"<resilience.consumer worker: {names}>"
+        scope = host("\n".join(lines) + "\n", call, namespace, filename)
         work: Callable[..., Coroutine[Any, Any, None]] = scope["work"]
         return work
 
