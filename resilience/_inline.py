@@ -37,6 +37,25 @@ keeps the value it read. ``return X`` becomes an assignment of
 ``X`` to the hook's result: an ``if`` that returns has the rest of the body copied into its
 branches, and a return anywhere else (inside ``try``) makes the body a ``while True:`` block
 left by ``break``.
+
+Given a :class:`Sentinel` (an ``enter`` hook: the run's ``SLOW_PATH``), returns in the
+``if``-folded form are translated by what they return:
+
+* a name read at build time whose value *is* the sentinel (``return SLOW_PATH``): the
+  sentinel's exit statements, in place of the return (no assignment, no check);
+* a value known not to be the sentinel: the assignment alone. Known are constants, new
+  containers (tuple, list, set, dict displays, f-strings), ``not x``, ``is`` / ``is not`` /
+  ``in`` / ``not in`` tests, ``and`` / ``or`` / ``x if c else y`` of known values, ``self``,
+  a build-time name bound to anything else, a local whose every binding is a plain assignment
+  of a known value, and a name that an ``if`` test ``name < number`` (``<=``, ``>``, ``>=``,
+  either side; ``number`` an int or float literal) evaluated on every path to the return
+  without the name being rebound since (the sentinel has no order: the test would have raised);
+* anything else (a call's result, an attribute, a subscript, arithmetic, a parameter): the
+  assignment, then ``if result is <sentinel name>:`` and the exit statements.
+
+In the ``while True:`` form the exit statements could not leave the run (a ``break`` in them
+would leave the inner block), so every value is assigned and :attr:`Inlined.unchecked` asks
+the caller to check the result after the block.
 """
 
 from __future__ import annotations
@@ -55,7 +74,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-__all__ = ["FixedAttributes", "Inlined", "fold_fixed", "inline_hook"]
+__all__ = ["FixedAttributes", "Inlined", "Sentinel", "fold_fixed", "inline_hook"]
 
 _REJECTED: tuple[type[ast.AST], ...] = (
     ast.For,
@@ -105,15 +124,41 @@ class Inlined:
         namespace: Names the statements read that the run's namespace must bind.
         returns_value: Whether some path returns something other than ``None`` (and so
             assigns the result name); when ``False`` the statements assign nothing.
+        exits: Whether the statements contain the :class:`Sentinel`'s exit (see there).
+        unchecked: Whether the result name may hold the sentinel after the statements (the
+            body could not take the exit where it returns it: check the result).
     """
 
     lines: tuple[str, ...]
     namespace: dict[str, Any] = field(default_factory=dict)
     returns_value: bool = True
+    exits: bool = False
+    unchecked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinel:
+    """A return value that leaves the body by statements of the caller's instead of being
+    assigned (see the module text).
+
+    Attributes:
+        value: The object (a run's ``SLOW_PATH``).
+        name: The run's name for it.
+        exit: The statements to run where the body returns it.
+    """
+
+    value: object
+    name: str
+    exit: tuple[str, ...]
 
 
 def inline_hook(
-    layer: object, name: str, args: tuple[str, ...], result: str, prefix: str
+    layer: object,
+    name: str,
+    args: tuple[str, ...],
+    result: str,
+    prefix: str,
+    sentinel: Sentinel | None = None,
 ) -> Inlined | None:
     """The body of ``layer``'s hook ``name`` written for a run, or ``None`` to call it.
 
@@ -123,6 +168,7 @@ def inline_hook(
         args: The run's names for the hook's parameters after ``self``.
         result: The run's name for the hook's return value.
         prefix: Prefix unique to this hook in the run, for its locals and bound names.
+        sentinel: A value whose return takes the caller's exit instead (see the module text).
 
     Returns:
         The inlined form, or ``None`` when the hook is not simple enough (see the module text).
@@ -133,17 +179,31 @@ def inline_hook(
         return None
     if bound.__func__ is not function or bound.__self__ is not layer:
         return None  # replaced on the instance, or a wrapper: call what is there
-    translated = _translate(function, args, result, prefix)
+    translated = _translate(function, args, result, prefix, sentinel)
     if translated is None:
         return None
     namespace = dict(translated.namespace)
     namespace[prefix + "self"] = layer
-    return fold_fixed(layer, Inlined(translated.lines, namespace, translated.returns_value), prefix)
+    return fold_fixed(
+        layer,
+        Inlined(
+            translated.lines,
+            namespace,
+            translated.returns_value,
+            translated.exits,
+            translated.unchecked,
+        ),
+        prefix,
+    )
 
 
 @functools.lru_cache(maxsize=1024)
 def _translate(
-    function: types.FunctionType, args: tuple[str, ...], result: str, prefix: str
+    function: types.FunctionType,
+    args: tuple[str, ...],
+    result: str,
+    prefix: str,
+    sentinel: Sentinel | None = None,
 ) -> Inlined | None:
     """``function``'s body for a run (every layer of a class shares it: building a pipeline
     translates each hook once, whatever the number of pipelines and runs)."""
@@ -151,7 +211,7 @@ def _translate(
     if definition is None:
         return None
     try:
-        return _Translation(function, definition, args, result, prefix).run()
+        return _Translation(function, definition, args, result, prefix, sentinel).run()
     except _NotSimple:
         return None
 
@@ -290,17 +350,24 @@ class _Translation:
         args: tuple[str, ...],
         result: str,
         prefix: str,
+        sentinel: Sentinel | None = None,
     ) -> None:
         self.function = function
         self.definition = definition
         self.result = result
         self.prefix = prefix
+        self.sentinel = sentinel
         params = [a.arg for a in definition.args.args]
         if len(params) != len(args) + 1:
             raise _NotSimple
         self.params = dict(zip(params, (prefix + "self", *args), strict=True))
         self.namespace: dict[str, Any] = {}
         self.returns_value = False
+        self.assigned: dict[str, list[ast.expr] | None] = {}
+        """Each local's assigned values (``None``: bound some other way too)."""
+        self.ordered: dict[int, frozenset[str]] = {}
+        """By returned expression (its ``id``): names an ordering test has seen (see
+        :meth:`_order`)."""
 
     def run(self) -> Inlined:
         body = self.definition.body
@@ -309,21 +376,41 @@ class _Translation:
         body = [self._plain(statement) for statement in body]
         locals_ = self._check(body)
         self._rename(body, locals_)
-        self.returns_value = any(
-            isinstance(node, ast.Return) and not _is_none(node.value)
+        returned = [
+            node.value
             for statement in body
             for node in ast.walk(statement)
+            if isinstance(node, ast.Return)
+        ]
+        sentinel = self.sentinel
+        if sentinel is not None:
+            self._collect(body)
+            self._order(body, frozenset())
+        # ``maybe``: returns whose value may be the sentinel, taking the exit or a check.
+        maybe = sentinel is not None and any(not self._returns_other(value) for value in returned)
+        self.returns_value = any(
+            not _is_none(value) and not self._is_sentinel(value) for value in returned
         )
         folded = _fold(body, self._assign)
         size = sum(1 for s in body for _ in ast.walk(s)) or 1
         if folded is not None and sum(1 for s in folded for _ in ast.walk(s)) <= _GROWTH * size:
-            statements = folded
+            statements, exits, unchecked = folded, maybe, False
         else:
-            statements = [self._loop(body)]
+            # Inside the ``while True:`` block the exit's own statements may not work (a
+            # ``break`` would leave that block): every value is assigned, the caller checks.
+            self.returns_value = any(not _is_none(value) for value in returned)
+            self.sentinel = None
+            statements, exits, unchecked = [self._loop(body)], False, maybe
         if not statements:
             statements = [ast.Pass()]
         module = ast.fix_missing_locations(ast.Module(body=statements, type_ignores=[]))
-        return Inlined(tuple(ast.unparse(module).splitlines()), self.namespace, self.returns_value)
+        return Inlined(
+            tuple(ast.unparse(module).splitlines()),
+            self.namespace,
+            self.returns_value,
+            exits,
+            unchecked,
+        )
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -411,7 +498,125 @@ class _Translation:
 
     # -- returns -------------------------------------------------------------------------------
 
+    def _collect(self, body: list[ast.stmt]) -> None:
+        """Fill :attr:`assigned`: for each local, the values a plain ``name = value`` gives it
+        (the body has no loops, ``with`` or ``:=``: every other binding is one of those below)."""
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Assign):
+                    for target in node.targets:
+                        if isinstance(target, ast.Name):
+                            known = self.assigned.setdefault(target.id, [])
+                            if known is not None:
+                                known.append(node.value)
+                        else:
+                            self._unknown(target)
+                elif isinstance(node, (ast.AugAssign, ast.Delete)):
+                    self._unknown(node)
+                elif isinstance(node, ast.ExceptHandler) and node.name is not None:
+                    self.assigned[node.name] = None
+
+    def _unknown(self, node: ast.AST) -> None:
+        for name in ast.walk(node):
+            if isinstance(name, ast.Name):
+                self.assigned[name.id] = None
+
+    def _is_sentinel(self, value: ast.expr | None) -> bool:
+        """Whether ``value`` is a name read at build time whose value is the sentinel."""
+        sentinel = self.sentinel
+        return (
+            sentinel is not None
+            and isinstance(value, ast.Name)
+            and value.id in self.namespace
+            and self.namespace[value.id] is sentinel.value
+        )
+
+    def _order(self, statements: list[ast.stmt], ordered: frozenset[str]) -> frozenset[str]:
+        """Fill :attr:`ordered` for the returns in ``statements``, reached with ``ordered``
+        (names compared with a number on every path here and not rebound since); the names so
+        known after the statements."""
+        for statement in statements:
+            if isinstance(statement, ast.Return):
+                self.ordered[id(statement.value)] = ordered
+            elif isinstance(statement, ast.If):
+                ordered |= _ordered(statement.test)  # the test runs on every path through
+                after = [
+                    self._order(statement.body, ordered),
+                    self._order(statement.orelse, ordered),
+                ]
+                ordered = after[0] & after[1]
+            elif isinstance(statement, ast.Try):
+                for block in (statement.body, statement.orelse, statement.finalbody):
+                    self._order(block, frozenset())
+                for handler in statement.handlers:
+                    self._order(handler.body, frozenset())
+                ordered = frozenset()  # conservative: what a try block leaves known is not kept
+            else:
+                bound = {
+                    node.id
+                    for node in ast.walk(statement)
+                    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)
+                }
+                ordered -= bound
+        return ordered
+
+    def _returns_other(self, value: ast.expr | None) -> bool:
+        """Whether the returned ``value`` is known not to be the sentinel."""
+        return self._other(value, ordered=self.ordered.get(id(value), frozenset()))
+
+    def _other(
+        self,
+        value: ast.expr | None,
+        seen: frozenset[str] = frozenset(),
+        ordered: frozenset[str] = frozenset(),
+    ) -> bool:
+        """Whether ``value`` is known not to be the sentinel (see the module text); the names
+        in ``ordered`` are (an ordering test with a number saw them)."""
+        if value is None or isinstance(value, (ast.Constant, ast.JoinedStr)):
+            return True
+        if isinstance(value, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+            return True  # a new object
+        if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.Not):
+            return True
+        if isinstance(value, ast.Compare):
+            return all(isinstance(op, (ast.Is, ast.IsNot, ast.In, ast.NotIn)) for op in value.ops)
+        if isinstance(value, ast.BoolOp):
+            return all(self._other(operand, seen, ordered) for operand in value.values)
+        if isinstance(value, ast.IfExp):
+            return self._other(value.body, seen, ordered) and self._other(
+                value.orelse, seen, ordered
+            )
+        if isinstance(value, ast.Name):
+            name = value.id
+            if name in self.namespace:  # read at build time: its value is known
+                return self.sentinel is None or self.namespace[name] is not self.sentinel.value
+            if name == self.prefix + "self" or name in ordered:
+                return True  # the layer; a name an ordering test with a number has seen
+            values = self.assigned.get(name)
+            if values is None or not values or name in seen:
+                return False  # a parameter, or bound some other way
+            return all(self._other(v, seen | {name}) for v in values)
+        return False
+
     def _assign(self, value: ast.expr | None) -> list[ast.stmt]:
+        sentinel = self.sentinel
+        if sentinel is not None:
+            if self._is_sentinel(value):
+                return ast.parse("\n".join(sentinel.exit)).body
+            if not self._returns_other(value):
+                check = ast.If(
+                    test=ast.Compare(
+                        left=ast.Name(id=self.result, ctx=ast.Load()),
+                        ops=[ast.Is()],
+                        comparators=[ast.Name(id=sentinel.name, ctx=ast.Load())],
+                    ),
+                    body=ast.parse("\n".join(sentinel.exit)).body,
+                    orelse=[],
+                )
+                return [*self._plain_assign(value), check]
+        return self._plain_assign(value)
+
+    def _plain_assign(self, value: ast.expr | None) -> list[ast.stmt]:
         if not self.returns_value:
             if value is None or _is_none(value):
                 return []
@@ -434,13 +639,32 @@ class _Translation:
                 return [*self.assign(node.value), ast.Break()]
 
         ends = bool(body) and isinstance(body[-1], ast.Return)
-        rewritten = [Returns(self._assign).visit(statement) for statement in body]
+        rewritten = [Returns(self._plain_assign).visit(statement) for statement in body]
         flat: list[ast.stmt] = []
         for statement in rewritten:
             flat.extend(statement if isinstance(statement, list) else [statement])
         if not ends:
-            flat += [*self._assign(None), ast.Break()]
+            flat += [*self._plain_assign(None), ast.Break()]
         return ast.While(test=ast.Constant(value=True), body=flat, orelse=[])
+
+
+def _ordered(test: ast.expr) -> frozenset[str]:
+    """The name in ``test`` when it is ``name < number`` (or ``<=``, ``>``, ``>=``, either way
+    round): had the name held the sentinel, which has no order, the test would have raised."""
+    if (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE))
+    ):
+        sides = (test.left, test.comparators[0])
+        for name, number in (sides, sides[::-1]):
+            if (
+                isinstance(name, ast.Name)
+                and isinstance(number, ast.Constant)
+                and type(number.value) in (int, float)
+            ):
+                return frozenset({name.id})
+    return frozenset()
 
 
 def _is_none(value: ast.expr | None) -> bool:
@@ -625,10 +849,10 @@ def fold_fixed(layer: object, inlined: Inlined, prefix: str) -> Inlined:
     if not folder.namespace and not folder.changed:
         return inlined
     module = ast.fix_missing_locations(ast.Module(body=body or [ast.Pass()], type_ignores=[]))
-    return Inlined(
-        tuple(ast.unparse(module).splitlines()),
-        {**inlined.namespace, **folder.namespace},
-        inlined.returns_value,
+    return dataclasses.replace(
+        inlined,
+        lines=tuple(ast.unparse(module).splitlines()),
+        namespace={**inlined.namespace, **folder.namespace},
     )
 
 

@@ -4,6 +4,10 @@ Concurrency ``N`` is ``N`` long-lived worker coroutines taking messages from one
 iterator (``next_nowait()`` first, an awaited pull otherwise); each runs one message at a time
 through the pipeline and settles it with :meth:`ResilientConsumer._settle`, the one place that
 acknowledges, releases and reports.
+
+The workers run one loop, :data:`_WORKER_LOOP`, compiled when the consumer starts with the
+steps of the pipeline's outermost compiled run pasted in (:func:`resilience.hooks.host`): on
+the success path a message awaits no coroutine but the handler's.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.base.extensions import InboundMessage, SettlingBackend
@@ -23,6 +27,7 @@ from .clock import Clock, default_clock, monotonic_function
 from .delivery import Delivery, new_delivery
 from .errors import ConfigError, DeadLetterWriteError, Unsettled
 from .events import EventBus, MessageSettled, Outcome, new_record
+from .hooks import host
 from .pipeline import Pipeline
 from .policy import Policy, policy_of
 from .types import CallNext, Flow, Gate, Handler, Middleware
@@ -43,6 +48,67 @@ _ASK = Flow(steady=False)
 """The flag of a gate that keeps none: ask it every time."""
 _NO_MESSAGE = InboundMessage({}, "")
 """What a delivery without a backend message reports (its properties' defaults)."""
+
+
+_WORKER_LOOP = """\
+async def work(self, worker, pull, settle, settling):
+    # One worker: take a message, run it through the pipeline, settle it; until the source
+    # ends or the consumer stops.
+    now = self._now
+    clock = self.clock
+    events = self.events
+    task = worker.task
+    take = pull.take
+    # ``while True`` and a test, not ``while not self._stopping``: CPython 3.11 specializes a
+    # function's instructions once its loop jumped back a few times, and only the
+    # unconditional jump counts (a ``while`` test is repeated at the loop's end instead).
+    # This loop runs until the consumer stops, with the run's steps in it.
+    while True:
+        if self._stopping:
+            return
+        try:
+            GATES  # for each gate: wait while it is paused (see ResilientConsumer._worker_loop)
+            message = take()
+            if message is None:
+                message = await pull.wait()
+        except StopAsyncIteration:
+            return
+        except asyncio.CancelledError:
+            if self.stopping and task is not None and task.cancelling() <= 1:
+                task.uncancel()  # shutdown interrupted the wait: stop taking messages
+                return
+            raise
+        if settling:
+            delivery = new_delivery(message, now(), events, task, clock)
+        else:
+            delivery = Delivery(message, None, now(), events)
+            delivery.task = task
+        worker.delivery = delivery
+        try:
+            await run(delivery)
+        except BaseException as escaped:
+            settled = settle(delivery, escaped)
+        else:
+            settled = settle(delivery, None)
+        if settled is not None:
+            try:
+                await settled
+            finally:
+                worker.delivery = None
+        else:
+            worker.delivery = None
+"""
+"""The workers' loop: ``work(consumer, worker, pull, settle, settling)`` takes a message,
+runs it through the pipeline and settles it (with the consumer's one settle function, see
+:meth:`ResilientConsumer._settler`), until the source ends or the consumer stops.
+
+It is a template: :func:`resilience.hooks.host` compiles it once per :meth:`~ResilientConsumer.run`
+with the line ``await run(delivery)`` replaced by the steps of the pipeline's outermost
+compiled run (or the handler's call, for an empty pipeline), so the loop's frame runs the
+layers' ``enter`` and ``leave`` hooks itself and awaits only the handler on the success path.
+Its own names must not be the run's (``hooks``, ``below``, ``t0``, ``exc``, ``error``,
+``pending``, ...; ``host`` checks).
+"""
 
 
 class _Worker:
@@ -164,9 +230,10 @@ class ResilientConsumer(AsyncLoopConsumer):
         pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
+        work = self._worker_loop(pipeline, call, gates)
         tasks = []
         for worker in workers:
-            task = asyncio.create_task(self._work(worker, pull, call, settle, gates, settling))
+            task = asyncio.create_task(work(self, worker, pull, settle, settling))
             worker.task = task
             tasks.append(task)
         try:
@@ -187,58 +254,40 @@ class ResilientConsumer(AsyncLoopConsumer):
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _work(
-        self,
-        worker: _Worker,
-        pull: _Puller,
-        call: CallNext,
-        settle: Callable[[Delivery, BaseException | None], Awaitable[None] | None],
-        gates: tuple[Gate, ...],
-        settling: bool,
-    ) -> None:
-        """One worker: take a message, run it through the pipeline, settle it; until the source
-        ends or the consumer stops."""
-        now = self._now
-        clock = self.clock
-        events = self.events
-        task = worker.task
-        take = pull.take
-        # Each gate with the flag it keeps (see Flow): the flag is one attribute read per message.
-        flows = tuple((gate, getattr(gate, "flow", _ASK)) for gate in gates)
-        while not self._stopping:
-            try:
-                for gate, flow in flows:
-                    if not flow.steady and gate.paused:
-                        await gate.wait_resumed()
-                message = take()
-                if message is None:
-                    message = await pull.wait()
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                if self.stopping and task is not None and task.cancelling() <= 1:
-                    task.uncancel()  # shutdown interrupted the wait: stop taking messages
-                    return
-                raise
-            if settling:
-                delivery = new_delivery(message, now(), events, task, clock)
-            else:
-                delivery = Delivery(message, None, now(), events)
-                delivery.task = task
-            worker.delivery = delivery
-            try:
-                await call(delivery)
-            except BaseException as exc:
-                pending = settle(delivery, exc)
-            else:
-                pending = settle(delivery, None)
-            if pending is not None:
-                try:
-                    await pending
-                finally:
-                    worker.delivery = None
-            else:
-                worker.delivery = None
+    def _worker_loop(
+        self, pipeline: Pipeline, call: CallNext, gates: tuple[Gate, ...]
+    ) -> Callable[..., Coroutine[Any, Any, None]]:
+        """The workers' loop (:data:`_WORKER_LOOP`) with the pipeline ``call`` in it: its
+        outermost compiled run's steps pasted in place of ``await run(delivery)``, so a message
+        awaits no coroutine but the handler's on its success path (see
+        :func:`resilience.hooks.host`).
+
+        Its line ``GATES`` becomes one check per gate, before each message: wait while the
+        gate is paused, asking it only when the flag it keeps (its ``flow``, see
+        :class:`~resilience.types.Flow`) is not steady: one attribute read per message.
+        """
+        namespace: dict[str, Any] = {
+            "asyncio": asyncio,
+            "Delivery": Delivery,
+            "new_delivery": new_delivery,
+        }
+        checks: list[str] = []
+        for i, gate in enumerate(gates):
+            namespace[f"gate_{i}"] = gate
+            namespace[f"flow_{i}"] = getattr(gate, "flow", _ASK)
+            checks += [
+                f"if not flow_{i}.steady and gate_{i}.paused:",
+                f"    await gate_{i}.wait_resumed()",
+            ]
+        lines = _WORKER_LOOP.splitlines()
+        (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith("GATES")]
+        indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
+        lines[site : site + 1] = [indent + check for check in checks]
+        names = ", ".join(type(layer).__name__ for layer in pipeline.layers)
+        filename = f"<resilience.consumer worker: {names}>"
+        scope = host("\n".join(lines) + "\n", call, namespace, filename)
+        work: Callable[..., Coroutine[Any, Any, None]] = scope["work"]
+        return work
 
     def _settler(
         self, classifier: Classifier, settling: bool

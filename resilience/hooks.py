@@ -38,20 +38,52 @@ overridden on a subclass or replaced on the instance, or anything else the trans
 not recognise stays a call (:mod:`resilience._inline` lists the rules). The hook function remains
 the one place its logic is written; ``compile_hooks(..., inline=False)`` (or
 ``Pipeline.build(handler, inline=False)``) calls every hook, with the same behaviour.
+
+**Where the slow path is taken.** A token is checked against :data:`SLOW_PATH` only where it
+may be it: after a called ``enter``; in an inlined body, a ``return SLOW_PATH`` (the name, read
+at build time as the sentinel) *is* the slow path's exit, a ``return`` of a value known not to
+be the sentinel (a constant, a new tuple / list / dict / set / f-string, ``not x``, an ``is`` /
+``in`` test, a local only ever assigned such values, ``self``, a build-time name bound to
+something else, or a name an ordering test with a number saw, since the sentinel has no order)
+just sets the token, and any other ``return`` (a call's result, an attribute, arithmetic, a
+parameter) sets it and checks it right there. The exit sits inside the ``enter``'s ``try``
+block; that block's handler lets the slow path's own outcome (an exception coming straight out
+of :func:`_slow`, which has been through the outer layers already) go on instead of handing it
+to the outer layers a second time. A body the inliner can only write as a ``while True:`` block
+assigns every value and the check follows it.
+
+**Hosted runs.** The steps of a compiled run (or of :func:`terminal`, the handler's own call)
+can be pasted into another function instead of awaited: :func:`host` compiles a template
+containing the line ``await run(delivery)`` with that line replaced by the run's body in a
+``while True:`` block, every ``return`` of the run a ``break``. The consumer's worker loop is
+such a template (:data:`resilience.consumer._WORKER_LOOP`): a message then awaits only the
+handler's coroutine on its success path. The run's code is written once, here, for both uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+import ast
+import textwrap
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._inline import FixedAttributes, inline_hook
+from ._inline import FixedAttributes, Sentinel, inline_hook
 
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .types import CallNext, Handler
 
-__all__ = ["SLOW_PATH", "FixedAttributes", "HookLayer", "Hooks", "compile_hooks", "has_hooks"]
+__all__ = [
+    "SLOW_PATH",
+    "FixedAttributes",
+    "HookLayer",
+    "Hooks",
+    "compile_hooks",
+    "has_hooks",
+    "host",
+    "terminal",
+]
 
 
 class _Slow:
@@ -226,7 +258,7 @@ def compile_hooks(
             behaviour is the same either way.
 
     Returns:
-        ``async (delivery) -> None``.
+        ``async (delivery) -> None``; :func:`host` can paste its steps into a loop.
     """
     layers = tuple(layers)
     # runs[i] is the compiled run of layers[i:]: what layers[i - 1] calls on its slow and
@@ -237,6 +269,68 @@ def compile_hooks(
     for i in range(len(layers) - 1, -1, -1):
         runs.insert(0, _run(layers[i:], tuple(runs), handler, fresh and i == 0, inline))
     return runs[0]
+
+
+def terminal(handler: Handler) -> CallNext:
+    """The end of every pipeline: ``handler(delivery.payload)``, as a plain function returning
+    the handler's awaitable (no coroutine frame of its own); :func:`host` pastes it as that
+    one await.
+
+    Args:
+        handler: The user's handler.
+
+    Returns:
+        ``(delivery) -> Awaitable[None]``.
+    """
+
+    def call(delivery: Delivery) -> Awaitable[None]:
+        return handler(delivery.payload)
+
+    _STEPS[call] = _Steps(None, {"handler": handler})
+    return call
+
+
+_Exit = Callable[[str | None, str | None], list[str]]
+"""How the steps leave the run: ``exit(awaited, holds)`` are the statements that await
+``awaited`` (``None``: nothing) and end the run; ``holds`` names a local holding a failure."""
+
+
+def _returning(awaited: str | None, holds: str | None = None) -> list[str]:
+    """Exits of a run of its own: ``return``."""
+    return [f"return await {awaited}" if awaited is not None else "return None"]
+
+
+def _breaking(awaited: str | None, holds: str | None = None) -> list[str]:
+    """Exits of steps pasted into a host: ``break`` out of the ``while True:`` block around
+    them. The host's frame outlives the message: a local holding a failure is let go of."""
+    if awaited is None:
+        return ["break"]
+    if holds is None:
+        return [f"await {awaited}", "break"]
+    return ["try:", f"    await {awaited}", "finally:", f"    {holds} = None", "break"]
+
+
+class _Steps:
+    """What a run does, as statements for :func:`_run` (a coroutine function of its own) or
+    :func:`host` (pasted into another function's loop): the run's body written for a given
+    way of leaving it (see :data:`_Exit`)."""
+
+    __slots__ = ("namespace", "write")
+
+    def __init__(self, write: Callable[[_Exit], list[str]] | None, namespace: dict[str, Any]):
+        self.write = write
+        """The run's statements for an exit style; ``None``: the run is ``terminal``."""
+        self.namespace = namespace
+        """The names the statements read."""
+
+    def lines(self, exit: _Exit) -> list[str]:
+        if self.write is None:
+            return ["await handler(delivery.payload)"]
+        return self.write(exit)
+
+
+_STEPS: weakref.WeakKeyDictionary[Callable[..., Any], _Steps] = weakref.WeakKeyDictionary()
+"""The steps of each compiled run and terminal, by the function that runs them."""
 
 
 def _run(
@@ -252,7 +346,6 @@ def _run(
     for the run's length (no loop, no token list on the success path) and compiled once, when
     the pipeline is built. ``below[k]`` is what ``hooks[k]`` calls: the run of
     ``hooks[k + 1:]``, or the continuation."""
-    n = len(hooks)
     namespace: dict[str, Any] = {
         "SLOW_PATH": SLOW_PATH,
         "hooks": hooks,
@@ -261,79 +354,220 @@ def _run(
         "inner": below[-1],
         "slow": _slow,
         "complete": _complete,
+        "slowed": _slowed,
     }
 
+    def write(exit: _Exit) -> list[str]:
+        return _body(hooks, handler, fresh, inline, exit, namespace)
+
+    steps = _Steps(write, namespace)
+    body = steps.lines(_returning)
+    source = "\n".join(["async def run(delivery):", *("    " + line for line in body)]) + "\n"
+    names = ", ".join(type(h).__name__ for h in hooks)
+    scope = dict(namespace)
+    exec(compile(source, f"<resilience.hooks run: {names}>", "exec"), scope)
+    run: CallNext = scope["run"]
+    _STEPS[run] = steps
+    return run
+
+
+def _body(
+    hooks: tuple[Hooks, ...],
+    handler: Handler | None,
+    fresh: bool,
+    inline: bool,
+    exit: _Exit,
+    namespace: dict[str, Any],
+) -> list[str]:
+    """The statements of a run (see :func:`_run`), leaving it by ``exit``; the names they read
+    that the generated code binds (hooks, inlined bodies' names) are added to ``namespace``.
+
+    The success path is straight-line: each ``enter`` (its body, or a call), the handler, each
+    ``leave``, innermost first. A token that may be :data:`SLOW_PATH` is checked right where it
+    is made (see :func:`_enter`); the slow path's exit sits inside the ``enter``'s ``try`` block,
+    whose handler lets the slow path's outcome through (:func:`_slowed`)."""
+    n = len(hooks)
+    # Each layer's token: ``t{k}``, or ``None`` when its enter returns nothing else.
+    tokens: list[str] = []
+
     def entered(k: int) -> str:
-        return "[" + ", ".join(f"t{i}" for i in range(k)) + "]"
+        return "[" + ", ".join(tokens[:k]) + "]"
 
     # One try block per hook (free in CPython 3.11 until something raises): an exception is
     # handed to exactly the layers outside the hook that raised it.
-    lines = ["async def run(delivery):"]
+    lines: list[str] = []
     if not fresh:
-        lines.append("    delivery.now = None  # the clock reading may be stale here")
+        lines.append("delivery.now = None  # the clock reading may be stale here")
     for k, hook in enumerate(hooks):
-        body = inline_hook(hook, "enter", ("delivery",), f"t{k}", f"_{k}e_") if inline else None
-        lines.append("    try:")
-        if body is None:
-            namespace[f"e{k}"] = hook.enter
-            lines.append(f"        t{k} = e{k}(delivery)")
-        else:
-            namespace.update(body.namespace)
-            if not body.returns_value:
-                lines.append(f"        t{k} = None")
-            lines += ["        " + line for line in body.lines]
-        lines += [
-            "    except BaseException as exc:  # an enter hook raised: it escapes that layer",
-            f"        return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
-        ]
-        if body is None or body.returns_value:
+        slow_exit = exit(f"slow(hooks, below, {entered(k)}, {k}, delivery)", None)
+        statements, token_set, exits = _enter(hook, k, inline, slow_exit, namespace)
+        tokens.append(f"t{k}" if token_set else "None")
+        lines.append("try:")
+        lines += ["    " + line for line in statements]
+        lines.append("except BaseException as exc:  # an enter hook raised: it escapes that layer")
+        if exits:
             lines += [
-                f"    if t{k} is SLOW_PATH:",
-                f"        return await slow(hooks, below, {entered(k)}, {k}, delivery)",
+                "    if slowed(exc):  # the slow path's outcome: the outer layers have seen it",
+                "        raise",
             ]
+        lines += [
+            "    " + line
+            for line in exit(f"complete(hooks, below, {entered(k)}, {k}, delivery, exc)", None)
+        ]
     call = "handler(delivery.payload)" if handler is not None else "inner(delivery)"
     lines += [
-        "    try:",
-        f"        await {call}",
-        "    except BaseException as exc:",
-        "        error = exc",
-        "    else:",
+        "try:",
+        f"    await {call}",
+        "except BaseException as exc:",
+        "    error = exc",
+        "else:",
     ]
     for k in range(n - 1, -1, -1):
         if getattr(type(hooks[k]), "leave", None) is _BASE_LEAVE:
             continue
         body = (
-            inline_hook(hooks[k], "leave", (f"t{k}", "delivery"), "pending", f"_{k}l_")
+            inline_hook(hooks[k], "leave", (tokens[k], "delivery"), "pending", f"_{k}l_")
             if inline
             else None
         )
-        lines.append("        try:")
+        lines.append("    try:")
         if body is None:
             namespace[f"l{k}"] = hooks[k].leave
-            lines.append(f"            pending = l{k}(t{k}, delivery)")
+            lines.append(f"        pending = l{k}({tokens[k]}, delivery)")
         else:
             namespace.update(body.namespace)
-            lines += ["            " + line for line in body.lines]
+            lines += ["        " + line for line in body.lines]
         if body is None or body.returns_value:
             lines += [
-                "            if pending is not None:",
-                "                await pending",
+                "        if pending is not None:",
+                "            await pending",
             ]
+        lines.append(
+            "    except BaseException as exc:  # escapes this layer: the outer ones see it"
+        )
         lines += [
-            "        except BaseException as exc:  # escapes this layer: the outer ones see it",
-            f"            return await complete(hooks, below, {entered(k)}, {k}, delivery, exc)",
+            "        " + line
+            for line in exit(f"complete(hooks, below, {entered(k)}, {k}, delivery, exc)", None)
         ]
+    lines += ["    " + line for line in exit(None, None)]
     lines += [
-        "        return None",
-        "    # Outside the except block, as nested frames would be: a retry runs with no exception",
-        "    # being handled, so the handler's own errors do not chain onto later ones.",
-        f"    return await complete(hooks, below, {entered(n)}, {n}, delivery, error)",
+        "# Outside the except block, as nested frames would be: a retry runs with no exception",
+        "# being handled, so the handler's own errors do not chain onto later ones.",
+        *exit(f"complete(hooks, below, {entered(n)}, {n}, delivery, error)", "error"),
     ]
-    source = "\n".join(lines) + "\n"
-    names = ", ".join(type(h).__name__ for h in hooks)
-    exec(compile(source, f"<resilience.hooks run: {names}>", "exec"), namespace)
-    run: CallNext = namespace["run"]
-    return run
+    return lines
+
+
+def _enter(
+    hook: Hooks, k: int, inline: bool, slow_exit: list[str], namespace: dict[str, Any]
+) -> tuple[list[str], bool, bool]:
+    """The statements of layer ``k``'s ``enter``, whether they set its token ``t{k}`` and
+    whether they contain the slow path's exit.
+
+    The slow path is taken right where the token may be :data:`SLOW_PATH`: after a call of
+    the hook, and, in an inlined body (see :mod:`resilience._inline`), at each ``return`` of the
+    name ``SLOW_PATH`` (no check: the exit itself) and after each ``return`` whose value might
+    be it; a return of a value known not to be it (a constant, ...) sets the token, no check."""
+    check = [f"if t{k} is SLOW_PATH:", *("    " + line for line in slow_exit)]
+    body = None
+    if inline:
+        sentinel = Sentinel(SLOW_PATH, "SLOW_PATH", tuple(slow_exit))
+        body = inline_hook(hook, "enter", ("delivery",), f"t{k}", f"_{k}e_", sentinel)
+    if body is None:
+        namespace[f"e{k}"] = hook.enter
+        return [f"t{k} = e{k}(delivery)", *check], True, True
+    namespace.update(body.namespace)
+    lines = list(body.lines)
+    if body.unchecked:
+        lines += check
+    return lines, body.returns_value, body.exits or body.unchecked
+
+
+def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str) -> dict[str, Any]:
+    """Compile ``template`` with the steps of ``call`` in place of its ``await run(delivery)``.
+
+    ``template`` is the source of a function (a consumer's worker loop, say) containing the
+    statement ``await run(delivery)`` on a line of its own, exactly once. When ``call`` is a
+    compiled run (:func:`compile_hooks`), that line becomes the run's body in a ``while True:``
+    block, each way out of the run a ``break`` (the run's ``return await x``: ``await x``, then
+    ``break``), so the run takes no coroutine frame of its own and an exception leaves the
+    block exactly as it left the awaited call; when ``call`` is a :func:`terminal`, the line
+    awaits the handler itself; anything else (plain middleware) is awaited as it is.
+
+    The steps' names (the run's locals and namespace, see :func:`_run`) must not be used by
+    the template, except ``delivery``: a clash raises ``ValueError``.
+
+    Args:
+        template: The function's source.
+        call: What the template awaits (a pipeline from
+            :meth:`~resilience.pipeline.Pipeline.build`).
+        namespace: The names the template reads.
+        filename: Where the function says it comes from (tracebacks, profiles).
+
+    Returns:
+        The namespace after running the compiled template (the function is in it).
+
+    Raises:
+        ValueError: the template has not exactly one such line, or its names clash.
+    """
+    lines = template.splitlines()
+    sites = [i for i, line in enumerate(lines) if line.strip() == _PLACEHOLDER]
+    if len(sites) != 1:
+        raise ValueError(f"the template must contain {_PLACEHOLDER!r} once, on its own line")
+    site = sites[0]
+    indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
+    try:
+        steps = _STEPS.get(call)
+    except TypeError:  # not weakly referable: no compiled run
+        steps = None
+    names: dict[str, Any]
+    if steps is None:
+        pasted, names = [_PLACEHOLDER], {"run": call}
+    elif steps.write is None:
+        pasted, names = steps.lines(_breaking), steps.namespace
+    else:
+        pasted = [
+            "while True:  # the pipeline's outermost run: each way out of it is a break",
+            *("    " + line for line in steps.lines(_breaking)),
+        ]
+        names = steps.namespace
+    ours = _names("\n".join(pasted))
+    theirs = _names("\n".join([*lines[:site], indent + "pass", *lines[site + 1 :]]))
+    clash = (ours[0] & (theirs[0] | theirs[1])) | (theirs[0] & ours[1])
+    clash |= (theirs[1] & names.keys()) | (ours[1] & namespace.keys())
+    clash -= {"delivery"}
+    if clash:
+        raise ValueError(f"the template uses the run's names {sorted(clash)}")
+    source = "\n".join([*lines[:site], *(indent + line for line in pasted), *lines[site + 1 :]])
+    scope = {**namespace, **names}
+    exec(compile(source + "\n", filename, "exec"), scope)
+    return scope
+
+
+_PLACEHOLDER = "await run(delivery)"
+
+
+def _names(source: str) -> tuple[set[str], set[str]]:
+    """The names ``source`` binds (variables, parameters, caught exceptions) and reads."""
+    tree = ast.parse(textwrap.dedent(source))
+    bound: set[str] = set()
+    read: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name is not None:
+            bound.add(node.name)
+    return bound, read - bound
+
+
+def _slowed(exc: BaseException) -> bool:
+    """Whether ``exc`` came straight out of :func:`_slow` into the frame handling it: the
+    outcome of a slow path, which has been through the outer layers already."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    return tb is not None and tb.tb_frame.f_code is _SLOW_CODE
 
 
 async def _slow(
@@ -349,6 +583,9 @@ async def _slow(
     except BaseException as exc:
         return await _complete(hooks, below, tokens, k, delivery, exc)
     return await _complete(hooks, below, tokens, k, delivery, None)
+
+
+_SLOW_CODE = _slow.__code__
 
 
 async def _complete(

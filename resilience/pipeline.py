@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .breaker import CircuitBreaker
 from .dead_letter import DeadLetterRouter
-from .hooks import compile_hooks, has_hooks
+from .hooks import compile_hooks, has_hooks, terminal
 from .idempotency import Idempotency
 from .retry import Retry
 from .timeout import Timeout
@@ -205,12 +205,8 @@ class Pipeline:
             raise TypeError(f"handler must be an async callable, got {handler!r}")
         self._frozen = True
 
-        def terminal(delivery: Delivery) -> Awaitable[None]:
-            # A plain function returning the handler's awaitable: no extra coroutine frame.
-            return handler(delivery.payload)
-
         layers = self._layers
-        call: CallNext = terminal
+        call: CallNext = terminal(handler)  # a plain function: no extra coroutine frame
         innermost = True
         end = len(layers)
         while end > 0:
