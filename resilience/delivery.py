@@ -67,10 +67,13 @@ class Delivery:
         now: A reading of :attr:`clock` taken just before the pipeline started on this
             delivery (the consumer's :attr:`started_at`), or ``None``. Only the ``enter`` hooks
             of the pipeline's outermost run of hooked layers may use it instead of reading the
-            clock again (one clock read per message, shared); every other run clears it first,
-            so a layer entered after anything could have waited reads its clock itself.
+            clock again (one clock read per message, shared); every other run clears it and
+            :attr:`clock` first, so a layer entered after anything could have waited reads its
+            clock itself.
         clock: The :class:`~resilience.clock.Clock` :attr:`now` was read from (``None``: no
-            reading); a layer uses :attr:`now` only when this is its own clock.
+            fresh reading); a layer uses :attr:`now` only when this is its own clock, so one
+            test (``delivery.clock is self.clock``) tells. Set it only together with a reading
+            in :attr:`now`, and clear it whenever the reading may be stale.
     """
 
     __slots__ = (

@@ -197,7 +197,7 @@ class HookLayer:
             delivery: The message.
             call_next: The rest of the pipeline.
         """
-        delivery.now = None  # not known to be fresh here: the layer reads its clock
+        delivery.now = delivery.clock = None  # not known to be fresh: the layer reads its clock
         token = self.enter(delivery)
         if token is SLOW_PATH:
             await self.slow(delivery, call_next)
@@ -397,7 +397,7 @@ def _body(
     # handed to exactly the layers outside the hook that raised it.
     lines: list[str] = []
     if not fresh:
-        lines.append("delivery.now = None  # the clock reading may be stale here")
+        lines.append("delivery.now = delivery.clock = None  # the reading may be stale here")
     for k, hook in enumerate(hooks):
         slow_exit = exit(f"slow(hooks, below, {entered(k)}, {k}, delivery)", None)
         statements, token_set, exits = _enter(hook, k, inline, slow_exit, namespace)

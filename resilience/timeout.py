@@ -219,9 +219,10 @@ class Timeout(HookLayer):
         entry = self._watchdog.last
         if entry.task is not task:
             entry = self._watchdog.entry(task)
-        # The reading the consumer took for this message, when it is fresh and of this clock.
+        # The reading the consumer took for this message, when it is fresh and of this clock
+        # (a delivery has a clock only with a fresh reading of it: one test).
         now = delivery.now
-        if now is None or delivery.clock is not self.clock:
+        if delivery.clock is not self.clock:
             now = self._watchdog.now()
         deadline = now + self.seconds  # type: ignore[operator]
         limit = delivery.deadline

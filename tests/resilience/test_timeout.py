@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from abe.backends.message_queue.base.extensions import InboundMessage
 from resilience.clock import FakeClock
-from resilience.delivery import Delivery
+from resilience.delivery import Delivery, new_delivery
 from resilience.errors import AttemptTimeout, ConfigError, TotalTimeout
+from resilience.events import EventBus
 from resilience.pipeline import Pipeline
 from resilience.retry import Fixed, Retry
 from resilience.timeout import Timeout
@@ -320,3 +322,31 @@ async def test_enter_outside_a_task_raises_and_registers_nothing() -> None:
     assert len(timeout._watchdog.entries) == 1
     assert "inside an asyncio task" in await from_a_callback()
     assert not timeout._watchdog.active
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+async def test_a_timeout_behind_a_wait_reads_its_clock_not_the_consumers_reading(
+    fuse: bool,
+) -> None:
+    """The consumer's clock reading (Delivery.now with Delivery.clock) is fresh only for the
+    pipeline's outermost run: a Timeout entered after middleware that waited computes its
+    deadline from the clock's time then, whether it runs in a later compiled run (fuse) or
+    linked alone; the reading and its clock are both cleared."""
+    clock = FakeClock(100.0)
+
+    async def waits(delivery: Delivery, call_next: Any) -> None:
+        clock.advance(5.0)  # something before the timeout took five seconds
+        await call_next(delivery)
+
+    seen: list[tuple[float | None, float | None, object]] = []
+    delivery: Delivery | None = None
+
+    async def handler(payload: dict[str, Any]) -> None:
+        assert delivery is not None
+        seen.append((delivery.deadline, delivery.now, delivery.clock))
+
+    run = Pipeline(waits, Timeout(10.0, total=True, clock=clock)).build(handler, fuse=fuse)
+    message = InboundMessage({}, "k", "1")
+    delivery = new_delivery(message, clock.monotonic(), EventBus(), asyncio.current_task(), clock)
+    await run(delivery)
+    assert seen == [(115.0, None, None)]
