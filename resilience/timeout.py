@@ -224,7 +224,7 @@ class Timeout(HookLayer):
         now = delivery.now
         if delivery.clock is not self.clock:
             now = self._watchdog.now()
-        deadline = now + self.seconds  # type: ignore[operator]
+        deadline: float = now + self.seconds  # type: ignore[operator,assignment]
         limit = delivery.deadline
         if self.total:
             if limit is None or deadline < limit:
