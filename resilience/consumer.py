@@ -395,20 +395,24 @@ class ResilientConsumer(AsyncLoopConsumer):
         duration with one clock read.
         """
         now = self._now
-        emit = self.events.emit
+        events = self.events
 
         def report(delivery: Delivery, exc: BaseException | None) -> None:
             message = delivery.message
             if message is None:  # a bare payload: the delivery's defaults
                 message = _NO_MESSAGE
             # The broker's fields straight from the message: one read each, no property calls.
-            count = message.delivery_count
+            attempts = delivery.attempt - message.delivery_count + 1
             outcome = delivery.outcome
             if outcome is None:
-                retried = delivery.attempt > count or (
-                    ATTEMPT_HEADER in message.headers  # back from the broker tier of retries
+                outcome = delivery.outcome = (
+                    _RETRIED
+                    if attempts > 1 or ATTEMPT_HEADER in message.headers  # or the broker tier's
+                    else _SUCCESS
                 )
-                outcome = delivery.outcome = _RETRIED if retried else _SUCCESS
+            # The bus's emit function of the moment (it changes with the listeners), read as
+            # an attribute: a method call of it would take the unspecialized lookup.
+            emit = events.emit
             emit(
                 new_record(
                     MessageSettled,
@@ -416,7 +420,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                         message.message_id,
                         message.key or None,
                         outcome,
-                        delivery.attempt - count + 1,
+                        attempts,
                         now() - delivery.started_at,
                         delivery.reason,
                         None if exc is None else type(exc).__qualname__,

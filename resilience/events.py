@@ -197,30 +197,78 @@ Listener = Callable[[Any], object]
 
 
 class EventBus:
-    """Synchronous fan-out of event records to listeners."""
+    """Synchronous fan-out of event records to listeners.
 
-    __slots__ = ("listeners",)
+    :attr:`emit` is a function made for the current listeners whenever they change
+    (:meth:`subscribe`, the function it returns), so delivering a record is one call of it: with
+    one listener, that listener's call in a ``try``; with none, a call that does nothing.
+    """
+
+    __slots__ = ("emit", "listeners")
 
     def __init__(self, *listeners: Listener) -> None:
         self.listeners: tuple[Listener, ...] = tuple(listeners)
-        """The subscribed listeners (read-only; truthy when anyone listens)."""
+        """The subscribed listeners (read-only: change them with :meth:`subscribe` and the
+        function it returns; truthy when anyone listens)."""
+        self.emit: Callable[[object], None] = _emitter(self.listeners)
+        """``emit(event)``: deliver ``event`` to every listener in subscription order; a failing
+        listener is logged and skipped (the others still hear). Read it from the bus at each
+        use: it is replaced when the listeners change."""
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Add ``listener``; returns a function that removes it again."""
-        self.listeners = (*self.listeners, listener)
+        self._set((*self.listeners, listener))
 
         def unsubscribe() -> None:
-            self.listeners = tuple(x for x in self.listeners if x is not listener)
+            self._set(tuple(x for x in self.listeners if x is not listener))
 
         return unsubscribe
+
+    def _set(self, listeners: tuple[Listener, ...]) -> None:
+        self.emit = _emitter(listeners)
+        self.listeners = listeners
 
     def __bool__(self) -> bool:
         return bool(self.listeners)
 
-    def emit(self, event: object) -> None:
-        """Deliver ``event`` to every listener; a failing listener is logged and skipped."""
-        for listener in self.listeners:
+    def __reduce__(self) -> tuple[type[EventBus], tuple[Listener, ...]]:
+        # A copy (or an unpickled bus) has the same listeners and its own emit function.
+        return (type(self), self.listeners)
+
+
+def _emitter(listeners: tuple[Listener, ...]) -> Callable[[object], None]:
+    """The :attr:`EventBus.emit` function for ``listeners``: the bus's one rule, every listener
+    hears the event and a failing one is logged and skipped (:func:`_listener_failed`).
+
+    One listener, the usual case, is called directly: a loop costs an iterator per event, about
+    as much as the call of ``emit`` itself.
+    """
+    if not listeners:
+        return _nobody
+    if len(listeners) == 1:
+        (listener,) = listeners
+
+        def emit_one(event: object) -> None:
             try:
                 listener(event)
             except Exception:
-                logger.exception("event listener %r failed on %r", listener, event)
+                _listener_failed(listener, event)
+
+        return emit_one
+
+    def emit_all(event: object) -> None:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                _listener_failed(listener, event)
+
+    return emit_all
+
+
+def _nobody(event: object) -> None:
+    """The emit function of a bus nobody listens to."""
+
+
+def _listener_failed(listener: Listener, event: object) -> None:
+    logger.exception("event listener %r failed on %r", listener, event)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import pickle
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from abe.backends.message_queue.service.memory import MemoryBackend
+from resilience.consumer import ResilientConsumer
 from resilience.events import (
     AttemptFailed,
     Event,
@@ -17,6 +22,7 @@ from resilience.events import (
     RetryScheduled,
     new_record,
 )
+from resilience.policy import Policy
 
 FIELDS = ("message_id", "key", "outcome", "attempts", "duration", "reason", "error_type")
 
@@ -144,3 +150,152 @@ def test_a_failing_listener_is_logged_and_the_others_still_hear(
     assert heard == [record]
     assert "event listener" in caplog.text
     assert "listener bug" in caplog.text
+
+
+def test_a_single_failing_listener_is_logged_and_emit_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(event: object) -> None:
+        raise RuntimeError("lone listener bug")
+
+    bus = EventBus(broken)
+    bus.emit(settled())  # does not raise
+    assert "event listener" in caplog.text
+    assert "lone listener bug" in caplog.text
+
+
+def test_emit_follows_the_listeners_as_they_change() -> None:
+    """No listener, one, several, and back: each emit reaches exactly the listeners of the
+    moment, in subscription order."""
+    heard: list[tuple[str, object]] = []
+    bus = EventBus()
+    assert not bus
+    bus.emit(1)
+
+    def first(event: object) -> None:
+        heard.append(("first", event))
+
+    def second(event: object) -> None:
+        heard.append(("second", event))
+
+    drop_first = bus.subscribe(first)
+    assert bus.listeners == (first,)
+    bus.emit(2)
+    drop_second = bus.subscribe(second)
+    bus.emit(3)
+    drop_first()
+    assert bus.listeners == (second,)
+    bus.emit(4)
+    drop_second()
+    assert not bus
+    bus.emit(5)
+    assert heard == [("first", 2), ("first", 3), ("second", 3), ("second", 4)]
+
+
+def test_a_listener_may_unsubscribe_itself_while_it_hears() -> None:
+    """It hears the event being emitted, and no later one; the other listeners go on."""
+    bus = EventBus()
+    heard: list[object] = []
+    others: list[object] = []
+
+    def once(event: object) -> None:
+        heard.append(event)
+        unsubscribe()
+
+    unsubscribe = bus.subscribe(once)
+    bus.emit(1)
+    bus.emit(2)
+    assert heard == [1]
+    unsubscribe = bus.subscribe(once)
+    bus.subscribe(others.append)
+    bus.emit(3)
+    bus.emit(4)
+    assert heard == [1, 3]
+    assert others == [3, 4]
+
+
+def test_copies_of_a_bus_deliver_to_its_listeners_on_their_own() -> None:
+    bus = EventBus(_collect)
+    _COLLECTED.clear()
+    for other in (copy.copy(bus), pickle.loads(pickle.dumps(bus))):
+        assert other.listeners == (_collect,)
+        other.emit("copied")
+        other.subscribe(print)
+        assert bus.listeners == (_collect,)
+    bus.emit("original")
+    assert _COLLECTED == ["copied", "copied", "original"]
+
+
+_COLLECTED: list[object] = []
+
+
+def _collect(event: object) -> None:
+    _COLLECTED.append(event)
+
+
+async def _run_until(consumer: ResilientConsumer, handler: Any, done: Callable[[], bool]) -> None:
+    task = asyncio.create_task(consumer.run(handler))
+    for _ in range(1000):
+        if done():
+            break
+        await asyncio.sleep(0)
+    await consumer.shutdown()
+    await task
+
+
+async def test_a_running_consumer_reports_to_the_listeners_of_the_moment() -> None:
+    """Listeners subscribed and unsubscribed by the handler while the consumer runs: each
+    settlement reaches the listeners subscribed when it is reported (one, then two, then one)."""
+    backend = MemoryBackend.isolated()
+    order = {await backend.publish_message("jobs", {"i": i}): i for i in range(4)}
+    consumer = ResilientConsumer(backend, policy=Policy())
+    first: list[int] = []
+    second: list[int] = []
+
+    def hear_first(event: object) -> None:
+        if isinstance(event, MessageSettled):
+            first.append(order[event.message_id])
+
+    def hear_second(event: object) -> None:
+        if isinstance(event, MessageSettled):
+            second.append(order[event.message_id])
+
+    drop_first = consumer.events.subscribe(hear_first)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        if payload["i"] == 1:
+            consumer.events.subscribe(hear_second)
+        elif payload["i"] == 2:
+            drop_first()
+
+    await _run_until(consumer, handler, lambda: len(second) == 3)
+    assert first == [0, 1]
+    assert second == [1, 2, 3]
+    assert backend.unacked() == []
+
+
+async def test_a_failing_lone_listener_does_not_stop_the_consumer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = MemoryBackend.isolated()
+    for i in range(3):
+        await backend.publish("jobs", {"i": i})
+    consumer = ResilientConsumer(backend, policy=Policy())
+    handled: list[int] = []
+    calls: list[object] = []
+
+    def broken(event: object) -> None:
+        calls.append(event)
+        raise RuntimeError("listener bug")
+
+    consumer.events.subscribe(broken)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        handled.append(payload["i"])
+
+    await _run_until(consumer, handler, lambda: len(calls) == 3)
+    assert handled == [0, 1, 2]
+    assert [type(event) for event in calls] == [MessageSettled] * 3
+    assert backend.unacked() == []
+    failures = [r for r in caplog.records if r.getMessage().startswith("event listener")]
+    assert len(failures) == 3

@@ -29,6 +29,7 @@ from resilience.logging import (
     configure_logging,
     current_delivery,
 )
+from resilience.pipeline import Pipeline
 from resilience.policy import Policy
 from resilience.testing import run_until_settled
 
@@ -284,3 +285,86 @@ async def test_stdlib_filter_fills_format_fields(spans: InMemorySpanExporter) ->
     inside, outside = stream.getvalue().splitlines()
     assert inside == f"1 orders 1 {ids(span)[0]} inside"
     assert outside == "None None None None outside"
+
+
+BUILDS = [
+    pytest.param({"fuse": True, "inline": True}, id="inlined"),
+    pytest.param({"fuse": True, "inline": False}, id="hooks-called"),
+    pytest.param({"fuse": False, "inline": False}, id="linked"),
+]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+async def test_log_context_is_the_calls_only_and_its_child_tasks_keep_it(
+    build: dict[str, bool],
+) -> None:
+    """The delivery is current for the call only (the caller's value comes back, also after
+    nested calls and errors); a task the handler spawns keeps seeing it after the call ended."""
+    outer = Delivery({"n": 1}, key="orders", message_id="outer")
+    inner = Delivery({"n": 2}, key="orders", message_id="inner")
+    seen: list[tuple[str, Delivery | None]] = []
+    release = asyncio.Event()
+    children: list[asyncio.Task[None]] = []
+
+    async def child() -> None:
+        await release.wait()
+        seen.append(("child after the call", current_delivery()))
+
+    async def inner_handler(payload: dict[str, Any]) -> None:
+        seen.append(("inner", current_delivery()))
+        if payload.get("fail"):
+            raise ValueError("inner failed")
+
+    inner_call = Pipeline(LogContext()).build(inner_handler, **build)
+
+    async def outer_handler(payload: dict[str, Any]) -> None:
+        seen.append(("outer", current_delivery()))
+        children.append(asyncio.create_task(child()))
+        await inner_call(inner)
+        seen.append(("outer after inner", current_delivery()))
+        failing = Delivery({"fail": True}, key="orders", message_id="failing")
+        with pytest.raises(ValueError, match="inner failed"):
+            await inner_call(failing)
+        seen.append(("outer after a failed inner", current_delivery()))
+
+    outer_call = Pipeline(LogContext()).build(outer_handler, **build)
+    assert current_delivery() is None
+    await outer_call(outer)
+    assert current_delivery() is None
+    release.set()
+    await asyncio.gather(*children)
+    assert [(where, d.message_id if d else None) for where, d in seen] == [
+        ("outer", "outer"),
+        ("inner", "inner"),
+        ("outer after inner", "outer"),
+        ("inner", "failing"),
+        ("outer after a failed inner", "outer"),
+        ("child after the call", "outer"),
+    ]
+
+
+async def test_consumer_tasks_spawned_per_message_keep_their_message() -> None:
+    """With the log-context layer in a consumer, a task a handler spawns sees that handler's
+    message even while the worker already processes the next one."""
+    backend = MemoryBackend.isolated()
+    for i in range(3):
+        await backend.publish("orders", {"i": i})
+    consumer = ResilientConsumer(
+        backend, policy=Policy.from_dict({"telemetry": {"log_context": True}})
+    )
+    gate = asyncio.Event()
+    seen: dict[int, str | None] = {}
+    children: list[asyncio.Task[None]] = []
+
+    async def child(i: int) -> None:
+        await gate.wait()
+        delivery = current_delivery()
+        seen[i] = None if delivery is None else str(delivery.payload["i"])
+
+    async def handler(payload: dict[str, Any]) -> None:
+        children.append(asyncio.create_task(child(payload["i"])))
+
+    await run_until_settled(consumer, handler, 3)
+    gate.set()
+    await asyncio.gather(*children)
+    assert seen == {0: "0", 1: "1", 2: "2"}
