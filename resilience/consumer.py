@@ -2,8 +2,9 @@
 
 Concurrency ``N`` is ``N`` long-lived worker coroutines taking messages from one delivery
 iterator (``next_nowait()`` first, an awaited pull otherwise); each runs one message at a time
-through the pipeline and settles it with :meth:`ResilientConsumer._settle`, the one place that
-acknowledges, releases and reports.
+through the pipeline and settles it: a success is acknowledged by the loop itself when the
+backend offers ``ack_nowait``, and every other outcome by :meth:`ResilientConsumer._settle`,
+the one place that releases, classifies and logs (both report through one function).
 
 The workers run one loop, :data:`_WORKER_LOOP`, compiled when the consumer starts with the
 steps of the pipeline's outermost compiled run pasted in (:func:`resilience.hooks.host`): on
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.base.extensions import InboundMessage, SettlingBackend
@@ -51,7 +52,7 @@ _NO_MESSAGE = InboundMessage({}, "")
 
 
 _WORKER_LOOP = """\
-async def work(self, worker, pull, settle, settling):
+async def work(self, worker, pull, classifier, ack_nowait, report, settling):
     # One worker: take a message, run it through the pipeline, settle it; until the source
     # ends or the consumer stops.
     now = self._now
@@ -87,20 +88,35 @@ async def work(self, worker, pull, settle, settling):
         try:
             await run(delivery)
         except BaseException as escaped:
-            settled = settle(delivery, escaped)
+            settled = self._settle(delivery, escaped, classifier, settling, report)
         else:
-            settled = settle(delivery, None)
-        if settled is not None:
-            try:
-                await settled
-            finally:
+            if ack_nowait is not None:
+                # Settling a success, the common case, without a coroutine: acknowledge now
+                # (a retry handed to the broker, deferred, was settled by the backend already)
+                # and report if anyone listens. Everything else is _settle's.
+                if delivery.outcome is not DEFERRED:
+                    try:
+                        ack_nowait(delivery.message)
+                    except Exception as ack_error:
+                        self._ack_failed(delivery, ack_error)
+                if events.listeners:
+                    report(delivery, None)
                 worker.delivery = None
-        else:
+                continue
+            settled = self._settle(delivery, None, classifier, settling, report)
+        try:
+            await settled
+        finally:
             worker.delivery = None
 """
-"""The workers' loop: ``work(consumer, worker, pull, settle, settling)`` takes a message,
-runs it through the pipeline and settles it (with the consumer's one settle function, see
-:meth:`ResilientConsumer._settler`), until the source ends or the consumer stops.
+"""The workers' loop: ``work(consumer, worker, pull, classifier, ack_nowait, report,
+settling)`` takes a message, runs it through the pipeline and settles it, until the source
+ends or the consumer stops.
+
+Settlement has two steps and no third: a success with a backend offering ``ack_nowait`` is
+acknowledged and reported right here, without a coroutine; every other outcome (an escaping
+exception, a backend that only has an async ``ack``) goes to :meth:`ResilientConsumer._settle`.
+Both report through the one function of :meth:`ResilientConsumer._reporter`.
 
 It is a template: :func:`resilience.hooks.host` compiles it once per :meth:`~ResilientConsumer.run`
 with the line ``await run(delivery)`` replaced by the steps of the pipeline's outermost
@@ -226,14 +242,19 @@ class ResilientConsumer(AsyncLoopConsumer):
         else:
             source = backend.consume(group=self.group)
         self._now = monotonic_function(self.clock)
-        settle = self._settler(classifier, settling)
+        ack_nowait: Callable[[Any], None] | None = (
+            getattr(backend, "ack_nowait", None) if settling else None
+        )
+        report = self._reporter()
         pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
         work = self._worker_loop(pipeline, call, gates)
         tasks = []
         for worker in workers:
-            task = asyncio.create_task(work(self, worker, pull, settle, settling))
+            task = asyncio.create_task(
+                work(self, worker, pull, classifier, ack_nowait, report, settling)
+            )
             worker.task = task
             tasks.append(task)
         try:
@@ -270,6 +291,7 @@ class ResilientConsumer(AsyncLoopConsumer):
             "asyncio": asyncio,
             "Delivery": Delivery,
             "new_delivery": new_delivery,
+            "DEFERRED": _DEFERRED,
         }
         checks: list[str] = []
         for i, gate in enumerate(gates):
@@ -288,32 +310,6 @@ class ResilientConsumer(AsyncLoopConsumer):
         scope = host("\n".join(lines) + "\n", call, namespace, filename)
         work: Callable[..., Coroutine[Any, Any, None]] = scope["work"]
         return work
-
-    def _settler(
-        self, classifier: Classifier, settling: bool
-    ) -> Callable[[Delivery, BaseException | None], Awaitable[None] | None]:
-        """The consumer's one settle function (see :meth:`_settle`), bound for this run."""
-        ack_nowait: Callable[[Any], None] | None = (
-            getattr(self.backend, "ack_nowait", None) if settling else None
-        )
-        events = self.events
-        report = self._reporter()
-
-        def settle(delivery: Delivery, exc: BaseException | None) -> Awaitable[None] | None:
-            if exc is None and ack_nowait is not None:
-                # The common case, without a coroutine: acknowledge now, report if listened to.
-                # A retry handed to the broker (deferred) was settled by the backend already.
-                if delivery.outcome is not _DEFERRED:
-                    try:
-                        ack_nowait(delivery.message)
-                    except Exception as ack_error:
-                        self._ack_failed(delivery, ack_error)
-                if events.listeners:
-                    report(delivery, None)
-                return None
-            return self._settle(delivery, exc, classifier, settling, report)
-
-        return settle
 
     async def _settle(
         self,
@@ -390,7 +386,8 @@ class ResilientConsumer(AsyncLoopConsumer):
         caller calls it only when anyone listens. A delivery without an outcome returned from
         the pipeline: a success, or retried.
 
-        The one report function of the settle paths, fast and slow: it builds the record as a
+        The one report function of both settle steps (the loop's and :meth:`_settle`): it builds
+        the record as a
         tuple of its fields (:data:`~resilience.events.new_record`, one C call) and ends the
         duration with one clock read.
         """
