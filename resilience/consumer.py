@@ -23,9 +23,10 @@ from abe.backends.message_queue.base.extensions import InboundMessage, SettlingB
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from ._handover import ATTEMPT_HEADER
+from ._inline import inline_hook
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
-from .delivery import Delivery, new_delivery
+from .delivery import MAKER, Delivery
 from .errors import ConfigError, DeadLetterWriteError, Unsettled
 from .events import EventBus, MessageSettled, Outcome, new_record
 from .hooks import host
@@ -80,7 +81,8 @@ async def work(self, worker, pull, classifier, ack_nowait, report, settling):
                 return
             raise
         if settling:
-            delivery = new_delivery(message, now(), events, task, clock)
+            started = now()
+            DELIVERY  # delivery = new_delivery(message, started, events, task, clock), pasted
         else:
             delivery = Delivery(message, None, now(), events)
             delivery.task = task
@@ -290,7 +292,6 @@ class ResilientConsumer(AsyncLoopConsumer):
         namespace: dict[str, Any] = {
             "asyncio": asyncio,
             "Delivery": Delivery,
-            "new_delivery": new_delivery,
             "DEFERRED": _DEFERRED,
         }
         checks: list[str] = []
@@ -301,10 +302,20 @@ class ResilientConsumer(AsyncLoopConsumer):
                 f"if not flow_{i}.steady and gate_{i}.paused:",
                 f"    await gate_{i}.wait_resumed()",
             ]
+        # The delivery is made by new_delivery's own body (MAKER.make), pasted in like a hook's.
+        args = ("message", "started", "events", "task", "clock")
+        made = inline_hook(MAKER, "make", args, "delivery", "_m_")
+        if made is None:
+            namespace["make"] = MAKER.make
+            making = [f"delivery = make({', '.join(args)})"]
+        else:
+            namespace.update(made.namespace)
+            making = list(made.lines)
         lines = _WORKER_LOOP.splitlines()
-        (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith("GATES")]
-        indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
-        lines[site : site + 1] = [indent + check for check in checks]
+        for mark, replacement in (("GATES", checks), ("DELIVERY", making)):
+            (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith(mark)]
+            indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
+            lines[site : site + 1] = [indent + line for line in replacement] or [indent + "pass"]
         names = ", ".join(type(layer).__name__ for layer in pipeline.layers)
         filename = f"<resilience.consumer worker: {names}>"
         scope = host("\n".join(lines) + "\n", call, namespace, filename)

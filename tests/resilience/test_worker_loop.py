@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
+from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.consumer import ResilientConsumer
-from resilience.delivery import Delivery
-from resilience.events import Outcome
+from resilience.delivery import Delivery, _Maker, new_delivery
+from resilience.events import EventBus, Outcome
 from resilience.hooks import SLOW_PATH, HookLayer, compile_hooks, host, terminal
+from resilience.logging import LogContext, current_delivery
 from resilience.pipeline import CallNext, Pipeline
 from resilience.policy import Policy
 from resilience.retry import Fixed, Retry
@@ -388,3 +390,49 @@ async def test_a_value_an_ordering_test_has_seen_is_not_checked() -> None:
         await call(Delivery({"i": i}))
     assert handled == [0, 1, 2]
     assert layer.calls == Counter(enter=3, slow=1, leave=2)
+
+
+async def test_the_loop_makes_each_delivery_with_new_deliverys_body_pasted_in() -> None:
+    """The worker loop makes a delivery with the body of ``new_delivery`` (``MAKER.make``)
+    pasted in, not a call per message, and the delivery has every field new_delivery sets."""
+    backend = MemoryBackend.isolated()
+    await _publish(backend, 3)
+    calls: list[str] = []
+    made: list[tuple[Any, ...]] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is _Maker.make.__code__:
+            calls.append(event)
+
+    async def handler(payload: dict[str, Any]) -> None:
+        delivery = current_delivery()
+        assert delivery is not None
+        made.append(
+            (
+                delivery.payload is payload,
+                delivery.attempt,
+                delivery.task is asyncio.current_task(),
+                delivery.outcome,
+                delivery.deadline,
+                delivery.extras,
+            )
+        )
+
+    consumer = ResilientConsumer(backend, policy=Pipeline(LogContext()))
+    sys.setprofile(profile)
+    try:
+        outcomes = await run_until_settled(consumer, handler, 3)
+    finally:
+        sys.setprofile(None)
+    assert outcomes.counts == Counter({Outcome.SUCCESS: 3})
+    assert made == [(True, 1, True, None, None, None)] * 3
+    assert calls == []
+    # new_delivery itself is the same body, called
+    message = InboundMessage({"i": 0}, "jobs", "1", 2)
+    delivery = new_delivery(message, 5.0, EventBus(), None)
+    assert (delivery.attempt, delivery.started_at, delivery.now, delivery.clock) == (
+        2,
+        5.0,
+        None,
+        None,
+    )
