@@ -2,9 +2,10 @@
 
 Concurrency ``N`` is ``N`` long-lived worker coroutines taking messages from one delivery
 iterator (``next_nowait()`` first, an awaited pull otherwise); each runs one message at a time
-through the pipeline and settles it: a success is acknowledged by the loop itself when the
-backend offers ``ack_nowait``, and every other outcome by :meth:`ResilientConsumer._settle`,
-the one place that releases, classifies and logs (both report through one function).
+through the pipeline and settles it with one settle function (:meth:`_Settler.settle`: a
+success acknowledged at once when the backend offers ``ack_nowait``, every other outcome
+handed to :meth:`ResilientConsumer._settle`, which releases, classifies and logs; both report
+through one function).
 
 The workers run one loop, :data:`_WORKER_LOOP`, compiled when the consumer starts with the
 steps of the pipeline's outermost compiled run pasted in (:func:`resilience.hooks.host`): on
@@ -16,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from abe.backends.message_queue.base.extensions import InboundMessage, SettlingBackend
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 
 from ._handover import ATTEMPT_HEADER
-from ._inline import inline_hook
+from ._inline import FixedAttributes, inline_hook
 from .classify import Classifier, Verdict, default_classifier, terminal_reason
 from .clock import Clock, default_clock, monotonic_function
 from .delivery import MAKER, Delivery
@@ -53,7 +54,7 @@ _NO_MESSAGE = InboundMessage({}, "")
 
 
 _WORKER_LOOP = """\
-async def work(self, worker, pull, classifier, ack_nowait, report, settling):
+async def work(self, worker, pull, settle, settling):
     # One worker: take a message, run it through the pipeline, settle it; until the source
     # ends or the consumer stops.
     now = self._now
@@ -90,35 +91,20 @@ async def work(self, worker, pull, classifier, ack_nowait, report, settling):
         try:
             await run(delivery)
         except BaseException as escaped:
-            settled = self._settle(delivery, escaped, classifier, settling, report)
+            settled = settle(delivery, escaped)
         else:
-            if ack_nowait is not None:
-                # Settling a success, the common case, without a coroutine: acknowledge now
-                # (a retry handed to the broker, deferred, was settled by the backend already)
-                # and report if anyone listens. Everything else is _settle's.
-                if delivery.outcome is not DEFERRED:
-                    try:
-                        ack_nowait(delivery.message)
-                    except Exception as ack_error:
-                        self._ack_failed(delivery, ack_error)
-                if events.listeners:
-                    report(delivery, None)
+            SETTLE  # settled = settle(delivery, None), pasted
+        if settled is not None:
+            try:
+                await settled
+            finally:
                 worker.delivery = None
-                continue
-            settled = self._settle(delivery, None, classifier, settling, report)
-        try:
-            await settled
-        finally:
+        else:
             worker.delivery = None
 """
-"""The workers' loop: ``work(consumer, worker, pull, classifier, ack_nowait, report,
-settling)`` takes a message, runs it through the pipeline and settles it, until the source
-ends or the consumer stops.
-
-Settlement has two steps and no third: a success with a backend offering ``ack_nowait`` is
-acknowledged and reported right here, without a coroutine; every other outcome (an escaping
-exception, a backend that only has an async ``ack``) goes to :meth:`ResilientConsumer._settle`.
-Both report through the one function of :meth:`ResilientConsumer._reporter`.
+"""The workers' loop: ``work(consumer, worker, pull, settle, settling)`` takes a message,
+runs it through the pipeline and settles it with the consumer's one settle function
+(:meth:`_Settler.settle`), until the source ends or the consumer stops.
 
 It is a template: :func:`resilience.hooks.host` compiles it once per :meth:`~ResilientConsumer.run`
 with the line ``await run(delivery)`` replaced by the steps of the pipeline's outermost
@@ -127,6 +113,55 @@ layers' ``enter`` and ``leave`` hooks itself and awaits only the handler on the 
 Its own names must not be the run's (``hooks``, ``below``, ``t0``, ``exc``, ``error``,
 ``pending``, ...; ``host`` checks).
 """
+
+
+class _Settler(FixedAttributes):
+    """The consumer's one settle function for a run, :meth:`settle`, with what it needs.
+
+    The worker loop calls :meth:`settle` for a message whose pipeline raised and pastes its
+    body in (as a layer's hook is pasted, :mod:`resilience._inline`) for a success: the method
+    stays the one place a message is settled. Its attributes are fixed once made, so the pasted
+    body reads them when the loop is built and keeps only the branch that applies.
+    """
+
+    __slots__ = ("ack_nowait", "classifier", "consumer", "events", "report", "settling")
+    fixed_attributes = frozenset(__slots__)
+
+    def __init__(self, consumer: ResilientConsumer, classifier: Classifier, settling: bool) -> None:
+        self.consumer = consumer
+        self.classifier = classifier
+        self.settling = settling
+        self.events = consumer.events
+        self.report = consumer._reporter()
+        self.ack_nowait: Callable[[Any], None] | None = (
+            getattr(consumer.backend, "ack_nowait", None) if settling else None
+        )
+
+    def settle(self, delivery: Delivery, exc: BaseException | None) -> Awaitable[None] | None:
+        """Settle ``delivery`` by its pipeline's outcome (``exc``: what escaped, ``None``: it
+        returned): a success is acknowledged and reported right here when the backend offers
+        ``ack_nowait``; every other outcome is :meth:`ResilientConsumer._settle`'s (returned,
+        to await).
+
+        Args:
+            delivery: The message.
+            exc: What escaped the pipeline, or ``None``.
+
+        Returns:
+            ``None`` when settled, or the awaitable that settles it.
+        """
+        if exc is None and self.ack_nowait is not None:
+            # The common case, without a coroutine. A retry handed to the broker (deferred)
+            # was settled by the backend already.
+            if delivery.outcome is not _DEFERRED:
+                try:
+                    self.ack_nowait(delivery.message)
+                except Exception as ack_error:
+                    self.consumer._ack_failed(delivery, ack_error)
+            if self.events.listeners:
+                self.report(delivery, None)
+            return None
+        return self.consumer._settle(delivery, exc, self.classifier, self.settling, self.report)
 
 
 class _Worker:
@@ -244,19 +279,14 @@ class ResilientConsumer(AsyncLoopConsumer):
         else:
             source = backend.consume(group=self.group)
         self._now = monotonic_function(self.clock)
-        ack_nowait: Callable[[Any], None] | None = (
-            getattr(backend, "ack_nowait", None) if settling else None
-        )
-        report = self._reporter()
+        settler = _Settler(self, classifier, settling)
         pull = _Puller(source, self.concurrency > 1, gates)
         workers = [_Worker() for _ in range(self.concurrency)]
         self._workers = workers
-        work = self._worker_loop(pipeline, call, gates)
+        work = self._worker_loop(pipeline, call, gates, settler)
         tasks = []
         for worker in workers:
-            task = asyncio.create_task(
-                work(self, worker, pull, classifier, ack_nowait, report, settling)
-            )
+            task = asyncio.create_task(work(self, worker, pull, settler.settle, settling))
             worker.task = task
             tasks.append(task)
         try:
@@ -278,7 +308,7 @@ class ResilientConsumer(AsyncLoopConsumer):
                     await aclose()
 
     def _worker_loop(
-        self, pipeline: Pipeline, call: CallNext, gates: tuple[Gate, ...]
+        self, pipeline: Pipeline, call: CallNext, gates: tuple[Gate, ...], settler: _Settler
     ) -> Callable[..., Coroutine[Any, Any, None]]:
         """The workers' loop (:data:`_WORKER_LOOP`) with the pipeline ``call`` in it: its
         outermost compiled run's steps pasted in place of ``await run(delivery)``, so a message
@@ -292,7 +322,6 @@ class ResilientConsumer(AsyncLoopConsumer):
         namespace: dict[str, Any] = {
             "asyncio": asyncio,
             "Delivery": Delivery,
-            "DEFERRED": _DEFERRED,
         }
         checks: list[str] = []
         for i, gate in enumerate(gates):
@@ -311,8 +340,18 @@ class ResilientConsumer(AsyncLoopConsumer):
         else:
             namespace.update(made.namespace)
             making = list(made.lines)
+        # A success is settled by the settle function's own body, pasted in likewise (its
+        # fixed attributes read now: with ack_nowait, the success path is the body's first
+        # branch alone).
+        settled = inline_hook(settler, "settle", ("delivery", "None"), "settled", "_s_")
+        if settled is None:
+            settling = ["settled = settle(delivery, None)"]
+        else:
+            namespace.update(settled.namespace)
+            settling = list(settled.lines)
         lines = _WORKER_LOOP.splitlines()
-        for mark, replacement in (("GATES", checks), ("DELIVERY", making)):
+        marks = (("GATES", checks), ("DELIVERY", making), ("SETTLE", settling))
+        for mark, replacement in marks:
             (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith(mark)]
             indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
             lines[site : site + 1] = [indent + line for line in replacement] or [indent + "pass"]
@@ -397,8 +436,8 @@ class ResilientConsumer(AsyncLoopConsumer):
         caller calls it only when anyone listens. A delivery without an outcome returned from
         the pipeline: a success, or retried.
 
-        The one report function of both settle steps (the loop's and :meth:`_settle`): it builds
-        the record as a
+        The one report function of the settle paths (:meth:`_Settler.settle` and
+        :meth:`_settle`): it builds the record as a
         tuple of its fields (:data:`~resilience.events.new_record`, one C call) and ends the
         duration with one clock read.
         """

@@ -16,7 +16,7 @@ import pytest
 
 from abe.backends.message_queue.base.extensions import InboundMessage
 from abe.backends.message_queue.service.memory import MemoryBackend
-from resilience.consumer import ResilientConsumer
+from resilience.consumer import ResilientConsumer, _Settler
 from resilience.delivery import Delivery, _Maker, new_delivery
 from resilience.events import EventBus, Outcome
 from resilience.hooks import SLOW_PATH, HookLayer, compile_hooks, host, terminal
@@ -392,17 +392,19 @@ async def test_a_value_an_ordering_test_has_seen_is_not_checked() -> None:
     assert layer.calls == Counter(enter=3, slow=1, leave=2)
 
 
-async def test_the_loop_makes_each_delivery_with_new_deliverys_body_pasted_in() -> None:
-    """The worker loop makes a delivery with the body of ``new_delivery`` (``MAKER.make``)
-    pasted in, not a call per message, and the delivery has every field new_delivery sets."""
+async def test_the_loop_makes_and_settles_each_delivery_with_bodies_pasted_in() -> None:
+    """The worker loop makes a delivery with the body of ``new_delivery`` (``MAKER.make``) and
+    settles a success with the body of the consumer's settle function pasted in, not a call per
+    message; the delivery has every field new_delivery sets and each message is acknowledged."""
+    pasted = {_Maker.make.__code__, _Settler.settle.__code__}
     backend = MemoryBackend.isolated()
     await _publish(backend, 3)
     calls: list[str] = []
     made: list[tuple[Any, ...]] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is _Maker.make.__code__:
-            calls.append(event)
+        if event == "call" and frame.f_code in pasted:
+            calls.append(frame.f_code.co_name)
 
     async def handler(payload: dict[str, Any]) -> None:
         delivery = current_delivery()
@@ -427,6 +429,7 @@ async def test_the_loop_makes_each_delivery_with_new_deliverys_body_pasted_in() 
     assert outcomes.counts == Counter({Outcome.SUCCESS: 3})
     assert made == [(True, 1, True, None, None, None)] * 3
     assert calls == []
+    assert backend.unacked() == []
     # new_delivery itself is the same body, called
     message = InboundMessage({"i": 0}, "jobs", "1", 2)
     delivery = new_delivery(message, 5.0, EventBus(), None)
