@@ -349,15 +349,10 @@ class ResilientConsumer(AsyncLoopConsumer):
         else:
             namespace.update(settled.namespace)
             settling = list(settled.lines)
-        lines = _WORKER_LOOP.splitlines()
-        marks = (("GATES", checks), ("DELIVERY", making), ("SETTLE", settling))
-        for mark, replacement in marks:
-            (site,) = [i for i, line in enumerate(lines) if line.lstrip().startswith(mark)]
-            indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
-            lines[site : site + 1] = [indent + line for line in replacement] or [indent + "pass"]
+        marks = {"GATES": checks, "DELIVERY": making, "SETTLE": settling}
         names = ", ".join(type(layer).__name__ for layer in pipeline.layers)
         filename = f"<resilience.consumer worker: {names}>"
-        scope = host("\n".join(lines) + "\n", call, namespace, filename)
+        scope = host(_WORKER_LOOP, call, namespace, filename, marks)
         work: Callable[..., Coroutine[Any, Any, None]] = scope["work"]
         return work
 

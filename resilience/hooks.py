@@ -65,7 +65,7 @@ from __future__ import annotations
 import ast
 import textwrap
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ._inline import FixedAttributes, Sentinel, inline_hook
@@ -483,7 +483,13 @@ def _enter(
     return lines, body.returns_value, body.exits or body.unchecked
 
 
-def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str) -> dict[str, Any]:
+def host(
+    template: str,
+    call: CallNext,
+    namespace: dict[str, Any],
+    filename: str,
+    marks: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """Compile ``template`` with the steps of ``call`` in place of its ``await run(delivery)``.
 
     ``template`` is the source of a function (a consumer's worker loop, say) containing the
@@ -503,19 +509,22 @@ def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str
             :meth:`~resilience.pipeline.Pipeline.build`).
         namespace: The names the template reads.
         filename: Where the function says it comes from (tracebacks, profiles).
+        marks: Other lines to replace first: each line of the template whose first word is a
+            key (``GATES  # ...``) becomes that key's statements, at its indentation
+            (``pass`` when there are none).
 
     Returns:
         The namespace after running the compiled template (the function is in it).
 
     Raises:
-        ValueError: the template has not exactly one such line, or its names clash.
+        ValueError: the template has not exactly one such line (or one line per mark), or
+            its names clash.
     """
     lines = template.splitlines()
-    sites = [i for i, line in enumerate(lines) if line.strip() == _PLACEHOLDER]
-    if len(sites) != 1:
-        raise ValueError(f"the template must contain {_PLACEHOLDER!r} once, on its own line")
-    site = sites[0]
-    indent = lines[site][: len(lines[site]) - len(lines[site].lstrip())]
+    for mark, statements in (marks or {}).items():
+        site, indent = _site(lines, mark, first_word=True)
+        lines[site : site + 1] = [indent + line for line in statements] or [indent + "pass"]
+    site, indent = _site(lines, _PLACEHOLDER)
     try:
         steps = _STEPS.get(call)
     except TypeError:  # not weakly referable: no compiled run
@@ -545,6 +554,20 @@ def host(template: str, call: CallNext, namespace: dict[str, Any], filename: str
 
 
 _PLACEHOLDER = "await run(delivery)"
+
+
+def _site(lines: list[str], what: str, *, first_word: bool = False) -> tuple[int, str]:
+    """The index and indentation of the one line of ``lines`` that is ``what`` (or, with
+    ``first_word``, starts with the word ``what``)."""
+    sites = [
+        i
+        for i, line in enumerate(lines)
+        if (line.split()[:1] == [what] if first_word else line.strip() == what)
+    ]
+    if len(sites) != 1:
+        raise ValueError(f"the template must contain {what!r} once, on its own line")
+    line = lines[sites[0]]
+    return sites[0], line[: len(line) - len(line.lstrip())]
 
 
 def _names(source: str) -> tuple[set[str], set[str]]:
