@@ -271,19 +271,6 @@ class _Maker:
 MAKER = _Maker()
 """The object whose ``make`` method is :func:`new_delivery` (the consumer pastes its body)."""
 
-
-def new_delivery(
-    message: InboundMessage,
-    started_at: float,
-    events: EventBus,
-    task: asyncio.Task[Any] | None,
-    clock: Clock | None = None,
-) -> Delivery:
-    """``Delivery(message.payload, message, started_at, events)`` with ``task`` set, built
-    without the constructor's argument handling (the consumer's hot path). With ``clock``,
-    ``started_at`` is that clock's reading and is shared with the layers as :attr:`Delivery.now`.
-
-    The same as ``MAKER.make(...)`` (its one implementation), which the consumer's worker loop
-    pastes in instead of calling.
-    """
-    return MAKER.make(message, started_at, events, task, clock)
+new_delivery = MAKER.make
+"""``new_delivery(message, started_at, events, task, clock=None)``: :meth:`_Maker.make`, the
+one implementation (the consumer's worker loop pastes its body in instead of calling it)."""
