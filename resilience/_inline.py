@@ -159,8 +159,14 @@ def inline_hook(
     result: str,
     prefix: str,
     sentinel: Sentinel | None = None,
+    _depth: int = 0,
 ) -> Inlined | None:
     """The body of ``layer``'s hook ``name`` written for a run, or ``None`` to call it.
+
+    A statement of the body that calls another method of the same layer, ``self.m(a, b)``
+    (its value unused, its arguments names or literals), is that method's body in turn, when
+    it is simple (:func:`_paste_own_calls`): a hook that delegates part of its work keeps
+    that part in one method without a call per message.
 
     Args:
         layer: The layer.
@@ -184,7 +190,7 @@ def inline_hook(
         return None
     namespace = dict(translated.namespace)
     namespace[prefix + "self"] = layer
-    return fold_fixed(
+    folded = fold_fixed(
         layer,
         Inlined(
             translated.lines,
@@ -194,6 +200,83 @@ def inline_hook(
             translated.unchecked,
         ),
         prefix,
+    )
+    return _paste_own_calls(layer, folded, prefix, _depth)
+
+
+_NESTING = 3
+"""How deep :func:`_paste_own_calls` pastes methods called by pasted methods."""
+
+
+def _paste_own_calls(layer: object, inlined: Inlined, prefix: str, depth: int) -> Inlined:
+    """``inlined`` with each statement ``self.m(args)`` replaced by ``m``'s inlined body.
+
+    Only a call whose value is unused, with positional arguments that are names or literals
+    (each then read where ``m`` reads its parameter: ``m`` never rebinds one, and its locals
+    are renamed apart), of a method ``inline_hook`` can translate; ``m``'s own such calls are
+    pasted likewise, up to :data:`_NESTING` levels. Anything else stays a call.
+    """
+    if depth >= _NESTING or not any(prefix + "self." in line for line in inlined.lines):
+        return inlined
+    self_name = prefix + "self"
+    tree = ast.parse("\n".join(inlined.lines))
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | set(inlined.namespace)
+    namespace = dict(inlined.namespace)
+    pasted = False
+
+    def paste(statement: ast.stmt) -> list[ast.stmt] | None:
+        call = statement.value if isinstance(statement, ast.Expr) else None
+        if not isinstance(call, ast.Call) or call.keywords:
+            return None
+        method = call.func
+        if not (
+            isinstance(method, ast.Attribute)
+            and isinstance(method.value, ast.Name)
+            and method.value.id == self_name
+            and all(isinstance(a, ast.Name) or _is_literal(a) for a in call.args)
+        ):
+            return None
+        inner = f"{prefix}{method.attr}_"
+        if any(name.startswith(inner) for name in used):
+            return None  # its names could meet this body's: leave the call
+        body = inline_hook(
+            layer,
+            method.attr,
+            tuple(ast.unparse(a) for a in call.args),
+            inner + "result",
+            inner,
+            None,
+            depth + 1,
+        )
+        if body is None:
+            return None
+        namespace.update(body.namespace)
+        return ast.parse("\n".join(body.lines)).body
+
+    def block(statements: list[ast.stmt]) -> list[ast.stmt]:
+        nonlocal pasted
+        out: list[ast.stmt] = []
+        for statement in statements:
+            replaced = paste(statement)
+            if replaced is not None:
+                out += replaced
+                pasted = True
+                continue
+            for name in ("body", "orelse", "finalbody"):
+                inner_block = getattr(statement, name, None)
+                if isinstance(inner_block, list) and inner_block:
+                    setattr(statement, name, block(inner_block))
+            for handler in getattr(statement, "handlers", []):
+                handler.body = block(handler.body)
+            out.append(statement)
+        return out
+
+    body = block(tree.body)
+    if not pasted:
+        return inlined
+    module = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+    return dataclasses.replace(
+        inlined, lines=tuple(ast.unparse(module).splitlines()), namespace=namespace
     )
 
 

@@ -124,7 +124,7 @@ class _Settler(FixedAttributes):
     body reads them when the loop is built and keeps only the branch that applies.
     """
 
-    __slots__ = ("ack_nowait", "classifier", "consumer", "events", "report", "settling")
+    __slots__ = ("ack_nowait", "classifier", "consumer", "events", "now", "settling")
     fixed_attributes = frozenset(__slots__)
 
     def __init__(self, consumer: ResilientConsumer, classifier: Classifier, settling: bool) -> None:
@@ -132,7 +132,7 @@ class _Settler(FixedAttributes):
         self.classifier = classifier
         self.settling = settling
         self.events = consumer.events
-        self.report = consumer._reporter()
+        self.now = consumer._now
         self.ack_nowait: Callable[[Any], None] | None = (
             getattr(consumer.backend, "ack_nowait", None) if settling else None
         )
@@ -162,6 +162,46 @@ class _Settler(FixedAttributes):
                 self.report(delivery, None)
             return None
         return self.consumer._settle(delivery, exc, self.classifier, self.settling, self.report)
+
+    def report(self, delivery: Delivery, exc: BaseException | None) -> None:
+        """Emit ``delivery``'s :class:`MessageSettled` record (``exc``: what escaped, for its
+        error type); the caller calls it only when anyone listens. A delivery without an
+        outcome returned from the pipeline: a success, or retried.
+
+        The one report function of the settle paths (:meth:`settle`, whose pasted body pastes
+        this one's in turn, and :meth:`ResilientConsumer._settle`): it builds the record as a
+        tuple of its fields (:data:`~resilience.events.new_record`, one C call) and ends the
+        duration with one clock read.
+        """
+        message = delivery.message
+        if message is None:  # a bare payload: the delivery's defaults
+            message = _NO_MESSAGE
+        # The broker's fields straight from the message: one read each, no property calls.
+        attempts = delivery.attempt - message.delivery_count + 1
+        outcome = delivery.outcome
+        if outcome is None:
+            outcome = delivery.outcome = (
+                _RETRIED
+                if attempts > 1 or ATTEMPT_HEADER in message.headers  # or the broker tier's
+                else _SUCCESS
+            )
+        # The bus's emit function of the moment (it changes with the listeners), read as an
+        # attribute: a method call of it would take the unspecialized lookup.
+        emit = self.events.emit
+        emit(
+            new_record(
+                MessageSettled,
+                (
+                    message.message_id,
+                    message.key or None,
+                    outcome,
+                    attempts,
+                    self.now() - delivery.started_at,
+                    delivery.reason,
+                    None if exc is None else type(exc).__qualname__,
+                ),
+            )
+        )
 
 
 class _Worker:
@@ -366,7 +406,7 @@ class ResilientConsumer(AsyncLoopConsumer):
     ) -> None:
         """Settle a delivery by the pipeline's outcome: acknowledge (success, dead-lettered,
         dropped, failed for good), release (cancelled, dead-letter write failed) and report it
-        with ``report`` (see :meth:`_reporter`) when anyone listens.
+        with ``report`` (:meth:`_Settler.report`) when anyone listens.
 
         Raises:
             BaseException: a cancellation or ``KeyboardInterrupt``/``SystemExit`` from the
@@ -425,52 +465,6 @@ class ResilientConsumer(AsyncLoopConsumer):
             report(delivery, error)
         if exc is not None and error is not exc:
             raise exc  # the cancellation goes on
-
-    def _reporter(self) -> Callable[[Delivery, BaseException | None], None]:
-        """The function that emits a settled delivery's :class:`MessageSettled` record; the
-        caller calls it only when anyone listens. A delivery without an outcome returned from
-        the pipeline: a success, or retried.
-
-        The one report function of the settle paths (:meth:`_Settler.settle` and
-        :meth:`_settle`): it builds the record as a
-        tuple of its fields (:data:`~resilience.events.new_record`, one C call) and ends the
-        duration with one clock read.
-        """
-        now = self._now
-        events = self.events
-
-        def report(delivery: Delivery, exc: BaseException | None) -> None:
-            message = delivery.message
-            if message is None:  # a bare payload: the delivery's defaults
-                message = _NO_MESSAGE
-            # The broker's fields straight from the message: one read each, no property calls.
-            attempts = delivery.attempt - message.delivery_count + 1
-            outcome = delivery.outcome
-            if outcome is None:
-                outcome = delivery.outcome = (
-                    _RETRIED
-                    if attempts > 1 or ATTEMPT_HEADER in message.headers  # or the broker tier's
-                    else _SUCCESS
-                )
-            # The bus's emit function of the moment (it changes with the listeners), read as
-            # an attribute: a method call of it would take the unspecialized lookup.
-            emit = events.emit
-            emit(
-                new_record(
-                    MessageSettled,
-                    (
-                        message.message_id,
-                        message.key or None,
-                        outcome,
-                        attempts,
-                        now() - delivery.started_at,
-                        delivery.reason,
-                        None if exc is None else type(exc).__qualname__,
-                    ),
-                )
-            )
-
-        return report
 
     async def _ack(self, delivery: Delivery) -> None:
         try:

@@ -395,8 +395,10 @@ async def test_a_value_an_ordering_test_has_seen_is_not_checked() -> None:
 async def test_the_loop_makes_and_settles_each_delivery_with_bodies_pasted_in() -> None:
     """The worker loop makes a delivery with the body of ``new_delivery`` (``MAKER.make``) and
     settles a success with the body of the consumer's settle function pasted in, not a call per
-    message; the delivery has every field new_delivery sets and each message is acknowledged."""
-    pasted = {_Maker.make.__code__, _Settler.settle.__code__}
+    message, and the report it makes for a listener likewise (the settle body's call of
+    ``report`` pasted in turn); the delivery has every field new_delivery sets and each message
+    is acknowledged and reported."""
+    pasted = {_Maker.make.__code__, _Settler.settle.__code__, _Settler.report.__code__}
     backend = MemoryBackend.isolated()
     await _publish(backend, 3)
     calls: list[str] = []
