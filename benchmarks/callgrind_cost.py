@@ -42,6 +42,16 @@ _PUBLISH = (
     "        await backend.publish_message(KEY, {{'n': i}})\n"
     "asyncio.run(main({n}))\n"
 )
+_LAYOUT = "_layout = [object() for _ in range({k} * 251)] + [bytearray({k} * 4099)]\n"
+"""Code run first to shift where later objects are allocated: layout ``k`` of ``--layouts``.
+
+A count is exact for one build of the code, but every change to any module moves where
+objects land in memory, and with that how many probes the dictionaries and sets keyed by
+object identity need (the event loop's and asyncio's among them): a per-message count moves
+by up to about 1,000 instructions between two builds that run the same statements. Averaging
+over a few layouts shrinks that noise; compare two versions of the code with ``--layouts 3``
+or more, and run one count at a time (a second valgrind alongside slows the runs enough for
+timer-driven code paths to run more often)."""
 _LOOP = "{setup}\ndef _loop(n):\n    for _ in range(n):\n        {stmt}\n_loop({n})\n"
 
 
@@ -67,12 +77,17 @@ def instructions(code: str) -> int:
     return int(found.group(1))
 
 
-def per_message(row: str) -> float:
-    """Instructions per message of one overhead row (or ``publish``)."""
+def per_message(row: str, layouts: int = 1) -> float:
+    """Instructions per message of one overhead row (or ``publish``), the mean over
+    ``layouts`` heap layouts (see :data:`_LAYOUT`)."""
     template = _PUBLISH if row == "publish" else _DRAIN
-    few = instructions(template.format(row=row, n=500))
-    many = instructions(template.format(row=row, n=3000))
-    return (many - few) / 2500
+    counts = []
+    for layout in range(layouts):
+        pad = _LAYOUT.format(k=layout) if layout else ""
+        few = instructions(pad + template.format(row=row, n=500))
+        many = instructions(pad + template.format(row=row, n=3000))
+        counts.append((many - few) / 2500)
+    return sum(counts) / len(counts)
 
 
 def per_statement(setup: str, stmt: str) -> float:
@@ -91,9 +106,17 @@ def main() -> None:
     parser.add_argument("--row", action="append", default=[], help="an overhead row, or publish")
     parser.add_argument("--setup", default="", help="code run before the statements")
     parser.add_argument("--stmt", action="append", default=[], help="a statement to count")
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        default=1,
+        help="mean of each row over this many heap layouts (default 1: see _LAYOUT)",
+    )
     args = parser.parse_args()
+    if args.layouts < 1:
+        parser.error("--layouts must be at least 1")
     for row in args.row:
-        print(f"{row}\t{per_message(row):,.0f}", flush=True)
+        print(f"{row}\t{per_message(row, args.layouts):,.0f}", flush=True)
     for stmt in args.stmt:
         print(f"{stmt}\t{per_statement(args.setup, stmt):,.0f}", flush=True)
 

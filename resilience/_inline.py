@@ -21,7 +21,10 @@ The translation is conservative; anything it does not recognise stays a call:
   pipeline is built**, and bound into the run's namespace.
 
 ``self`` becomes a name bound to the layer, the parameters the run's own values, and the
-locals are renamed with a prefix unique to the hook.
+locals are renamed with a prefix unique to the hook. A statement that calls another method of
+the layer, ``self.m(a, b)`` (positional arguments that are names or literals, the value
+unused), becomes that method's body by the same rules when it is simple, up to three levels
+deep; otherwise it stays a call.
 
 The layer's fixed configuration is **read once, when the pipeline is built**, too
 (:func:`fold_fixed`, a pass over the translated body): a read ``self.NAME`` of an attribute

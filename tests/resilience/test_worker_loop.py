@@ -441,3 +441,58 @@ async def test_the_loop_makes_and_settles_each_delivery_with_bodies_pasted_in() 
         None,
         None,
     )
+
+
+async def test_the_pasted_report_hears_listeners_that_change_while_the_loop_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bus's emit is pasted into the loop with the report, yet it reads the listeners of
+    the moment: one subscribed while the loop runs hears the next records, several hear each
+    record in order, one unsubscribed hears no more, and a failing one is logged and skipped
+    without stopping the others or the loop (each message still settled once)."""
+    backend = MemoryBackend.isolated()
+    await _publish(backend, 6)
+    heard: list[tuple[str, int]] = []
+    unsubscribe: dict[str, Any] = {}
+    ids: dict[str, int] = {}
+
+    def listener(name: str) -> Any:
+        def hear(event: Any) -> None:
+            heard.append((name, int(event.message_id)))
+            if name == "failing":
+                raise RuntimeError("listener broke")
+
+        return hear
+
+    consumer = ResilientConsumer(backend, policy=Pipeline(LogContext(), Retry()))
+    unsubscribe["first"] = consumer.events.subscribe(listener("first"))
+
+    async def handler(payload: dict[str, Any]) -> None:
+        delivery = current_delivery()
+        assert delivery is not None
+        ids[str(payload["i"])] = int(delivery.message_id or 0)
+        if payload["i"] == 1:
+            unsubscribe["second"] = consumer.events.subscribe(listener("second"))
+        elif payload["i"] == 2:
+            unsubscribe["first"]()
+        elif payload["i"] == 3:
+            unsubscribe["failing"] = consumer.events.subscribe(listener("failing"))
+        elif payload["i"] == 4:
+            unsubscribe["second"]()
+
+    with caplog.at_level(logging.ERROR, logger="resilience.events"):
+        outcomes = await run_until_settled(consumer, handler, 6)
+    assert outcomes.counts == Counter({Outcome.SUCCESS: 6})
+    n = [ids[str(i)] for i in range(6)]
+    assert [h for h in heard if h[0] != "outcomes"] == [
+        ("first", n[0]),
+        ("first", n[1]),
+        ("second", n[1]),
+        ("second", n[2]),
+        ("second", n[3]),
+        ("failing", n[3]),
+        ("failing", n[4]),
+        ("failing", n[5]),
+    ]
+    assert [r.getMessage().startswith("event listener") for r in caplog.records] == [True] * 3
+    assert backend.unacked() == []
