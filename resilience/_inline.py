@@ -256,28 +256,16 @@ def _paste_own_calls(layer: object, inlined: Inlined, prefix: str, depth: int) -
         namespace.update(body.namespace)
         return ast.parse("\n".join(body.lines)).body
 
-    def block(statements: list[ast.stmt]) -> list[ast.stmt]:
-        nonlocal pasted
+    for statements in _blocks(tree.body):  # listed before any paste: pasted bodies are done
         out: list[ast.stmt] = []
         for statement in statements:
             replaced = paste(statement)
-            if replaced is not None:
-                out += replaced
-                pasted = True
-                continue
-            for name in ("body", "orelse", "finalbody"):
-                inner_block = getattr(statement, name, None)
-                if isinstance(inner_block, list) and inner_block:
-                    setattr(statement, name, block(inner_block))
-            for handler in getattr(statement, "handlers", []):
-                handler.body = block(handler.body)
-            out.append(statement)
-        return out
-
-    body = block(tree.body)
+            out += [statement] if replaced is None else replaced
+            pasted = pasted or replaced is not None
+        statements[:] = out
     if not pasted:
         return inlined
-    module = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+    module = ast.fix_missing_locations(ast.Module(body=tree.body, type_ignores=[]))
     return dataclasses.replace(
         inlined, lines=tuple(ast.unparse(module).splitlines()), namespace=namespace
     )
