@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -60,8 +61,6 @@ class LoopClock:
         try:
             return asyncio.get_running_loop().time()
         except RuntimeError:
-            import time
-
             return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
@@ -93,8 +92,6 @@ def monotonic_function(clock: Clock) -> Callable[[], float]:
         except RuntimeError:
             return clock.monotonic
         if type(loop).time is asyncio.BaseEventLoop.time:
-            import time
-
             return time.monotonic
         return loop.time
     return clock.monotonic

@@ -43,6 +43,7 @@ from ._log import get_logger
 from ._policy_io import apply_env, dump_toml, read_toml
 from .classify import Classifier
 from .clock import Clock, default_clock
+from .dead_letter.envelope import EnvelopeBuilder, EnvelopeOptions
 from .delivery import Delivery
 from .errors import ConfigError
 from .events import EventBus
@@ -373,8 +374,6 @@ class Policy:
         """How error texts handed to the broker tier are redacted: as in dead-letter envelopes."""
         if self.retry is None or self.retry.in_process is None:
             return None
-        from .dead_letter.envelope import EnvelopeBuilder, EnvelopeOptions
-
         config = self.sections.get("dead_letter")
         redact = getattr(config, "redact", None)
         options = EnvelopeOptions(redact=redact) if redact is not None else EnvelopeOptions()

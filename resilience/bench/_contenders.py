@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+import tenacity
 
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.service.memory import MemoryBackend
@@ -223,8 +226,6 @@ _METRIC_ATTRIBUTES = {
 
 
 def _span(backend: MemoryBackend, *, histogram: bool = False) -> tuple[Consumer, Wrap]:
-    import time
-
     from opentelemetry.trace import SpanKind
 
     tracer_provider, meter_provider = _sdk()
@@ -258,8 +259,6 @@ def _span_histogram(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
 
 
 def _tenacity(backend: MemoryBackend) -> tuple[Consumer, Wrap]:
-    import tenacity
-
     def wrap(inner: Handler) -> Handler:
         async def handler(payload: dict[str, Any]) -> None:
             async for attempt in tenacity.AsyncRetrying(

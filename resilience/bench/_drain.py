@@ -9,19 +9,39 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from abe.backends.message_queue.service.memory import MemoryBackend
 
 from ._contenders import KEY, Setup
 
-__all__ = ["_drain", "_now", "counting_handler", "until_handled"]
+__all__ = ["_drain", "_now", "counting_handler", "gc_paused", "until_handled"]
 
 _now = time.process_time
 """The benchmark's clock: CPU time of this process. The contenders are CPU-bound (an in-memory
 backend, a handler that does nothing), so CPU time is their cost, and time the process spends
 waiting for a core on a busy machine is not counted against whichever contender it hits."""
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block, and none left pending from before it.
+
+    A timed section must not pay for a collection that the previous one's garbage triggers.
+    Only the young generations are collected first: they hold everything allocated since the
+    last collection (the previous timed section's objects among them, collection being off
+    while it ran). A full collection would walk the whole heap each time; in a long-lived
+    process (the test suite calls the benchmarks on a tiny size) that heap is large and one
+    full collection costs more than the section it precedes.
+    """
+    gc.collect(1)
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def _drain(
@@ -68,13 +88,11 @@ async def _drain(
             last = clock()
             done.set_result(None)
 
-    gc.collect()
-    gc.disable()
     task = asyncio.create_task(consumer.run(wrap(inner)))
     try:
-        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
+        with gc_paused():
+            await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gc.enable()
         await consumer.shutdown()
         await asyncio.gather(task, return_exceptions=True)
     if not done.done():

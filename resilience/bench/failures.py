@@ -18,11 +18,12 @@ raise is in both). Contenders run in interleaved rounds (the order rotates); med
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+import tenacity
 
 from abe.backends.message_queue.consumer import AsyncLoopConsumer
 from abe.backends.message_queue.service.memory import MemoryBackend
@@ -33,7 +34,8 @@ from resilience.policy import Policy
 from resilience.retry import Fixed, Retry
 
 from ._contenders import Consumer, Handler, Wrap
-from ._drain import _drain
+from ._drain import _drain, gc_paused
+from .report import format_table
 
 __all__ = ["FAIL_SHARES", "PER_RETRY_TARGET", "format_failures", "measure_failures"]
 
@@ -68,8 +70,6 @@ def _failing(share: int, inner: Handler) -> Handler:
 
 
 def _tenacity_loop(inner: Handler) -> Handler:
-    import tenacity
-
     async def handler(payload: dict[str, Any]) -> None:
         async for attempt in tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none(), reraise=True
@@ -125,9 +125,7 @@ async def _direct(share: int, calls: int, tenacity_loop: bool) -> float:
     async def terminal(d: Delivery) -> None:
         await handler(d.payload)
 
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         start = _now()
         if tenacity_loop:
             for payload in payloads:
@@ -136,8 +134,6 @@ async def _direct(share: int, calls: int, tenacity_loop: bool) -> float:
             for payload in payloads:
                 await retry(Delivery(payload), terminal)
         return (_now() - start) / calls
-    finally:
-        gc.enable()
 
 
 async def _noop(payload: dict[str, Any]) -> None:
@@ -219,8 +215,6 @@ def measure_failures(messages: int, rounds: int) -> dict[str, Any]:
 
 def format_failures(report: dict[str, Any]) -> str:
     """The failure-path table for the terminal."""
-    from .report import format_table
-
     shares = [str(s) for s in report["fail_shares"]]
     rows = []
     for group in ("per_message_us", "per_call_us"):

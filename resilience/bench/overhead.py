@@ -16,19 +16,21 @@ a missing one gives a row marked "not available" instead of an error.
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import tenacity
 
 from abe.backends.message_queue.service.memory import MemoryBackend
 from resilience.delivery import Delivery
 from resilience.retry import Retry
 
 from ._contenders import CONTENDERS, KEY, Unavailable, _Contender, full_pipeline_policy
-from ._drain import _drain
+from ._drain import _drain, gc_paused
 from ._http_contender import HTTP_CONTENDERS, http_ratios
+from .failures import format_failures, measure_failures
 from .report import format_table, machine_info, quiet_policy_advice
 from .scaling import format_scaling, measure_scaling
 
@@ -38,20 +40,14 @@ __all__ = ["format_overhead", "full_pipeline_policy", "measure_overhead"]
 
 
 async def _per_call(call: Callable[[], Awaitable[None]], calls: int) -> float:
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         start = time.perf_counter()
         for _ in range(calls):
             await call()
         return (time.perf_counter() - start) / calls
-    finally:
-        gc.enable()
 
 
 async def _retry_rows(calls: int) -> dict[str, float]:
-    import tenacity
-
     delivery = Delivery({"n": 1})
     retry = Retry(attempts=3)
 
@@ -335,8 +331,6 @@ def measure_overhead(
         report = asyncio.run(_measure(messages, rounds, progress))
         if scaling:
             report.update(measure_scaling(messages, rounds))
-            from .failures import measure_failures
-
             report["failures"] = measure_failures(messages, rounds)
         return report
 
@@ -382,8 +376,6 @@ def format_overhead(report: dict[str, Any]) -> str:
     if report.get("keys") or report.get("dead_letters"):
         lines += ["", format_scaling(report.get("keys"), report.get("dead_letters"))]
     if report.get("failures"):
-        from .failures import format_failures
-
         lines += ["", format_failures(report["failures"])]
     return "\n".join(lines)
 

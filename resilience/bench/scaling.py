@@ -27,10 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from abe.backends.message_queue.service.memory import MemoryBackend
 
 from ._contenders import CONTENDERS, Setup
 from ._drain import _drain
+from .report import format_table
 
 __all__ = [
     "DEAD_LETTER_TARGET",
@@ -251,8 +254,6 @@ def measure_scaling(messages: int, rounds: int) -> dict[str, Any]:
     Raises:
         RuntimeError: called from a running event loop, or a consumer lost a message.
     """
-    import structlog
-
     keys = asyncio.run(measure_keys(messages, rounds))
     with structlog.testing.capture_logs():  # one "dead_lettered" line per message otherwise
         dead = asyncio.run(measure_dead_letters(min(messages, DEAD_LETTER_MESSAGES), rounds))
@@ -261,8 +262,6 @@ def measure_scaling(messages: int, rounds: int) -> dict[str, Any]:
 
 def format_scaling(keys: dict[str, Any] | None, dead: dict[str, Any] | None) -> str:
     """The key and dead-letter tables for the terminal (either may be missing)."""
-    from .report import format_table
-
     parts: list[str] = []
     ratios: list[dict[str, Any]] = []
     if keys is not None:
