@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
+import pytest
+
+from resilience.bench._drain import gc_paused
 from resilience.bench.failures import FAIL_SHARES, format_failures, measure_failures
 
 
@@ -26,3 +32,37 @@ def test_failure_rows_measure_every_share_and_the_cost_per_retry() -> None:
     text = format_failures(report)
     assert "per retry" in text
     assert "bare+tenacity" in text
+
+
+class _Cycle:
+    """An object in a reference cycle with itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_timed_sections_start_with_young_garbage_collected_and_no_collection_inside() -> None:
+    """`gc_paused` frees the cyclic garbage made since the last collection before the block,
+    keeps collection off inside it (a cycle made there survives the block) and restores the
+    collector's state afterwards, also when the block raises."""
+    gc.collect()
+    before = weakref.ref(_Cycle())
+    assert before() is not None  # a cycle: still there until the collector runs
+    with gc_paused():
+        assert before() is None
+        assert not gc.isenabled()
+        inside = weakref.ref(_Cycle())
+        for _ in range(10_000):  # far past the threshold that would trigger a collection
+            _Cycle()
+        assert inside() is not None
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("the section failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

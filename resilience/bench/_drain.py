@@ -34,14 +34,17 @@ def gc_paused() -> Iterator[None]:
     last collection (the previous timed section's objects among them, collection being off
     while it ran). A full collection would walk the whole heap each time; in a long-lived
     process (the test suite calls the benchmarks on a tiny size) that heap is large and one
-    full collection costs more than the section it precedes.
+    full collection costs more than the section it precedes. Collection is on again after the
+    block only if it was on before.
     """
+    enabled = gc.isenabled()
     gc.collect(1)
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 async def _drain(
