@@ -31,10 +31,17 @@ def wait_ready(process: subprocess.Popen[str]) -> None:
 
 
 def recorded(path: Path) -> list[int]:
-    """The message numbers the workers recorded in ``path`` (duplicates kept)."""
+    """The message numbers the workers recorded in ``path`` (duplicates kept).
+
+    Only whole lines count: a worker appends each line with one ``write``, but a read that
+    races it can see the start of a line whose end is not in the file yet (a write that
+    crosses a page boundary is copied in a page at a time), so the text after the last newline
+    is left for the next read.
+    """
     if not path.exists():
         return []
-    return [int(line.rsplit(":", 1)[1]) for line in path.read_text().splitlines() if line]
+    *lines, _partial = path.read_text().split("\n")
+    return [int(line.rsplit(":", 1)[1]) for line in lines if line]
 
 
 def stop_all(workers: list[subprocess.Popen[str]]) -> None:

@@ -41,11 +41,13 @@ DOCUMENTED_METRICS = {
 
 
 def seen(workdir: Path) -> list[dict[str, object]]:
-    """Payloads the handler was called with, in order."""
+    """Payloads the handler was called with, in order (whole lines only: the text after the
+    last newline may be a line the handler is still writing)."""
     path = workdir / "seen.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    *lines, _partial = path.read_text().split("\n")
+    return [json.loads(line) for line in lines if line]
 
 
 def publish(url: str, stream: str, *payloads: dict[str, object]) -> None:
