@@ -30,18 +30,23 @@ def wait_ready(process: subprocess.Popen[str]) -> None:
         raise AssertionError(f"worker did not start ({line!r}): {err}")
 
 
-def recorded(path: Path) -> list[int]:
-    """The message numbers the workers recorded in ``path`` (duplicates kept).
+def whole_lines(path: Path) -> list[str]:
+    """The non-empty whole lines of a file another process appends to (none if it is missing).
 
-    Only whole lines count: a worker appends each line with one ``write``, but a read that
-    races it can see the start of a line whose end is not in the file yet (a write that
-    crosses a page boundary is copied in a page at a time), so the text after the last newline
-    is left for the next read.
+    A writer appends each line with one ``write``, but a read that races it can see the start
+    of a line whose end is not in the file yet (a write that crosses a page boundary is copied
+    in a page at a time), so the text after the last newline is left for the next read.
     """
     if not path.exists():
         return []
     *lines, _partial = path.read_text().split("\n")
-    return [int(line.rsplit(":", 1)[1]) for line in lines if line]
+    return [line for line in lines if line]
+
+
+def recorded(path: Path) -> list[int]:
+    """The message numbers the workers recorded in ``path`` (duplicates kept; whole lines
+    only, :func:`whole_lines`)."""
+    return [int(line.rsplit(":", 1)[1]) for line in whole_lines(path)]
 
 
 def stop_all(workers: list[subprocess.Popen[str]]) -> None:

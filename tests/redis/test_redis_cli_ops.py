@@ -12,6 +12,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.broker_processes import whole_lines
 from tests.cli_process import CliProcess, http, poll
 from tests.redis.redis_support import RedisServer
 
@@ -41,13 +42,9 @@ DOCUMENTED_METRICS = {
 
 
 def seen(workdir: Path) -> list[dict[str, object]]:
-    """Payloads the handler was called with, in order (whole lines only: the text after the
-    last newline may be a line the handler is still writing)."""
-    path = workdir / "seen.jsonl"
-    if not path.exists():
-        return []
-    *lines, _partial = path.read_text().split("\n")
-    return [json.loads(line) for line in lines if line]
+    """Payloads the handler was called with, in order (whole lines only, :func:`whole_lines`:
+    the handler may be writing one)."""
+    return [json.loads(line) for line in whole_lines(workdir / "seen.jsonl")]
 
 
 def publish(url: str, stream: str, *payloads: dict[str, object]) -> None:
